@@ -1,0 +1,1 @@
+"""latent_core"""
