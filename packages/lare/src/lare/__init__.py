@@ -1,1 +1,3 @@
-"""lare"""
+"""LaRe: multimodal reasoning via latent refocusing."""
+
+__version__ = "0.1.0"

@@ -1,1 +1,51 @@
-"""latent_core"""
+"""latent-core: the mechanisms shared by Heima, LaViT and LaRe.
+
+Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--help`` stay fast):
+
+- model families and aliases: :func:`family_of`, :func:`get_family`, :func:`model_parts`, :func:`image_token_id`,
+  :func:`image_token_mask`, :data:`FAMILIES`, :data:`ALIASES`, :func:`resolve_model_id`, :func:`load_model`,
+  :func:`load_processor`, :func:`load_config`;
+- the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # families.py
+    "FAMILIES": "families",
+    "FamilySpec": "families",
+    "ModelParts": "families",
+    "family_of": "families",
+    "get_family": "families",
+    "image_token_id": "families",
+    "image_token_mask": "families",
+    "model_parts": "families",
+    # hub.py
+    "ALIASES": "hub",
+    "DATASET_ALIASES": "hub",
+    "ModelNotAvailableError": "hub",
+    "UnknownAliasError": "hub",
+    "load_config": "hub",
+    "load_model": "hub",
+    "load_processor": "hub",
+    "resolve_model_id": "hub",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

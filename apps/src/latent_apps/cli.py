@@ -1,0 +1,68 @@
+"""The ``latent`` command line (``uv run apps/cli <command>``): the demo, and later the dataset builders,
+evaluation and benchmarks."""
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from latent_core.cli import method_app
+
+app = method_app("latent-apps", "Latent reasoning for VLMs: demo, dataset builders, evaluation and benchmarks.")
+
+
+@app.command()
+def demo(
+    family: Annotated[
+        list[str] | None,
+        typer.Option("--family", "-f", help="Family to run (repeatable); default: all of the tiny model zoo."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Demo questions.jsonl (default: data/demo/questions.jsonl of the checkout).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where summary.json is written.")] = Path("runs/demo"),
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length.")] = 16,
+) -> None:
+    """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
+    the demo image and question. Prints a table and writes summary.json."""
+    from latent_core.testing import TINY_FAMILIES
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    from latent_apps.demo import find_demo_data, load_demo_question, run_family, write_summary
+
+    families = family or list(TINY_FAMILIES)
+    unknown = [f for f in families if f not in TINY_FAMILIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown family {', '.join(unknown)}; choose from {', '.join(TINY_FAMILIES)}")
+    start = time.perf_counter()
+    image, question = load_demo_question(find_demo_data(data))
+    records = [run_family(f, image, question, max_new_tokens) for f in track(families, description="families")]
+    seconds = time.perf_counter() - start
+
+    table = Table(title=f"latent demo: {question!r}")
+    for column in ("family", "class", "params", "prompt tok", "generated tok", "forward ms", "generate ms"):
+        table.add_column(column, justify="left" if column in ("family", "class") else "right")
+    for r in records:
+        table.add_row(
+            r.family,
+            r.model_class,
+            f"{r.params:,}",
+            str(r.prompt_tokens),
+            str(r.generated_tokens),
+            f"{r.forward_ms:.1f}",
+            f"{r.generate_ms:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    path = write_summary(records, out, seconds)
+    console.print(f"{len(records)} families in {seconds:.1f} s; summary: {path}")
+
+
+def main() -> None:
+    app(prog_name="latent")
+
+
+if __name__ == "__main__":
+    main()
