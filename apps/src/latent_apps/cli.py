@@ -29,15 +29,21 @@ def demo(
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
+    from transformers.utils import logging as hf_logging
 
     from latent_apps.demo import find_demo_data, load_demo_question, run_family, write_summary
 
+    hf_logging.disable_progress_bar()  # per-file weight bars would drown the table
     families = family or list(TINY_FAMILIES)
     unknown = [f for f in families if f not in TINY_FAMILIES]
     if unknown:
         raise typer.BadParameter(f"unknown family {', '.join(unknown)}; choose from {', '.join(TINY_FAMILIES)}")
     start = time.perf_counter()
-    image, question = load_demo_question(find_demo_data(data))
+    try:
+        questions = find_demo_data(data)
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from None
+    image, question = load_demo_question(questions)
     records = [run_family(f, image, question, max_new_tokens) for f in track(families, description="families")]
     seconds = time.perf_counter() - start
 
@@ -54,7 +60,7 @@ def demo(
             f"{r.forward_ms:.1f}",
             f"{r.generate_ms:.1f}",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(table)
     path = write_summary(records, out, seconds)
     console.print(f"{len(records)} families in {seconds:.1f} s; summary: {path}")

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",
+    "CheckpointError": "hub",
     "ModelNotAvailableError": "hub",
     "UnknownAliasError": "hub",
     "load_config": "hub",

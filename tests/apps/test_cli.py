@@ -1,0 +1,58 @@
+"""The command lines: `latent` (apps/cli) and the four method scripts; the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from latent_apps.cli import app as latent_app
+from latent_core.testing import TINY_FAMILIES
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("heima", "lavit", "lare", "interpreters")
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_method_scripts_help_and_version(script):
+    """The installed console scripts themselves (entry points), not only the Typer objects."""
+    exe = Path(sys.executable).parent / script
+    assert exe.is_file(), f"console script {script} is not installed in {exe.parent}"
+    help_out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0 and f"Usage: {script}" in help_out.stdout
+    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(f"{script} 0.1.0 (latent-core 0.1.0, torch ")
+
+
+def test_apps_cli_runs_as_directory_and_script():
+    out = subprocess.run([sys.executable, str(ROOT / "apps" / "cli"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Usage: latent" in out.stdout and "demo" in out.stdout
+    exe = Path(sys.executable).parent / "latent"
+    assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.startswith("latent-apps")
+
+
+def test_demo_runs_every_family(tmp_path):
+    result = runner.invoke(latent_app, ["demo", "--out", str(tmp_path), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["family"] for r in summary["families"]] == list(TINY_FAMILIES)
+    for record in summary["families"]:
+        assert 0 < record["params"] < 2_000_000
+        assert 1 <= record["generated_tokens"] <= 4
+        assert record["prompt_tokens"] > 0 and record["forward_ms"] > 0 and record["generate_ms"] > 0
+    # The image reached the models: the llava prompt holds its 256 expanded image tokens.
+    llava = next(r for r in summary["families"] if r["family"] == "llava")
+    assert llava["prompt_tokens"] > 256
+    for family in TINY_FAMILIES:
+        assert family in result.output
+
+
+def test_demo_rejects_unknown_family_and_missing_data(tmp_path):
+    result = runner.invoke(latent_app, ["demo", "--family", "gpt5", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown family gpt5" in result.output
+    result = runner.invoke(latent_app, ["demo", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "demo data not found" in result.output
