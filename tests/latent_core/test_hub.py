@@ -162,3 +162,14 @@ def test_bad_local_checkpoints_give_clear_errors(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         load_model(str(tmp_path))
+
+
+def test_package_root_exports_resolve_lazily():
+    import latent_core
+    from latent_core import families
+
+    for name in latent_core.__all__:
+        assert getattr(latent_core, name) is not None, name
+    assert latent_core.model_parts is families.model_parts and latent_core.load_model is load_model
+    with pytest.raises(AttributeError):
+        latent_core.not_a_name  # noqa: B018

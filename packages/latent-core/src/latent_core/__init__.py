@@ -2,9 +2,10 @@
 
 Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--help`` stay fast):
 
-- model families and aliases: :func:`family_of`, :func:`get_family`, :func:`model_parts`, :func:`image_token_id`,
-  :func:`image_token_mask`, :data:`FAMILIES`, :data:`ALIASES`, :func:`resolve_model_id`, :func:`load_model`,
-  :func:`load_processor`, :func:`load_config`;
+- model families: :data:`FAMILIES`, :func:`family_of`, :func:`get_family`, :func:`model_parts`,
+  :func:`image_token_id`, :func:`image_token_mask`, :func:`lora_target_modules`;
+- aliases and loading: :data:`ALIASES`, :func:`resolve_model_id`, :func:`load_model`, :func:`load_processor`,
+  :func:`load_config`, with :class:`UnknownAliasError`, :class:`ModelNotAvailableError`, :class:`CheckpointError`;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -24,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "get_family": "families",
     "image_token_id": "families",
     "image_token_mask": "families",
+    "lora_target_modules": "families",
     "model_parts": "families",
     # hub.py
     "ALIASES": "hub",
@@ -34,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "load_config": "hub",
     "load_model": "hub",
     "load_processor": "hub",
+    "resolve_dataset_id": "hub",
     "resolve_model_id": "hub",
 }
 
