@@ -66,6 +66,39 @@ def demo(
     console.print(f"{len(records)} families in {seconds:.1f} s; summary: {path}")
 
 
+bench_app = typer.Typer(
+    help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
+    "one JSON record on the last line.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object with the metrics on the last line.")]
+
+
+@bench_app.command("latent-loop")
+def bench_latent_loop(as_json: JsonFlag = False) -> None:
+    """KV-cached latent loop (generate_with_latents) vs Coconut-style full recompute per latent step."""
+    from latent_apps.bench.latent_loop import run
+
+    run(as_json)
+
+
+@bench_app.command("attention-capture")
+def bench_attention_capture(as_json: JsonFlag = False) -> None:
+    """record_attention of 32 query rows vs eager output_attentions=True (2048 tokens, 8 layers)."""
+    from latent_apps.bench.attention_capture import run
+
+    run(as_json)
+
+
+@bench_app.command("gating")
+def bench_gating(as_json: JsonFlag = False) -> None:
+    """A forward under attention_bias (half the keys gated for the last quarter of queries) vs plain causal SDPA."""
+    from latent_apps.bench.gating import run
+
+    run(as_json)
+
+
 def main() -> None:
     app(prog_name="latent")
 

@@ -6,6 +6,8 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
   :func:`image_token_id`, :func:`image_token_mask`, :func:`lora_target_modules`;
 - aliases and loading: :data:`ALIASES`, :func:`resolve_model_id`, :func:`load_model`, :func:`load_processor`,
   :func:`load_config`, with :class:`UnknownAliasError`, :class:`ModelNotAvailableError`, :class:`CheckpointError`;
+- attention (one registered implementation wrapping SDPA): :func:`attention_bias`, :func:`record_attention`,
+  :func:`gate_schedule`, :func:`gate_bias`;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -27,6 +29,12 @@ _EXPORTS: dict[str, str] = {
     "image_token_mask": "families",
     "lora_target_modules": "families",
     "model_parts": "families",
+    # attention.py
+    "AttentionRecorder": "attention",
+    "attention_bias": "attention",
+    "gate_bias": "attention",
+    "gate_schedule": "attention",
+    "record_attention": "attention",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",

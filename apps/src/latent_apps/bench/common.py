@@ -1,0 +1,88 @@
+"""Shared helpers of the benchmarks: timing, peak memory, and the table + JSON record every bench prints."""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, Any]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def timed_pair(
+    fast: Callable[[], Any], baseline: Callable[[], Any], repeats: int = 5, warmup: int = 1
+) -> tuple[float, float, Any, Any]:
+    """Median seconds of ``fast`` and ``baseline``, run alternately (so load drifts hit both alike), and their
+    last results."""
+    for _ in range(warmup):
+        fast(), baseline()
+    t_fast, t_base = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        r_fast = fast()
+        t_fast.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        r_base = baseline()
+        t_base.append(time.perf_counter() - start)
+    return statistics.median(t_fast), statistics.median(t_base), r_fast, r_base
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Peak bytes allocated by torch while ``fn()`` runs (above what was live before).
+
+    On GPU: the CUDA allocator's peak statistics. On CPU: torch's profiler memory events, walked in time order
+    (each allocation once, at the operator that made it; frees as ``[memory]`` events).
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    # Each allocation counts once, at the innermost operator that made it (self memory); frees are `[memory]`.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak, result
+
+
+def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any], as_json: bool) -> None:
+    """Print a (metric, value, goal) table, then, with ``as_json``, the record as one JSON line (last line)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("metric", "value", "goal"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=110).print(table)
+    if as_json:
+        print(json.dumps(record, sort_keys=True))
+
+
+__all__ = ["peak_memory", "report", "timed", "timed_pair"]

@@ -1,0 +1,24 @@
+"""The attention benchmarks run end to end on small shapes and print their JSON record (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from latent_apps.bench import attention_capture, gating
+
+
+def test_attention_capture_bench_small(capsys):
+    record = attention_capture.run(as_json=True, tokens=128, layers=2, hidden=64, heads=2, rows=8, repeats=1)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(record))
+    assert {"time_ratio", "peak_mem_ratio", "max_abs_diff"} <= record.keys()
+    assert record["max_abs_diff"] <= 1e-5
+    # Eager keeps every L x L map: it must need more memory than a few recorded rows.
+    assert 0 < record["ours_peak_bytes"] < record["eager_peak_bytes"]
+
+
+def test_gating_bench_small(capsys):
+    record = gating.run(as_json=True, tokens=64, batch=2, layers=2, hidden=64, heads=2, repeats=1)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["bench"] == "gating" and record["time_ratio"] > 0
+    assert record["ungated_rows_max_diff"] <= 1e-5  # rows before the gated quarter are untouched
