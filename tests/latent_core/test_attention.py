@@ -311,3 +311,33 @@ def test_per_sample_bias():
     reference = _logits(model, inputs)
     torch.testing.assert_close(mixed[0], reference[0], rtol=0, atol=1e-5)
     assert torch.equal(mixed[1], both[1])
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gate_under_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    """Activation checkpointing recomputes each layer in backward, after the `with` block has exited: the
+    recompute must still see the gate, or the gradients would silently be those of the ungated model."""
+    model, inputs = _batch("causal_lm")
+    ids = inputs["input_ids"]
+    queries = torch.zeros_like(ids, dtype=torch.bool)
+    queries[:, -3:] = True
+    keys = torch.zeros_like(queries)
+    keys[:, :5] = True
+    model.train()
+
+    def grads(checkpointing: bool, bias: float) -> torch.Tensor:
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        with attention_bias(model, queries, keys, bias):
+            loss = model(**inputs).logits[:, -3:].pow(2).mean()
+        loss.backward()
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        return model_parts(model).decoder_layers[0].self_attn.q_proj.weight.grad.clone()
+
+    plain_gated = grads(False, -4.0)
+    assert not torch.allclose(plain_gated, grads(False, 0.0))  # the gate matters for these gradients
+    torch.testing.assert_close(grads(True, -4.0), plain_gated, rtol=1e-5, atol=1e-7)
+    model.eval()

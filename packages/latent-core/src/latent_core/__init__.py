@@ -8,6 +8,9 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
   :func:`load_config`, with :class:`UnknownAliasError`, :class:`ModelNotAvailableError`, :class:`CheckpointError`;
 - attention (one registered implementation wrapping SDPA): :func:`attention_bias`, :func:`record_attention`,
   :func:`gate_schedule`, :func:`gate_bias`;
+- token surgery: :func:`add_special_tokens`, :func:`trainable_token_indices`;
+- hidden-state capture at selected positions (forward and cached ``generate``): :func:`capture_hidden_states`
+  with :func:`select_tokens`, :func:`select_predictors`, :func:`select_mask`;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -35,6 +38,15 @@ _EXPORTS: dict[str, str] = {
     "gate_bias": "attention",
     "gate_schedule": "attention",
     "record_attention": "attention",
+    # capture.py
+    "HiddenStateRecorder": "capture",
+    "capture_hidden_states": "capture",
+    "select_mask": "capture",
+    "select_predictors": "capture",
+    "select_tokens": "capture",
+    # tokens.py
+    "add_special_tokens": "tokens",
+    "trainable_token_indices": "tokens",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",
