@@ -76,11 +76,14 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object wi
 
 
 @bench_app.command("latent-loop")
-def bench_latent_loop(as_json: JsonFlag = False) -> None:
+def bench_latent_loop(
+    as_json: JsonFlag = False,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads while timing (0: torch's default).")] = 1,
+) -> None:
     """KV-cached latent loop (generate_with_latents) vs Coconut-style full recompute per latent step."""
     from latent_apps.bench.latent_loop import run
 
-    run(as_json)
+    run(as_json, threads=threads or None)
 
 
 @bench_app.command("attention-capture")

@@ -11,6 +11,8 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
 - token surgery: :func:`add_special_tokens`, :func:`trainable_token_indices`;
 - hidden-state capture at selected positions (forward and cached ``generate``): :func:`capture_hidden_states`
   with :func:`select_tokens`, :func:`select_predictors`, :func:`select_mask`;
+- KV-cached latent loops: :func:`generate_with_latents` (inference) and :func:`forward_with_latents` (training),
+  with :func:`distance_halt` for adaptive steps;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -44,6 +46,15 @@ _EXPORTS: dict[str, str] = {
     "select_mask": "capture",
     "select_predictors": "capture",
     "select_tokens": "capture",
+    # latents.py
+    "HaltFn": "latents",
+    "LatentForward": "latents",
+    "LatentGeneration": "latents",
+    "LatentState": "latents",
+    "StepFn": "latents",
+    "distance_halt": "latents",
+    "forward_with_latents": "latents",
+    "generate_with_latents": "latents",
     # tokens.py
     "add_special_tokens": "tokens",
     "trainable_token_indices": "tokens",
