@@ -466,3 +466,20 @@ def test_family_of_other_causal_lm_falls_back():
 def test_family_of_rejects_non_models():
     with pytest.raises(TypeError, match="expected a transformers model or config"):
         family_of("llama")
+
+
+def test_model_missing_a_module_says_which():
+    from latent_core.attention import attention_bias
+    from latent_core.capture import capture_hidden_states, select_tokens
+
+    model, _ = tiny_model("causal_lm")
+    del model.model.norm
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cannot find the final norm of LlamaModel"):
+        model_parts(model)
+    with pytest.raises(ValueError, match="cannot find the final norm"):
+        with attention_bias(model, mask, mask, -1.0):
+            pass
+    with pytest.raises(ValueError, match="cannot find the final norm"):
+        with capture_hidden_states(model, select_tokens([5])):
+            pass
