@@ -14,25 +14,10 @@ from typing import Any
 
 import torch
 from latent_core.attention import record_attention
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from latent_apps.bench.common import peak_memory, report, timed_pair
+from latent_apps.bench.common import peak_memory, random_llama, report, timed_pair
 
 GOALS = {"peak_mem_ratio": 0.3, "time_ratio": 0.7, "max_abs_diff": 1e-5}
-
-
-def _model(layers: int, hidden: int, heads: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=8192,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def run(
@@ -44,7 +29,7 @@ def run(
     rows: int = 32,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    model = _model(layers, hidden, heads)
+    model = random_llama(layers, hidden, heads)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(0))

@@ -70,6 +70,26 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[int, Any]:
     return peak, result
 
 
+def random_llama(
+    layers: int, hidden: int, heads: int, intermediate: int | None = None, vocab: int = 1024, **config: Any
+):
+    """A random ``LlamaForCausalLM`` in eval mode (seed 0): the benchmarks' model. ``intermediate`` defaults to
+    Llama's 8/3 MLP ratio; extra keyword arguments go to ``LlamaConfig``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        **{"max_position_embeddings": 8192, **config},
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any], as_json: bool) -> None:
     """Print a (metric, value, goal) table, then, with ``as_json``, the record as one JSON line (last line)."""
     from rich.console import Console
@@ -85,4 +105,4 @@ def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any],
         print(json.dumps(record, sort_keys=True))
 
 
-__all__ = ["peak_memory", "report", "timed", "timed_pair"]
+__all__ = ["peak_memory", "random_llama", "report", "timed", "timed_pair"]

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 from latent_core.attention import attention_bias, gate_bias
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from latent_apps.bench.common import report, timed_pair
+from latent_apps.bench.common import random_llama, report, timed_pair
 
 GOAL = 1.15
 
@@ -27,17 +26,7 @@ def run(
     heads: int = 4,
     repeats: int = 7,
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=8192,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama(layers, hidden, heads)
     ids = torch.randint(0, 1024, (batch, tokens), generator=torch.Generator().manual_seed(0))
     queries = torch.zeros(batch, tokens, dtype=torch.bool)
     queries[:, -tokens // 4 :] = True

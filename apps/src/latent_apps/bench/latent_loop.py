@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from latent_core.latents import LatentState, generate_with_latents
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from latent_apps.bench.common import report
+from latent_apps.bench.common import random_llama, report
 
 SPEEDUP_GOAL = 5.0
 STEP_COST_GOAL = 1.3
@@ -132,20 +132,17 @@ def _run(
     repeats: int,
     warmup: int,
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+    model = random_llama(
+        layers,
+        hidden,
+        heads,
+        intermediate,
+        vocab,
         max_position_embeddings=max(2048, prompt_tokens + num_latents + answer_tokens),
         eos_token_id=None,  # never stop early: every run decodes exactly the tokens asked for
         bos_token_id=None,
         pad_token_id=None,
     )
-    model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
