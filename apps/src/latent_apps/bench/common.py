@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU profiler's start/stop chatter would clutter the tables
 
 
 def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, Any]:
