@@ -13,6 +13,9 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
   with :func:`select_tokens`, :func:`select_predictors`, :func:`select_mask`;
 - KV-cached latent loops: :func:`generate_with_latents` (inference) and :func:`forward_with_latents` (training),
   with :func:`distance_halt` for adaptive steps;
+- training: :class:`LatentTrainer`, :class:`LatentTrainingArguments`, :class:`LatentModel`,
+  :class:`SupervisedCollator`, :func:`prepare_lora_model`, :func:`export_merged`, :func:`load_stage`,
+  :class:`TrainableRows` (new-token rows that train under ZeRO-3 on any device);
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -58,6 +61,24 @@ _EXPORTS: dict[str, str] = {
     # tokens.py
     "add_special_tokens": "tokens",
     "trainable_token_indices": "tokens",
+    # trainer.py, collate.py, lora.py, trainable_rows.py
+    "LatentModel": "trainer",
+    "LatentTrainer": "trainer",
+    "LatentTrainingArguments": "trainer",
+    "StageError": "trainer",
+    "deepspeed_config": "trainer",
+    "load_extra_modules": "trainer",
+    "load_stage": "trainer",
+    "schedule_callback": "trainer",
+    "SupervisedCollator": "collate",
+    "default_lora_config": "lora",
+    "export_merged": "lora",
+    "prepare_lora_model": "lora",
+    "TrainableRows": "trainable_rows",
+    "attach_trainable_rows": "trainable_rows",
+    "detach_trainable_rows": "trainable_rows",
+    "get_trainable_rows": "trainable_rows",
+    "merge_trainable_rows": "trainable_rows",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",

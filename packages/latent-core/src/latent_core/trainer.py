@@ -1,0 +1,344 @@
+"""One trainer for every method: HF ``Trainer`` + PEFT + DeepSpeed (ZeRO-2/3, offload), like TRL's trainers.
+
+- :class:`LatentTrainingArguments` extends ``transformers.TrainingArguments``: ``--deepspeed`` also takes a shipped
+  config by name (``zero2``, ``zero3``, ``zero3_offload``), and ``loss_weights`` weighs auxiliary losses by name
+  (a method's config adds typed fields ``<name>_weight`` instead, e.g. LaViT's lambda).
+- :class:`LatentTrainer` extends ``transformers.Trainer``. The model returns a next-token loss (``loss``) and,
+  optionally, ``aux_losses``: a dict of named scalar losses. The optimised loss is
+  ``loss + sum_name weight(name) * aux_losses[name]``; every term is logged by name (``ntp_loss``,
+  ``<name>_loss``) next to HF's total ``loss``.
+- **What is saved**: the PEFT adapter (``adapter_model.safetensors``), and every other *trainable* parameter
+  (new-token rows, projection heads, extractors, projectors: anything registered in the model with
+  ``requires_grad``) in ``extra_modules.safetensors``, keyed by parameter name, plus ``latent_stage.json`` (what the
+  stage added: tokens, extra keys, base model). Under ZeRO-3 only the trainable parameters are gathered for saving.
+  Resuming a checkpoint restores both (single process here; DeepSpeed restores its own engine checkpoint).
+- **Stage chaining**: :func:`load_stage` continues from a previous stage's output directory (adapter + extra modules
+  + tokens), for Heima's progressive stages and LaRe's four stages; a missing or incompatible stage fails with a
+  message naming what is missing.
+- :func:`schedule_callback` turns ``fn(step)`` into a callback run before every optimizer step (LaViT's gate
+  gamma(t), Eq. 5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+__all__ = [
+    "DEEPSPEED_CONFIGS",
+    "EXTRA_MODULES_NAME",
+    "LatentModel",
+    "STAGE_INFO_NAME",
+    "LatentTrainer",
+    "LatentTrainingArguments",
+    "StageError",
+    "deepspeed_config",
+    "extra_state_dict",
+    "load_extra_modules",
+    "load_stage",
+    "schedule_callback",
+]
+
+DEEPSPEED_CONFIGS: tuple[str, ...] = ("zero2", "zero3", "zero3_offload")
+EXTRA_MODULES_NAME = "extra_modules.safetensors"
+STAGE_INFO_NAME = "latent_stage.json"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class StageError(ValueError):
+    """A previous stage's output directory that is missing or does not fit the model being trained."""
+
+
+def deepspeed_config(name_or_path: str | os.PathLike) -> str:
+    """Path of a DeepSpeed config: a shipped one by name (``zero2``, ``zero3``, ``zero3_offload``; all use
+    ``"auto"`` values that the HF integration fills from the training arguments) or an existing JSON file."""
+    name = str(name_or_path)
+    if name in DEEPSPEED_CONFIGS:
+        return str(resources.files("latent_core") / "deepspeed_configs" / f"{name}.json")
+    if os.path.isfile(name):
+        return name
+    raise ValueError(
+        f"--deepspeed {name!r} is neither a shipped config ({', '.join(DEEPSPEED_CONFIGS)}) nor an existing JSON file"
+    )
+
+
+@dataclass
+class LatentTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus named auxiliary-loss weights and DeepSpeed configs by name.
+
+    A method's config subclasses this with typed ``<name>_weight`` fields (paper defaults, help naming the table);
+    :meth:`loss_weight` reads those first, then ``loss_weights``.
+    """
+
+    loss_weights: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "Weight of each auxiliary loss the model returns, by name (e.g. {'concept': 0.3})."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
+            self.deepspeed = deepspeed_config(self.deepspeed)
+        super().__post_init__()
+
+    def loss_weight(self, name: str) -> float:
+        """The weight of auxiliary loss ``name``: field ``<name>_weight``, else ``loss_weights[name]``."""
+        value = getattr(self, f"{name}_weight", None)
+        if value is None and self.loss_weights is not None:
+            value = self.loss_weights.get(name)
+        if value is None:
+            raise KeyError(
+                f"the model returned auxiliary loss {name!r} but the training arguments give it no weight: add a "
+                f"field '{name}_weight' to the method's config or loss_weights={{'{name}': ...}}"
+            )
+        return float(value)
+
+
+def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
+    """A callback calling ``fn(global_step)`` before every optimizer step (e.g. set LaViT's gate gamma(t))."""
+
+    class _Schedule(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            fn(state.global_step)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            fn(state.global_step)
+
+    return _Schedule()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and loading what PEFT does not save
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _peft_model(model: nn.Module):
+    """The PeftModel inside ``model`` (the model itself, or a submodule), and its attribute path prefix."""
+    from peft import PeftModel
+
+    for name, module in model.named_modules():
+        if isinstance(module, PeftModel):
+            return module, (name + "." if name else "")
+    return None, ""
+
+
+def _saved_by_peft(name: str) -> bool:
+    return ".lora_" in name or "trainable_tokens_" in name or ".modules_to_save." in name
+
+
+def extra_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every trainable parameter that the PEFT adapter does not hold (new-token rows, heads, extractors,
+    projectors), by name. ``state_dict`` (e.g. gathered from ZeRO-3) supplies the values when given."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and not _saved_by_peft(n)]
+    source = dict(state_dict) if state_dict is not None else dict(model.named_parameters())
+    missing = [n for n in names if n not in source]
+    if missing:
+        raise KeyError(f"trainable parameters missing from the state dict to save: {missing[:5]}")
+    return {n: source[n].detach().to("cpu").contiguous() for n in names}
+
+
+def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load ``extra_modules.safetensors`` of ``directory`` into ``model`` (every key must exist with its shape).
+
+    Modules the model has but the stage did not save (a later stage adding a head) keep their initialisation.
+
+    Raises:
+        StageError: the stage saved extra parameters that ``model`` lacks or has with another shape.
+    """
+    path = Path(directory) / EXTRA_MODULES_NAME
+    if not path.is_file():
+        return []
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [k for k in saved if k not in params]
+    if missing:
+        raise StageError(
+            f"{path} holds {missing[:5]} which the model does not have: attach the same extra modules (heads, "
+            "trainable token rows) before loading the stage"
+        )
+    for key, value in saved.items():
+        if params[key].shape != value.shape:
+            raise StageError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}")
+        with torch.no_grad():
+            params[key].copy_(value.to(params[key].dtype))
+    return sorted(saved)
+
+
+def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True):
+    """Continue from a previous stage's output: returns ``model`` with the stage's LoRA adapter (the same adapter
+    keeps training). ``model`` is the base transformers model with the stage's tokens already added (they are in
+    ``latent_stage.json`` and the saved tokenizer). Then build the trainer's model around it (attach the same extra
+    modules) and call :func:`load_extra_modules` on it: extra parameters are keyed by their names in the model
+    that was given to the trainer.
+
+    Raises:
+        StageError: the directory or one of its files is missing, or it does not fit ``model``.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StageError(f"previous stage output {directory} does not exist: run that stage first")
+    missing = [name for name in _ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise StageError(f"previous stage output {directory} has no {', '.join(missing)}: is it a finished stage?")
+    info = stage_info(directory)
+    embeddings = model.get_input_embeddings().weight.shape[0]
+    if info.get("embedding_rows") and info["embedding_rows"] != embeddings:
+        raise StageError(
+            f"stage {directory} was trained with {info['embedding_rows']} embedding rows, the model has {embeddings}:"
+            f" add its tokens {info.get('tokens', [])} first"
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise StageError(f"the adapter in {directory} does not fit this model: {err}") from err
+    return peft_model
+
+
+def stage_info(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``latent_stage.json`` of a stage output ({} when absent)."""
+    path = Path(directory) / STAGE_INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LatentModel(nn.Module):
+    """Base of a method's trainable model: a (PEFT-wrapped) ``backbone`` plus the method's extra modules.
+
+    ``forward(**batch)`` returns a dict with ``loss`` (next-token prediction) and optionally ``aux_losses``
+    (named scalars, weighed by :meth:`LatentTrainingArguments.loss_weight`). ``config`` is the backbone's (the
+    DeepSpeed integration sizes its buckets from it).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, **batch: Any) -> dict[str, Any]:
+        out = self.backbone(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+
+class LatentTrainer(Trainer):
+    """``transformers.Trainer`` with named auxiliary losses, per-step schedules, and saving of extra modules.
+
+    Args:
+        step_schedules: functions ``fn(global_step)`` run before every optimizer step (see :func:`schedule_callback`).
+        stage_info: extra facts written to ``latent_stage.json`` with every save (e.g. added tokens, stage number).
+        Everything else as ``transformers.Trainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        step_schedules: list[Callable[[int], Any]] | None = None,
+        stage_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [schedule_callback(fn) for fn in step_schedules or ()]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.stage_info = dict(stage_info or {})
+        self._loss_terms: dict[str, list[float]] = defaultdict(list)
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+        if loss is None:
+            raise ValueError("the model returned no loss: the batch needs `labels` (see the data collator)")
+        aux = outputs.get("aux_losses") if isinstance(outputs, Mapping) else None
+        terms = {"ntp": loss}
+        total = loss
+        for name, value in (aux or {}).items():
+            total = total + self.args.loss_weight(name) * value
+            terms[name] = value
+        if model.training:
+            for name, value in terms.items():
+                self._loss_terms[name].append(float(value.detach()))
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._loss_terms and "loss" in logs:  # a training log: add each term's mean since the last log
+            for name, values in self._loss_terms.items():
+                logs[f"{name}_loss"] = sum(values) / len(values)
+            self._loss_terms.clear()
+        super().log(logs, start_time)
+
+    # -- saving ---------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_deepspeed_enabled and self.deepspeed.zero_optimization_stage() == 3:
+            # Gather only the trainable parameters (adapter, rows, heads): not the frozen base model.
+            state_dict = self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        peft_model, prefix = _peft_model(model)
+        if peft_model is None:
+            raise ValueError("LatentTrainer saves PEFT adapters: wrap the model with latent_core.prepare_lora_model")
+        # Values: the gathered state dict under ZeRO-3, else the live parameters.
+        values = state_dict if state_dict else dict(model.state_dict())
+        adapter_state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        peft_model.save_pretrained(output_dir, state_dict=adapter_state, safe_serialization=True)
+        extras = extra_state_dict(model, values)
+        if extras:
+            save_file(extras, os.path.join(output_dir, EXTRA_MODULES_NAME), metadata={"format": "pt"})
+        info = {
+            **self.stage_info,
+            "base_model": getattr(peft_model.peft_config[peft_model.active_adapter], "base_model_name_or_path", None),
+            "embedding_rows": int(_rows(peft_model.get_input_embeddings())),
+            "extra_keys": sorted(extras),
+        }
+        Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_deepspeed_enabled:  # DeepSpeed restores the whole engine from its own checkpoint
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import set_peft_model_state_dict
+
+        model = model if model is not None else self.model
+        peft_model, _ = _peft_model(model)
+        adapter = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        if peft_model is None or not adapter.is_file():
+            raise StageError(f"checkpoint {resume_from_checkpoint} has no PEFT adapter to resume from")
+        set_peft_model_state_dict(peft_model, load_file(str(adapter)), adapter_name=peft_model.active_adapter)
+        load_extra_modules(model, resume_from_checkpoint)
+
+
+def _rows(embedding: nn.Module) -> int:
+    from latent_core.families import _weight_of
+
+    weight = _weight_of(embedding)
+    shape = getattr(weight, "ds_shape", None)  # partitioned under ZeRO-3
+    return int(shape[0] if shape is not None else weight.shape[0])

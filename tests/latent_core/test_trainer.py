@@ -1,0 +1,305 @@
+"""LatentTrainer: losses by name, learning, saving extra modules, resume, stage chaining, and a real two-process
+DeepSpeed ZeRO-3 run on CPU (gloo) whose saved stage reproduces the ZeRO-3 model's logits in one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from latent_core.collate import SupervisedCollator
+from latent_core.families import lora_target_modules
+from latent_core.testing import tiny_image, tiny_model
+from latent_core.trainer import (
+    EXTRA_MODULES_NAME,
+    LatentModel,
+    LatentTrainer,
+    LatentTrainingArguments,
+    StageError,
+    deepspeed_config,
+    load_extra_modules,
+    load_stage,
+)
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+HERE = Path(__file__).parent
+ROWS = [
+    {"id": "a", "prompt": "How many red circles are there?", "answer": "two"},
+    {"id": "b", "prompt": "Is there a blue square?", "answer": "yes"},
+    {"id": "c", "prompt": "What colour is the star?", "answer": "yellow"},
+    {"id": "d", "prompt": "Count the shapes.", "answer": "five"},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class WithHead(LatentModel):
+    def __init__(self, backbone: nn.Module, hidden: int) -> None:
+        super().__init__(backbone)
+        self.head = nn.Linear(hidden, 4)
+
+    def forward(self, **batch):
+        out = self.backbone(**batch, output_hidden_states=True)
+        return {
+            "loss": out.loss,
+            "logits": out.logits,
+            "aux_losses": {"probe": self.head(out.hidden_states[-1]).pow(2).mean()},
+        }
+
+
+def _model(family: str = "causal_lm", seed: int = 0):
+    model, processor = tiny_model(family, seed=seed)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_modules(model, include_lm_head=True))
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed + 1)
+    return WithHead(peft_model, model.config.get_text_config().hidden_size), processor
+
+
+def _args(tmp_path, **overrides) -> LatentTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=30,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        loss_weights={"probe": 0.1},
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return LatentTrainingArguments(**{**defaults, **overrides})
+
+
+def _rows_with_image(family: str):
+    image = tiny_image()
+    return [dict(row, image=image) for row in ROWS] if family != "causal_lm" else ROWS
+
+
+@pytest.mark.parametrize("family", ["causal_lm", "qwen2_5_vl"])
+def test_loss_halves_and_terms_are_logged_by_name(tmp_path, family):
+    model, processor = _model(family)
+    rows = _rows_with_image(family)
+    collator = SupervisedCollator(processor)
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=Dataset.from_list(ROWS),
+        data_collator=lambda batch: collator([rows[[r["id"] for r in ROWS].index(b["id"])] for b in batch]),
+        processing_class=processor,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 30
+    first, last = logs[0], logs[-1]
+    assert last["ntp_loss"] < first["ntp_loss"] / 2, (first["ntp_loss"], last["ntp_loss"])
+    for entry in logs:
+        assert {"ntp_loss", "probe_loss"} <= entry.keys()
+        # HF's total loss is the weighted sum of the named terms.
+        assert entry["loss"] == pytest.approx(entry["ntp_loss"] + 0.1 * entry["probe_loss"], rel=1e-4)
+
+
+def test_aux_loss_without_weight_fails_clearly(tmp_path):
+    model, processor = _model()
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path, loss_weights=None, max_steps=1),
+        train_dataset=Dataset.from_list(ROWS),
+        data_collator=SupervisedCollator(processor),
+    )
+    with pytest.raises(KeyError, match="auxiliary loss 'probe' but the training arguments give it no weight"):
+        trainer.train()
+
+
+def test_schedules_run_before_every_step(tmp_path):
+    model, processor = _model()
+    seen = []
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=4),
+        train_dataset=Dataset.from_list(ROWS),
+        data_collator=SupervisedCollator(processor),
+        step_schedules=[seen.append],
+    )
+    trainer.train()
+    assert seen == [0, 0, 1, 2, 3]  # on train begin, then before steps 1..4
+
+
+def test_save_writes_adapter_extras_and_stage_info_and_stage_chains(tmp_path):
+    model, processor = _model()
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=3),
+        train_dataset=Dataset.from_list(ROWS),
+        data_collator=SupervisedCollator(processor),
+        processing_class=processor,
+        stage_info={"stage": 1},
+    )
+    trainer.train()
+    out = tmp_path / "stage1"
+    trainer.save_model(str(out))
+    for name in ("adapter_model.safetensors", "adapter_config.json", EXTRA_MODULES_NAME, "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert sorted(load_file(str(out / EXTRA_MODULES_NAME))) == ["head.bias", "head.weight"]
+    assert not any("lora" in k for k in load_file(str(out / EXTRA_MODULES_NAME)))
+
+    # Stage 2 starts from stage 1's weights: same outputs as the trained model.
+    batch = SupervisedCollator(processor)(ROWS)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)["logits"]
+    base, _ = tiny_model("causal_lm", seed=0)
+    chained = WithHead(load_stage(base, out), base.config.hidden_size)
+    assert load_extra_modules(chained, out) == ["head.bias", "head.weight"]
+    chained.eval()
+    with torch.no_grad():
+        assert torch.equal(chained(**batch)["logits"], expected)
+    assert any(p.requires_grad for n, p in chained.named_parameters() if "lora_" in n)  # the adapter keeps training
+
+    with pytest.raises(StageError, match="does not exist: run that stage first"):
+        load_stage(tiny_model("causal_lm")[0], tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="has no adapter_config.json"):
+        load_stage(tiny_model("causal_lm")[0], tmp_path / "empty")
+    grown, tokenizer = tiny_model("causal_lm")
+    grown.resize_token_embeddings(len(tokenizer) + 5)
+    with pytest.raises(StageError, match="embedding rows"):
+        load_stage(grown, out)
+    with pytest.raises(StageError, match=r"does not have|shape"):
+        load_extra_modules(WithHead(tiny_model("causal_lm")[0], 8), out)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    def run(out: Path, stop_after: int | None, resume: str | None):
+        model, processor = _model()
+        args = _args(
+            tmp_path,
+            output_dir=str(out),
+            max_steps=6,
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=3,
+            learning_rate=1e-2,
+        )
+        trainer = LatentTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(ROWS), data_collator=SupervisedCollator(processor)
+        )
+        if stop_after is not None:
+            from transformers import TrainerCallback
+
+            class Kill(TrainerCallback):
+                def on_save(self, args, state, control, **kwargs):
+                    if state.global_step >= stop_after:
+                        control.should_training_stop = True
+
+            trainer.add_callback(Kill())
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = run(tmp_path / "full", None, None)
+    run(tmp_path / "killed", 3, None)
+    checkpoint = tmp_path / "killed" / "checkpoint-3"
+    assert (checkpoint / EXTRA_MODULES_NAME).is_file() and (checkpoint / "optimizer.pt").is_file()
+    resumed = run(tmp_path / "killed", None, str(checkpoint))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_bad_rows_name_their_id(tmp_path):
+    _, processor = tiny_model("qwen2_5_vl")
+    collator = SupervisedCollator(processor, image_root=tmp_path)
+    with pytest.raises(ValueError, match="row 'b' has no answer"):
+        collator([ROWS[0], {"id": "b", "prompt": "Q?"}])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"row 'x': cannot read image .*broken.png"):
+        collator([{"id": "x", "prompt": "Q?", "answer": "A", "image": "broken.png"}])
+    with pytest.raises(ValueError, match=r"row 'y': cannot read image .*missing.png"):
+        collator([{"id": "y", "prompt": "Q?", "answer": "A", "image": "missing.png"}])
+
+
+def test_collator_labels_only_the_answer():
+    _, processor = tiny_model("qwen2_5_vl")
+    rows = [dict(row, image=tiny_image()) for row in ROWS[:2]]
+    batch = SupervisedCollator(processor)(rows)
+    tokenizer = processor.tokenizer
+    for i, row in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert tokenizer.decode(labelled).startswith(row["answer"])
+        assert "<|image_pad|>" not in tokenizer.decode(labelled)
+    assert (batch["attention_mask"][:, 0] == 1).all()  # right padded for training
+
+
+def test_deepspeed_configs_by_name_or_path(tmp_path):
+    for name in ("zero2", "zero3", "zero3_offload"):
+        path = Path(deepspeed_config(name))
+        assert path.is_file() and path.name == f"{name}.json"
+    custom = tmp_path / "mine.json"
+    custom.write_text("{}")
+    assert deepspeed_config(str(custom)) == str(custom)
+    with pytest.raises(ValueError, match="neither a shipped config"):
+        deepspeed_config("zero4")
+
+
+@pytest.mark.slow
+def test_two_process_zero3_on_cpu(tmp_path):
+    """LoRA + two new tokens + an extra head under ZeRO-3 with 2 processes (gloo). The saved stage, loaded in a
+    single process, gives the logits of the ZeRO-3 model (tolerance 1e-5: the same fp32 weights, gathered)."""
+    out = tmp_path / "zero3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(HERE / "zero3_worker.py"),
+        str(out),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    losses = [float(x) for x in (out / "losses.txt").read_text().split()]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import zero3_worker as worker
+    finally:
+        sys.path.remove(str(HERE))
+    from latent_core.lora import prepare_lora_model
+
+    model, tokenizer, ids = worker.build()
+    extras = sorted(load_file(str(out / EXTRA_MODULES_NAME)))
+    assert "head.weight" in extras and any("rows" in k for k in extras), extras
+    peft_model = prepare_lora_model(model, new_token_ids=ids, rows_route="rows", r=8, alpha=16)
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, load_file(str(out / "adapter_model.safetensors")))
+    single = worker.WithHead(peft_model, model.config.hidden_size)
+    load_extra_modules(single, out)
+    single.eval()
+    with torch.no_grad():
+        logits = single(**SupervisedCollator(tokenizer)(worker.ROWS))["logits"]
+    expected = load_file(str(out / "zero3_logits.safetensors"))["logits"]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    untrained, _, _ = worker.build()
+    with torch.no_grad():
+        before = untrained(**SupervisedCollator(tokenizer)(worker.ROWS)).logits
+    assert (before - expected).abs().max() > 1e-2  # training changed the model: the comparison is not vacuous
