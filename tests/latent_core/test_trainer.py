@@ -266,10 +266,9 @@ def test_two_process_zero3_on_cpu(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29533",
         str(HERE / "zero3_worker.py"),
         str(out),
     ]
