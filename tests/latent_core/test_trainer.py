@@ -114,6 +114,19 @@ def test_loss_halves_and_terms_are_logged_by_name(tmp_path, family):
         assert entry["loss"] == pytest.approx(entry["ntp_loss"] + 0.1 * entry["probe_loss"], rel=1e-4)
 
 
+def test_gradient_accumulation_keeps_the_loss_a_mean(tmp_path):
+    model, processor = _model()
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=Dataset.from_list(ROWS),
+        data_collator=SupervisedCollator(processor),
+    )
+    trainer.train()
+    for entry in (h for h in trainer.state.log_history if "loss" in h):
+        assert entry["loss"] == pytest.approx(entry["ntp_loss"] + 0.1 * entry["probe_loss"], rel=1e-4)
+
+
 def test_aux_loss_without_weight_fails_clearly(tmp_path):
     model, processor = _model()
     trainer = LatentTrainer(

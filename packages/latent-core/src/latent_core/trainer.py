@@ -247,6 +247,10 @@ class LatentTrainer(Trainer):
         Everything else as ``transformers.Trainer``.
     """
 
+    # compute_loss returns per-batch means (the model is not handed num_items_in_batch): HF divides them by the
+    # gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self,
         *args: Any,
