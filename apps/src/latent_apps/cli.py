@@ -66,6 +66,26 @@ def demo(
     console.print(f"{len(records)} families in {seconds:.1f} s; summary: {path}")
 
 
+@app.command("make-shapes")
+def make_shapes_command(
+    n: Annotated[int, typer.Option(min=1, help="Number of images (each gets one question of every kind).")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/shapes"),
+    test_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images in the test split.")] = 0.2,
+    grid: Annotated[int, typer.Option(min=2, max=9, help="Cells per side.")] = 3,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+) -> None:
+    """Synthetic staged-CoT visual task: grids of coloured shapes with count / exists / colour / compare questions,
+    4-stage LLaVA-CoT answers, bboxes and reasoning texts, in LLaVA-CoT, Visual-CoT, reasoning JSONL and VLMEvalKit
+    TSV formats, with disjoint train/test splits."""
+    import json
+
+    from latent_apps.shapes import make_shapes
+
+    summary = make_shapes(n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size)
+    typer.echo(json.dumps(summary, indent=2))
+
+
 bench_app = typer.Typer(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",

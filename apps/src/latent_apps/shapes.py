@@ -1,0 +1,430 @@
+"""A synthetic staged chain-of-thought visual task: a small grid of coloured shapes and templated questions.
+
+Every question comes with a four-stage LLaVA-CoT answer (summary, caption, reasoning, conclusion), a ground-truth
+bbox (Visual-CoT style) and an explicit reasoning text (LaRe), so all three methods can train and evaluate on one
+task that small models learn from scratch on a CPU. Written by :func:`make_shapes`:
+
+    out/images/shapes_00000.png ...         one PNG per scene (image root = ``out``; ``image`` fields are relative)
+    out/{train,test}/llava_cot.jsonl        {"id", "image", "conversations": [human "<image>\\n...", gpt staged CoT]}
+    out/{train,test}/visual_cot.jsonl       {"id", "image", "question", "answer", "bbox", "dataset": "shapes"}
+    out/{train,test}/reasoning.jsonl        {"id", "image", "question", "reasoning", "answer"}
+    out/test/shapes_mc.tsv                  VLMEvalKit TSV: every test question in multiple-choice form
+    out/scenes.json                         per image: split and objects (row, col 0-based; texts say 1-based)
+    out/summary.json                        seed, n, counts per split / kind / variant, the conventions below
+
+Conventions (documented here and in summary.json):
+
+- ``n`` is the number of images (scenes); each image gets one question of each kind
+  (count, exists, colour, compare), so ``4 n`` questions. Ids are ``shapes-{image:05d}-{kind}``.
+- Splits are by image: ``round(n * test_fraction)`` images (at least one of each split when ``n >= 2``) go to test.
+- Each question is open-ended or multiple-choice (coin flip per question). Multiple-choice questions list their
+  options after the question and their answer (and conclusion) is the option letter; open-ended answers are a
+  digit (counts), ``yes``/``no`` or a colour name. yes/no questions have two options (A, B; the TSV's C and D
+  are empty, as VLMEvalKit reads missing options); count and colour questions have four.
+- bbox: pixels ``[x0, y0, x1, y1]`` (x1, y1 exclusive: the cell edge), the union of the whole cells that matter:
+  count / exists: the matching cells; colour: the asked cell; compare: the cells of both compared groups.
+  When no cell matches (count 0, "no" to exists, nothing to compare) the bbox is the whole grid, since the
+  answer follows from inspecting every cell.
+- The tiny tokenizer's corpus (``latent_core.testing._CORPUS``) covers almost every word used.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+__all__ = ["COLOURS", "SHAPES", "KINDS", "make_shapes", "main", "draw_scene", "cell_bbox"]
+
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+KINDS: tuple[str, ...] = ("count", "exists", "colour", "compare")
+RGB = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+LETTERS = "ABCD"
+P_OCCUPIED = 0.6  # probability that a cell holds a shape
+P_MC = 0.5  # probability that a question is asked in multiple-choice form
+MC_SUFFIX = "Please answer with the letter of the correct option."
+BBOX_RULE = (
+    "union of whole cells that matter (count/exists: matching cells; colour: the asked cell; compare: cells of "
+    "both groups); the whole grid when none match"
+)
+
+
+@dataclass(frozen=True)
+class Obj:
+    row: int  # 0-based
+    col: int  # 0-based
+    shape: str
+    colour: str
+
+    def where(self) -> str:
+        return f"row {self.row + 1} column {self.col + 1}"
+
+
+@dataclass
+class Question:
+    """One question about a scene, with everything the three formats need."""
+
+    kind: str
+    text: str  # the bare question (no options)
+    answer: str  # open-ended answer text
+    options: list[str]  # option texts (2 or 4), the answer among them
+    summary: str
+    reasoning: str
+    cells: list[tuple[int, int]] = field(default_factory=list)  # relevant (row, col); empty = whole grid
+    mc: bool = False
+
+    @property
+    def letter(self) -> str:
+        return LETTERS[self.options.index(self.answer)]
+
+    def prompt(self) -> str:
+        if not self.mc:
+            return self.text
+        lines = [self.text, "Options:", *(f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options)), MC_SUFFIX]
+        return "\n".join(lines)
+
+    def final(self) -> str:
+        return self.letter if self.mc else self.answer
+
+
+# ---------------------------------------------------------------- scenes and images
+
+
+def random_scene(rng: random.Random, grid: int) -> list[Obj]:
+    """Objects in reading order; each cell is occupied with probability P_OCCUPIED; never empty."""
+    objects = []
+    for r in range(grid):
+        for c in range(grid):
+            occupied = rng.random() < P_OCCUPIED
+            shape, colour = rng.choice(SHAPES), rng.choice(COLOURS)
+            if occupied:
+                objects.append(Obj(r, c, shape, colour))
+    if not objects:
+        cell = rng.randrange(grid * grid)
+        objects.append(Obj(cell // grid, cell % grid, rng.choice(SHAPES), rng.choice(COLOURS)))
+    return objects
+
+
+def draw_scene(objects: list[Obj], grid: int, image_size: int) -> Image.Image:
+    """White background, one shape per occupied cell (the style of data/demo/make_demo.py)."""
+    cell = image_size // grid
+    margin = max(1, cell * 3 // 16)
+    img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        x0, y0 = o.col * cell + margin, o.row * cell + margin
+        x1, y1 = (o.col + 1) * cell - margin, (o.row + 1) * cell - margin
+        if o.shape == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=RGB[o.colour])
+        elif o.shape == "square":
+            d.rectangle([x0, y0, x1, y1], fill=RGB[o.colour])
+        else:
+            d.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=RGB[o.colour])
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Deterministic PNG: fixed options, no metadata chunks (no timestamps)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def cell_bbox(cells: list[tuple[int, int]], grid: int, image_size: int) -> list[int]:
+    """Pixel box [x0, y0, x1, y1] (x1, y1 exclusive) of the union of ``cells``; the whole grid when empty."""
+    cell = image_size // grid
+    if not cells:
+        return [0, 0, grid * cell, grid * cell]
+    rows = [r for r, _ in cells]
+    cols = [c for _, c in cells]
+    return [min(cols) * cell, min(rows) * cell, (max(cols) + 1) * cell, (max(rows) + 1) * cell]
+
+
+# ---------------------------------------------------------------- questions
+
+
+def _name(colour: str | None, shape: str | None, plural: bool) -> str:
+    noun = (PLURAL[shape] if plural else shape) if shape else ("shapes" if plural else "shape")
+    return f"{colour} {noun}" if colour else noun
+
+
+def _matches(o: Obj, colour: str | None, shape: str | None) -> bool:
+    return (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+
+
+def _cells_text(objs: list[Obj]) -> str:
+    return " and ".join(o.where() for o in objs)
+
+
+def _count_options(rng: random.Random, answer: int, grid: int) -> list[str]:
+    pool = [v for v in range(grid * grid + 1) if v != answer]
+    near = sorted(pool, key=lambda v: (abs(v - answer), v))[:5]  # plausible distractors
+    options = [answer, *rng.sample(near, 3)]
+    rng.shuffle(options)
+    return [str(v) for v in options]
+
+
+def _target(rng: random.Random, objects: list[Obj], partial: bool) -> tuple[str | None, str | None]:
+    """A (colour, shape) target: half the time taken from an object in the scene, else random. With ``partial``
+    one of the two may be dropped (count questions: "red shapes", "circles")."""
+    if rng.random() < 0.5:
+        o = rng.choice(objects)
+        colour, shape = o.colour, o.shape
+    else:
+        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+    if partial:
+        mode = rng.choice(("both", "both", "colour", "shape"))
+        if mode == "colour":
+            shape = None
+        elif mode == "shape":
+            colour = None
+    return colour, shape
+
+
+def ask_count(rng: random.Random, objects: list[Obj], grid: int) -> Question:
+    colour, shape = _target(rng, objects, partial=True)
+    hits = [o for o in objects if _matches(o, colour, shape)]
+    plural = _name(colour, shape, True)
+    n = len(hits)
+    if n > 1:
+        found = f"The {plural} are at {_cells_text(hits)}"
+    elif n == 1:
+        found = f"The {_name(colour, shape, False)} is at {hits[0].where()}"
+    else:
+        found = f"There are no {plural}"
+    return Question(
+        kind="count",
+        text=f"How many {plural} are there?",
+        answer=str(n),
+        options=_count_options(rng, n, grid),
+        summary=f"I will count the {plural} in the grid and answer the question.",
+        reasoning=f"{found}, so the count is {n}.",
+        cells=[(o.row, o.col) for o in hits],
+    )
+
+
+def ask_exists(rng: random.Random, objects: list[Obj], grid: int) -> Question:
+    colour, shape = _target(rng, objects, partial=False)
+    hits = [o for o in objects if _matches(o, colour, shape)]
+    name = _name(colour, shape, False)
+    if hits:
+        reasoning = f"There is a {name} at {_cells_text(hits)}, so the answer is yes."
+    else:
+        reasoning = f"There is no {name} in the grid, so the answer is no."
+    return Question(
+        kind="exists",
+        text=f"Is there a {name}?",
+        answer="yes" if hits else "no",
+        options=["yes", "no"],
+        summary=f"I will count the {_name(colour, shape, True)} in the grid and answer the question with yes or no.",
+        reasoning=reasoning,
+        cells=[(o.row, o.col) for o in hits],
+    )
+
+
+def ask_colour(rng: random.Random, objects: list[Obj], grid: int) -> Question:
+    o = rng.choice(objects)
+    options = [o.colour, *rng.sample([c for c in COLOURS if c != o.colour], 3)]
+    rng.shuffle(options)
+    return Question(
+        kind="colour",
+        text=f"What colour is the shape at {o.where()}?",
+        answer=o.colour,
+        options=options,
+        summary=f"I will think of the shape at {o.where()} and answer the question.",
+        reasoning=f"The shape at {o.where()} is a {o.colour} {o.shape}, so the colour is {o.colour}.",
+        cells=[(o.row, o.col)],
+    )
+
+
+def ask_compare(rng: random.Random, objects: list[Obj], grid: int) -> Question:
+    if rng.random() < 0.5:
+        a, b = rng.sample(SHAPES, 2)
+        pa, pb = PLURAL[a], PLURAL[b]
+        ha = [o for o in objects if o.shape == a]
+        hb = [o for o in objects if o.shape == b]
+    else:
+        a, b = rng.sample(COLOURS, 2)
+        pa, pb = f"{a} shapes", f"{b} shapes"
+        ha = [o for o in objects if o.colour == a]
+        hb = [o for o in objects if o.colour == b]
+    na, nb = len(ha), len(hb)
+    if na > nb:
+        verdict = f"{na} is more than {nb}, so the answer is yes."
+    elif na < nb:
+        verdict = f"{na} is fewer than {nb}, so the answer is no."
+    else:
+        verdict = f"{na} and {nb} are the same, so the answer is no."
+    return Question(
+        kind="compare",
+        text=f"Are there more {pa} than {pb}?",
+        answer="yes" if na > nb else "no",
+        options=["yes", "no"],
+        summary=f"I will count the {pa} and the {pb} and answer the question.",
+        reasoning=f"The count of {pa} is {na}. The count of {pb} is {nb}. {verdict}",
+        cells=sorted((o.row, o.col) for o in ha + hb),
+    )
+
+
+ASK = {"count": ask_count, "exists": ask_exists, "colour": ask_colour, "compare": ask_compare}
+
+
+def caption(objects: list[Obj]) -> str:
+    parts = ["The image shows a grid of coloured shapes."]
+    parts += [f"There is a {o.colour} {o.shape} at {o.where()}." for o in objects]
+    return " ".join(parts)
+
+
+def staged_answer(q: Question, objects: list[Obj]) -> str:
+    summary, reasoning = q.summary, q.reasoning
+    if q.mc:
+        summary += " I will then answer with the letter of the correct option."
+        reasoning += f" The answer {q.answer} is option {q.letter}."
+    return (
+        f"<SUMMARY>{summary}</SUMMARY>\n\n<CAPTION>{caption(objects)}</CAPTION>\n\n"
+        f"<REASONING>{reasoning}</REASONING>\n\n<CONCLUSION>{q.final()}</CONCLUSION>"
+    )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _split_sizes(n: int, test_fraction: float) -> int:
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    n_test = int(round(n * test_fraction))
+    if n >= 2 and 0.0 < test_fraction < 1.0:
+        n_test = min(max(n_test, 1), n - 1)
+    return n_test
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def make_shapes(
+    n: int,
+    seed: int,
+    out: Path,
+    test_fraction: float = 0.2,
+    grid: int = 3,
+    image_size: int = 96,
+) -> dict:
+    """Generate ``n`` scenes (4 questions each) into ``out``; returns the summary (also ``out/summary.json``).
+
+    Deterministic: the same arguments give byte-identical files (one ``random.Random(seed)``, fixed PNG options).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 2 <= grid <= 9:
+        raise ValueError(f"grid must be in 2..9 (single-digit rows and columns), got {grid}")
+    if image_size < 8 * grid:
+        raise ValueError(f"image_size must be at least 8 px per cell ({8 * grid}), got {image_size}")
+    out = Path(out)
+    rng = random.Random(seed)
+    n_test = _split_sizes(n, test_fraction)
+    order = list(range(n))
+    rng.shuffle(order)
+    test_ids = set(order[:n_test])
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, list]] = {s: {"llava": [], "vcot": [], "lare": []} for s in ("train", "test")}
+    tsv_rows: list[list] = []
+    scenes: dict[str, dict] = {}
+    counts = {s: {"images": 0, "questions": 0, **{k: 0 for k in KINDS}, "open": 0, "mc": 0} for s in ("train", "test")}
+    for i in range(n):
+        split = "test" if i in test_ids else "train"
+        objects = random_scene(rng, grid)
+        image = f"images/shapes_{i:05d}.png"
+        data = png_bytes(draw_scene(objects, grid, image_size))
+        (out / image).write_bytes(data)
+        scenes[image] = {"split": split, "objects": [o.__dict__ for o in objects]}
+        counts[split]["images"] += 1
+        for kind in KINDS:
+            q = ASK[kind](rng, objects, grid)
+            q.mc = rng.random() < P_MC
+            qid = f"shapes-{i:05d}-{kind}"
+            prompt, final = q.prompt(), q.final()
+            bbox = cell_bbox(q.cells, grid, image_size)
+            rows[split]["llava"].append(
+                {
+                    "id": qid,
+                    "image": image,
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{prompt}"},
+                        {"from": "gpt", "value": staged_answer(q, objects)},
+                    ],
+                }
+            )
+            rows[split]["vcot"].append(
+                {"id": qid, "image": image, "question": prompt, "answer": final, "bbox": bbox, "dataset": "shapes"}
+            )
+            reasoning = q.reasoning + (f" The answer {q.answer} is option {q.letter}." if q.mc else "")
+            rows[split]["lare"].append(
+                {"id": qid, "image": image, "question": prompt, "reasoning": reasoning, "answer": final}
+            )
+            if split == "test":
+                opts = q.options + [""] * (4 - len(q.options))
+                tsv_rows.append([len(tsv_rows), q.text, *opts, q.letter, base64.b64encode(data).decode(), kind])
+            counts[split]["questions"] += 1
+            counts[split][kind] += 1
+            counts[split]["mc" if q.mc else "open"] += 1
+
+    for split, r in rows.items():
+        _write_jsonl(out / split / "llava_cot.jsonl", r["llava"])
+        _write_jsonl(out / split / "visual_cot.jsonl", r["vcot"])
+        _write_jsonl(out / split / "reasoning.jsonl", r["lare"])
+    with open(out / "test" / "shapes_mc.tsv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["index", "question", "A", "B", "C", "D", "answer", "image", "category"])
+        writer.writerows(tsv_rows)
+    (out / "scenes.json").write_text(json.dumps(scenes, indent=1) + "\n", encoding="utf-8")
+
+    summary = {
+        "dataset": "shapes",
+        "n": n,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "grid": grid,
+        "image_size": image_size,
+        "cell_px": image_size // grid,
+        "kinds": list(KINDS),
+        "colours": list(COLOURS),
+        "shapes": list(SHAPES),
+        "splits": counts,
+        "tsv_rows": len(tsv_rows),
+        "bbox": BBOX_RULE,
+        "files": {
+            "images": "images/",
+            "scenes": "scenes.json",
+            "llava_cot": "{split}/llava_cot.jsonl",
+            "visual_cot": "{split}/visual_cot.jsonl",
+            "reasoning": "{split}/reasoning.jsonl",
+            "tsv": "test/shapes_mc.tsv",
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def main(
+    n: int = 500,
+    seed: int = 0,
+    out: Path = Path("data/shapes"),
+    test_fraction: float = 0.2,
+    grid: int = 3,
+    image_size: int = 96,
+) -> dict:
+    """Entry point for the ``make-shapes`` command: same as :func:`make_shapes`, with defaults."""
+    return make_shapes(n=n, seed=seed, out=Path(out), test_fraction=test_fraction, grid=grid, image_size=image_size)

@@ -1,0 +1,213 @@
+"""The synthetic shapes task: deterministic bytes, disjoint splits, staged answers, bboxes and answers recomputed
+independently from the stored scenes, a small vocabulary."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from latent_apps.shapes import make_shapes
+from PIL import Image
+
+N, SEED, GRID, SIZE = 40, 3, 3, 96
+CELL = SIZE // GRID
+STAGES = ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")
+STAGED = re.compile(
+    r"^<SUMMARY>(.+)</SUMMARY>\n\n<CAPTION>(.+)</CAPTION>\n\n<REASONING>(.+)</REASONING>\n\n<CONCLUSION>(.+)</CONCLUSION>$",
+    re.S,
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes") / "a"
+    make_shapes(N, SEED, out)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tsv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _split(root: Path, split: str) -> dict[str, list[dict]]:
+    return {k: _jsonl(root / split / f"{k}.jsonl") for k in ("llava_cot", "visual_cot", "reasoning")}
+
+
+def _parse_prompt(prompt: str) -> tuple[str, dict[str, str]]:
+    """(bare question, {letter: option}) from a prompt, open-ended or multiple-choice."""
+    lines = prompt.split("\n")
+    options = {m[1]: m[2] for line in lines if (m := re.fullmatch(r"([A-D])\. (.+)", line))}
+    return lines[0], options
+
+
+def _solve(question: str, objects: list[dict]) -> tuple[str, set[tuple[int, int]]]:
+    """Independent answer of a bare question from the scene, and the cells that must lie inside the bbox."""
+    singular = {"circles": "circle", "squares": "square", "triangles": "triangle", "shapes": None}
+
+    def select(words: list[str]) -> list[dict]:
+        colour = words[0] if len(words) == 2 else None
+        shape = singular.get(words[-1], words[-1])
+        return [o for o in objects if colour in (None, o["colour"]) and shape in (None, o["shape"])]
+
+    if m := re.fullmatch(r"How many (.+) are there\?", question):
+        hits = select(m[1].split())
+        return str(len(hits)), {(o["row"], o["col"]) for o in hits}
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+        hits = select([m[1], m[2]])
+        return ("yes" if hits else "no"), {(o["row"], o["col"]) for o in hits}
+    if m := re.fullmatch(r"What colour is the shape at row (\d) column (\d)\?", question):
+        r, c = int(m[1]) - 1, int(m[2]) - 1
+        (o,) = [o for o in objects if (o["row"], o["col"]) == (r, c)]
+        return o["colour"], {(r, c)}
+    if m := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
+        a, b = select(m[1].split()), select(m[2].split())
+        return ("yes" if len(a) > len(b) else "no"), {(o["row"], o["col"]) for o in a + b}
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
+    make_shapes(N, SEED, tmp_path / "b")
+    make_shapes(N, SEED + 1, tmp_path / "c")
+    a, b, c = _files(built), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train/llava_cot.jsonl"] != c["train/llava_cot.jsonl"]
+    assert sum(a[k] != c[k] for k in a if k.startswith("images/")) > N // 2
+
+
+def test_layout_and_summary(built):
+    summary = json.loads((built / "summary.json").read_text())
+    assert summary["n"] == N and summary["seed"] == SEED
+    split_counts = summary["splits"]
+    assert split_counts["train"]["images"] + split_counts["test"]["images"] == N
+    assert split_counts["test"]["images"] == round(N * 0.2)
+    for split in ("train", "test"):
+        rows = _split(built, split)
+        assert all(len(v) == split_counts[split]["questions"] for v in rows.values())
+        kinds = [r["id"].rsplit("-", 1)[1] for r in rows["visual_cot"]]
+        for kind in ("count", "exists", "colour", "compare"):
+            assert kinds.count(kind) == split_counts[split][kind] > 0
+    assert len(list((built / "images").glob("*.png"))) == N
+    assert len(_tsv(built / "test" / "shapes_mc.tsv")) == split_counts["test"]["questions"] == summary["tsv_rows"]
+
+
+def test_splits_disjoint(built):
+    train, test = _split(built, "train"), _split(built, "test")
+    for key in train:
+        assert {r["image"] for r in train[key]}.isdisjoint({r["image"] for r in test[key]})
+        assert {r["id"] for r in train[key]}.isdisjoint({r["id"] for r in test[key]})
+    scenes = json.loads((built / "scenes.json").read_text())
+    for split, rows in (("train", train), ("test", test)):
+        assert all(scenes[r["image"]]["split"] == split for r in rows["llava_cot"])
+
+
+def test_staged_answers_and_formats_agree(built):
+    for split in ("train", "test"):
+        rows = _split(built, split)
+        for cot, vcot, lare in zip(rows["llava_cot"], rows["visual_cot"], rows["reasoning"], strict=True):
+            assert cot["id"] == vcot["id"] == lare["id"] and cot["image"] == vcot["image"] == lare["image"]
+            human, gpt = cot["conversations"]
+            assert human["from"] == "human" and gpt["from"] == "gpt"
+            assert human["value"] == "<image>\n" + vcot["question"] and vcot["question"] == lare["question"]
+            m = STAGED.fullmatch(gpt["value"])
+            assert m, gpt["value"]
+            assert all(s.strip() and "<" not in s for s in m.groups())
+            assert [gpt["value"].index(f"<{s}>") for s in STAGES] == sorted(
+                gpt["value"].index(f"<{s}>") for s in STAGES
+            )
+            assert m[4] == vcot["answer"] == lare["answer"]
+            assert lare["reasoning"] == m[3]
+            assert vcot["dataset"] == "shapes"
+
+
+def test_answers_and_bboxes_recomputed_from_scene(built):
+    scenes = json.loads((built / "scenes.json").read_text())
+    mc_seen = open_seen = empty_seen = 0
+    for split in ("train", "test"):
+        for row in _split(built, split)["visual_cot"]:
+            objects = scenes[row["image"]]["objects"]
+            question, options = _parse_prompt(row["question"])
+            answer, cells = _solve(question, objects)
+            if options:
+                mc_seen += 1
+                assert len(options) in (2, 4) and answer in options.values()
+                assert options[row["answer"]] == answer
+            else:
+                open_seen += 1
+                assert row["answer"] == answer
+            x0, y0, x1, y1 = row["bbox"]
+            assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+            if not cells:  # nothing matches: the whole grid
+                empty_seen += 1
+                assert row["bbox"] == [0, 0, GRID * CELL, GRID * CELL]
+            for r, c in cells:
+                assert x0 <= c * CELL and (c + 1) * CELL <= x1 and y0 <= r * CELL and (r + 1) * CELL <= y1
+            # Tight: the box is exactly the union of the relevant cells.
+            if cells:
+                rs, cs = [r for r, _ in cells], [c for _, c in cells]
+                assert row["bbox"] == [min(cs) * CELL, min(rs) * CELL, (max(cs) + 1) * CELL, (max(rs) + 1) * CELL]
+    assert mc_seen > 0 and open_seen > 0 and empty_seen > 0
+
+
+def test_images_match_scene(built):
+    scenes = json.loads((built / "scenes.json").read_text())
+    colours = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+    for name, scene in list(scenes.items())[:5]:
+        img = Image.open(built / name).convert("RGB")
+        assert img.size == (SIZE, SIZE)
+        occupied = {(o["row"], o["col"]): o for o in scene["objects"]}
+        for r in range(GRID):
+            for c in range(GRID):
+                centre = img.getpixel((c * CELL + CELL // 2, r * CELL + CELL * 2 // 3))
+                expected = colours[occupied[(r, c)]["colour"]] if (r, c) in occupied else (255, 255, 255)
+                assert centre == expected
+
+
+def test_tsv_letters_point_at_answers(built):
+    scenes = json.loads((built / "scenes.json").read_text())
+    test_rows = _split(built, "test")["visual_cot"]
+    tsv = _tsv(built / "test" / "shapes_mc.tsv")
+    assert list(tsv[0]) == ["index", "question", "A", "B", "C", "D", "answer", "image", "category"]
+    assert [int(r["index"]) for r in tsv] == list(range(len(tsv)))
+    assert {r["category"] for r in tsv} == {"count", "exists", "colour", "compare"}
+    for row, vcot in zip(tsv, test_rows, strict=True):
+        assert vcot["id"].endswith(row["category"]) and _parse_prompt(vcot["question"])[0] == row["question"]
+        answer, _ = _solve(row["question"], scenes[vcot["image"]]["objects"])
+        assert row[row["answer"]] == answer
+        options = [row[k] for k in "ABCD" if row[k]]
+        assert len(options) == len(set(options)) and len(options) in (2, 4)
+        assert base64.b64decode(row["image"]) == (built / vcot["image"]).read_bytes()
+
+
+def test_vocabulary_is_small(built):
+    words: set[str] = set()
+    for split in ("train", "test"):
+        for row in _split(built, split)["llava_cot"]:
+            for turn in row["conversations"]:
+                words |= set(re.findall(r"[A-Za-z]+|\d+", turn["value"]))
+        for row in _split(built, split)["reasoning"]:
+            words |= set(re.findall(r"[A-Za-z]+|\d+", row["reasoning"]))
+    assert len(words) < 150, sorted(words)
+    assert len(words) < 100  # in practice far fewer
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        make_shapes(0, 0, tmp_path)
+    with pytest.raises(ValueError):
+        make_shapes(4, 0, tmp_path, grid=1)
+    with pytest.raises(ValueError):
+        make_shapes(4, 0, tmp_path, test_fraction=1.5)
