@@ -16,6 +16,8 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
 - training: :class:`LatentTrainer`, :class:`LatentTrainingArguments`, :class:`LatentModel`,
   :class:`SupervisedCollator`, :func:`prepare_lora_model`, :func:`export_merged`, :func:`load_stage`,
   :class:`TrainableRows` (new-token rows that train under ZeRO-3 on any device);
+- data readers with skip reports: :func:`read_llava_cot`, :func:`read_visual_cot`, :func:`read_reasoning`,
+  :func:`read_vlmevalkit_tsv`, :func:`read_mmvp`, :func:`read_blink`, :class:`ReadReport`, :func:`parse_cot_stages`;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
 """
 
@@ -79,6 +81,17 @@ _EXPORTS: dict[str, str] = {
     "detach_trainable_rows": "trainable_rows",
     "get_trainable_rows": "trainable_rows",
     "merge_trainable_rows": "trainable_rows",
+    # readers.py
+    "COT_STAGES": "readers",
+    "DataFormatError": "readers",
+    "ReadReport": "readers",
+    "parse_cot_stages": "readers",
+    "read_blink": "readers",
+    "read_llava_cot": "readers",
+    "read_mmvp": "readers",
+    "read_reasoning": "readers",
+    "read_visual_cot": "readers",
+    "read_vlmevalkit_tsv": "readers",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",
