@@ -86,6 +86,19 @@ def make_shapes_command(
     typer.echo(json.dumps(summary, indent=2))
 
 
+def _register_eval() -> None:
+    from latent_apps.eval.runner import eval_command
+
+    app.command(
+        "eval",
+        help="Evaluate a model with a method (plain now; heima, lavit, lare when they land) on benchmark files "
+        "(VLMEvalKit TSV; repeat --bench): accuracy per category, generated tokens, latency; resumable.",
+    )(eval_command)
+
+
+_register_eval()
+
+
 bench_app = typer.Typer(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",

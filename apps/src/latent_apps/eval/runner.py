@@ -1,0 +1,499 @@
+"""`latent eval`: run an evaluation method over benchmark files and account for every sample.
+
+For each benchmark file (VLMEvalKit TSV for now; readers are chosen by file suffix, see :data:`READERS` and
+:func:`register_reader`) the runner streams samples in batches through the method (greedy, see
+:mod:`latent_apps.eval.methods`), extracts the answer (:mod:`latent_apps.eval.extract`; kind ``choice`` when the
+sample has options, else ``yes_no`` / ``number`` / ``text`` by the gold answer's shape) and appends one JSON
+record per sample to ``<out>/<bench>/samples.jsonl``, flushed after every batch, so a killed run loses at most
+one batch. ``<bench>`` is the file name without suffix.
+
+Record fields: ``id, index, category, question, options, gold, kind, prediction`` (the generated text),
+``extracted, correct, generated_tokens, reasoning_tokens, latent_steps, latency_s``.
+
+**Latency** per sample is the wall time of its batch's method call divided by the batch size (it includes
+preprocessing and generation, not reading the file), unless the method reports its own. **Tokens per
+second** is the sum of generated tokens over the sum of latencies. Both depend on the batch size: compare
+methods at the same ``batch_size``.
+
+**Resume**: samples whose ids are already in ``samples.jsonl`` are skipped, so a record is never written twice;
+a torn last line (a run killed mid-write) is dropped. ``run.json`` next to it holds the model, method and
+``max_new_tokens``; resuming with different ones is an error (use another ``--out`` or ``--no-resume``).
+
+**Summaries** are computed from ``samples.jsonl`` alone (:func:`summarize_records`), restricted to the samples
+selected by this run (the first ``limit`` distinct ids of the file): ``<out>/<bench>/summary.json`` per
+benchmark, ``<out>/summary.json`` for all and ``<out>/summary.md`` as a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from latent_apps.eval.extract import extract_answer, infer_kind, is_correct
+from latent_apps.eval.methods import EvalMethod, Generation, get_method
+
+__all__ = [
+    "READERS",
+    "eval_command",
+    "read_samples_jsonl",
+    "register_reader",
+    "run_eval",
+    "summarize_records",
+    "write_summary_markdown",
+]
+
+Reader = Callable[[Path], tuple[Iterator[dict[str, Any]], Any]]
+"""``reader(path) -> (samples, report)``: an iterator of sample dicts and a skip report it fills while iterated."""
+
+
+def _read_vlmevalkit_tsv(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
+    from latent_core.readers import ReadReport, read_vlmevalkit_tsv
+
+    report = ReadReport()
+    return read_vlmevalkit_tsv(path, report=report), report
+
+
+READERS: dict[str, Reader] = {".tsv": _read_vlmevalkit_tsv}
+"""File suffix (lower case, with the dot) -> reader. Add formats with :func:`register_reader`."""
+
+
+def register_reader(suffix: str, reader: Reader) -> None:
+    """Read files ending in ``suffix`` (e.g. ``".parquet"``) with ``reader(path) -> (samples, report)``."""
+    READERS[suffix.lower() if suffix.startswith(".") else f".{suffix.lower()}"] = reader
+
+
+def _reader_for(path: Path) -> Reader:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(
+            f"no reader for {path} (suffix {path.suffix!r}); supported: {', '.join(sorted(READERS))}. "
+            "Convert the benchmark to a VLMEvalKit TSV or register a reader (latent_apps.eval.runner.register_reader)."
+        )
+    return reader
+
+
+def _report_dict(report: Any) -> Any:
+    """The reader's skip report as JSON-able data."""
+    if report is None:
+        return None
+    for name in ("to_dict", "as_dict"):
+        if callable(getattr(report, name, None)):
+            return getattr(report, name)()
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        return dataclasses.asdict(report)
+    if isinstance(report, dict):
+        return dict(report)
+    return {k: v for k, v in vars(report).items() if not k.startswith("_")}
+
+
+def _estimate_total(path: Path) -> int | None:
+    """Rows of a TSV without decoding images (for the progress bar only; the reader may skip some)."""
+    if path.suffix.lower() != ".tsv":
+        return None
+    try:
+        csv.field_size_limit(sys.maxsize)
+        with open(path, newline="", encoding="utf-8") as f:
+            return max(0, sum(1 for _ in csv.reader(f, delimiter="\t")) - 1)
+    except (OSError, csv.Error, UnicodeDecodeError, OverflowError):
+        return None
+
+
+def read_samples_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``samples.jsonl``; a torn last line (a killed write) is ignored, other bad lines raise."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1} is not valid JSON ({err}); fix or delete the file") from err
+    return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a write interrupted by a kill) so appending starts on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy (overall and per category), token counts, latent steps and latency of per-sample records."""
+    n = len(records)
+    correct = [r for r in records if r["correct"]]
+    categories: dict[str, list[dict[str, Any]]] = {}
+    kinds: dict[str, int] = {}
+    for r in records:
+        if r.get("category") is not None:
+            categories.setdefault(str(r["category"]), []).append(r)
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    latencies = [r["latency_s"] for r in records]
+    tokens = [r["generated_tokens"] for r in records]
+    return {
+        "n": n,
+        "n_correct": len(correct),
+        "accuracy": len(correct) / n if n else None,
+        "n_unextracted": sum(r["extracted"] is None for r in records),
+        "kinds": dict(sorted(kinds.items())),
+        "accuracy_per_category": {
+            cat: {"n": len(rs), "accuracy": sum(bool(r["correct"]) for r in rs) / len(rs)}
+            for cat, rs in sorted(categories.items())
+        },
+        "mean_generated_tokens": _mean(tokens),
+        "mean_generated_tokens_correct": _mean(r["generated_tokens"] for r in correct),
+        "mean_reasoning_tokens": _mean(r["reasoning_tokens"] for r in records if r["reasoning_tokens"] is not None),
+        "mean_latent_steps": _mean(r["latent_steps"] for r in records if r["latent_steps"] is not None),
+        "mean_latency_s": _mean(latencies),
+        "tokens_per_s": sum(tokens) / sum(latencies) if latencies and sum(latencies) > 0 else None,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_summary_markdown(summary: dict[str, Any], path: Path) -> None:
+    """``summary.md``: one row per benchmark."""
+    lines = [
+        f"# {summary['method']} on {summary['model']}",
+        "",
+        f"max_new_tokens={summary['max_new_tokens']}, batch_size={summary['batch_size']}, device={summary['device']}, "
+        f"torch {summary['torch']}, transformers {summary['transformers']}. Latency = batch wall time / batch size.",
+        "",
+        "| bench | n | accuracy % | gen tok | gen tok (correct) | latent steps | latency s | tok/s | unextracted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, b in summary["benches"].items():
+        accuracy = None if b["accuracy"] is None else 100 * b["accuracy"]
+        lines.append(
+            f"| {name} | {b['n']} | {_fmt(accuracy, '.1f')} | {_fmt(b['mean_generated_tokens'], '.1f')} | "
+            f"{_fmt(b['mean_generated_tokens_correct'], '.1f')} | {_fmt(b['mean_latent_steps'], '.1f')} | "
+            f"{_fmt(b['mean_latency_s'], '.3f')} | {_fmt(b['tokens_per_s'], '.1f')} | {b['n_unextracted']} |"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _device_name(model: Any) -> str:
+    import torch
+
+    device = getattr(model, "device", torch.device("cpu"))
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def _check_run_config(path: Path, config: dict[str, Any], resume: bool, has_records: bool) -> None:
+    if resume and has_records and path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in config if old.get(k) != config[k]]
+        if changed:
+            raise ValueError(
+                f"cannot resume {path.parent}: it was run with "
+                + ", ".join(f"{k}={old.get(k)!r}" for k in changed)
+                + " and this run has "
+                + ", ".join(f"{k}={config[k]!r}" for k in changed)
+                + ". Use another --out directory or --no-resume (which discards its samples)."
+            )
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _record(sample: dict[str, Any], gen: Generation, latency_s: float) -> dict[str, Any]:
+    options = {str(k): str(v) for k, v in (sample.get("options") or {}).items()}
+    gold = sample.get("answer")
+    gold = None if gold is None else str(gold).strip()
+    kind = infer_kind(gold, options)
+    extracted = extract_answer(gen.text, kind, options or None)
+    index = sample.get("index")
+    return {
+        "id": str(sample["id"]),
+        "index": index if isinstance(index, int | str) or index is None else str(index),
+        "category": sample.get("category"),
+        "question": sample.get("question"),
+        "options": options,
+        "gold": gold,
+        "kind": kind,
+        "prediction": gen.text,
+        "extracted": extracted,
+        "correct": is_correct(extracted, gold, kind),
+        "generated_tokens": int(gen.generated_tokens),
+        "reasoning_tokens": gen.reasoning_tokens,
+        "latent_steps": gen.latent_steps,
+        "latency_s": latency_s,
+    }
+
+
+def _run_batch(model, processor, method: EvalMethod, batch, max_new_tokens: int, f) -> None:
+    start = time.perf_counter()
+    generations = method(model, processor, batch, max_new_tokens)
+    wall = time.perf_counter() - start
+    if len(generations) != len(batch):
+        raise RuntimeError(f"the method returned {len(generations)} generations for a batch of {len(batch)}")
+    for sample, gen in zip(batch, generations, strict=True):
+        latency = gen.latency_s if gen.latency_s is not None else wall / len(batch)
+        f.write(json.dumps(_record(sample, gen, latency), ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _progress(show: bool):
+    if not show:
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+def _eval_bench(
+    model, processor, method: EvalMethod, path: Path, bench_dir: Path, config, batch_size, max_new_tokens, resume,
+    limit, progress,
+) -> dict[str, Any]:  # fmt: skip
+    reader = _reader_for(path)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = bench_dir / "samples.jsonl"
+    if resume:
+        _drop_torn_tail(samples_path)
+        done = {r["id"] for r in read_samples_jsonl(samples_path)}
+    else:
+        samples_path.unlink(missing_ok=True)
+        done = set()
+    _check_run_config(bench_dir / "run.json", config, resume, bool(done))
+
+    total = _estimate_total(path)
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    task = progress.add_task(path.stem, total=total) if progress is not None else None
+
+    samples, report = reader(path)
+    selected: list[str] = []
+    seen: set[str] = set()
+    duplicates = 0
+    batch: list[dict[str, Any]] = []
+    with open(samples_path, "a", encoding="utf-8") as f:
+
+        def flush() -> None:
+            if batch:
+                _run_batch(model, processor, method, batch, max_new_tokens, f)
+                if progress is not None:
+                    progress.advance(task, len(batch))
+                batch.clear()
+
+        for sample in samples:
+            if limit is not None and len(selected) >= limit:
+                break
+            sid = str(sample["id"])
+            if sid in seen:
+                duplicates += 1
+                continue
+            seen.add(sid)
+            selected.append(sid)
+            if sid in done:
+                if progress is not None:
+                    progress.advance(task)
+                continue
+            if batch and (batch[0].get("image") is None) != (sample.get("image") is None):
+                flush()  # image and text-only samples are not batched together
+            batch.append(sample)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+
+    by_id = {r["id"]: r for r in read_samples_jsonl(samples_path)}
+    records = [by_id[sid] for sid in selected if sid in by_id]
+    summary = {
+        "bench": str(path),
+        "samples": str(samples_path),
+        **summarize_records(records),
+        "skipped": _report_dict(report),
+        "reader_complete": limit is None,
+        "duplicate_ids": duplicates,
+    }
+    (bench_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return summary
+
+
+def run_eval(
+    model: Any,
+    method: str | EvalMethod,
+    benches: Sequence[Path],
+    out: Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    resume: bool = True,
+    limit: int | None = None,
+    *,
+    processor: Any = None,
+    model_name: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``method`` with ``model`` on each benchmark file; write per-sample JSONL and summaries.
+
+    Args:
+        model: an alias, Hub id or local directory (loaded with ``latent_core.load_model`` / ``load_processor``),
+            or a loaded model (then ``processor`` is required).
+        method: a registered method name (see :func:`latent_apps.eval.methods.get_method`) or a method object.
+        benches: benchmark files; the reader is chosen by suffix (:data:`READERS`). File stems must differ.
+        out: output directory; ``out/<bench stem>/samples.jsonl`` and the summaries go there.
+        batch_size: samples per ``method`` call.
+        max_new_tokens: generation budget per sample.
+        resume: skip ids already in ``samples.jsonl``; ``False`` starts each benchmark afresh.
+        limit: evaluate only the first ``limit`` distinct samples of each file.
+        processor: the processor of a loaded ``model``.
+        model_name: the name recorded in the summary (default: the alias/path, or ``model.name_or_path``).
+        method_options: keyword options for the method's factory (only with a method name).
+        show_progress: draw a rich progress bar.
+
+    Returns:
+        The summary written to ``out/summary.json``: run settings and versions, and ``benches`` (bench stem ->
+        its summary).
+    """
+    import torch
+    import transformers
+
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
+        raise ValueError("batch_size and max_new_tokens must be >= 1 and limit >= 0")
+    benches = [Path(b) for b in benches]
+    stems = [b.stem for b in benches]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"benchmark files must have different names (outputs go to out/<name>): {stems}")
+    for bench in benches:
+        _reader_for(bench)
+        if not bench.is_file():
+            raise FileNotFoundError(f"benchmark file {bench} does not exist")
+    method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+    method_obj = get_method(method, **(method_options or {})) if isinstance(method, str) else method
+    if isinstance(model, str | Path):
+        from latent_core import load_model, load_processor
+
+        model_name = model_name or str(model)
+        processor = processor or load_processor(str(model))
+        model = load_model(str(model))
+        if torch.cuda.is_available():
+            model = model.to("cuda", dtype=torch.bfloat16)
+    elif processor is None:
+        raise ValueError("run_eval was given a loaded model without its processor: pass processor=...")
+    model.eval()
+    model_name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model": model_name, "method": method_name, "method_options": method_options or {}}
+    config["max_new_tokens"] = max_new_tokens
+    summary: dict[str, Any] = {
+        **config,
+        "batch_size": batch_size,
+        "limit": limit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": _device_name(model),
+        "dtype": str(getattr(model, "dtype", "")),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "benches": {},
+    }
+    summary_path = out / "summary.json"
+    if summary_path.exists():  # keep benchmarks of earlier runs of the same configuration
+        old = json.loads(summary_path.read_text(encoding="utf-8"))
+        if all(old.get(k) == v for k, v in config.items()):
+            summary["benches"].update(old.get("benches", {}))
+    with _progress(show_progress) as progress:
+        for bench in benches:
+            summary["benches"][bench.stem] = _eval_bench(
+                model, processor, method_obj, bench, out / bench.stem, config, batch_size, max_new_tokens, resume,
+                limit, progress,
+            )  # fmt: skip
+    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_summary_markdown(summary, out / "summary.md")
+    return summary
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="Model alias (e.g. qwen2.5-vl-3b), Hub id or local checkpoint directory.")],
+    bench: Annotated[
+        list[Path], typer.Option("--bench", help="Benchmark file, VLMEvalKit .tsv (repeat --bench for several).")
+    ],
+    method: Annotated[str, typer.Option(help="Evaluation method (registered name), e.g. plain.")] = "plain",
+    out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
+        "runs/eval"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per generate call.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per sample (greedy).")] = 64,
+    limit: Annotated[int | None, typer.Option(min=0, help="Only the first N samples of each benchmark.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Skip samples already in samples.jsonl (default).")
+    ] = True,
+) -> None:
+    """Evaluate a method on benchmark files: greedy decoding, answer extraction, per-sample JSONL (resumable)
+    and summary.json / summary.md with accuracy, generated tokens and latency per benchmark."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from latent_apps.eval.methods import UnknownMethodError
+
+    try:
+        get_method(method)
+    except UnknownMethodError as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from None
+    try:
+        summary = run_eval(model, method, bench, out, batch_size, max_new_tokens, resume, limit)
+    except (ValueError, OSError) as err:  # bad alias/checkpoint/file, model not available, resume mismatch
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={max_new_tokens})")
+    for column in ("bench", "n", "accuracy %", "gen tok", "gen tok (correct)", "latent steps", "latency s", "tok/s"):
+        table.add_column(column, justify="left" if column == "bench" else "right")
+    for name, b in summary["benches"].items():
+        accuracy = None if b["accuracy"] is None else 100 * b["accuracy"]
+        table.add_row(
+            name,
+            str(b["n"]),
+            _fmt(accuracy, ".1f"),
+            _fmt(b["mean_generated_tokens"], ".1f"),
+            _fmt(b["mean_generated_tokens_correct"], ".1f"),
+            _fmt(b["mean_latent_steps"], ".1f"),
+            _fmt(b["mean_latency_s"], ".3f"),
+            _fmt(b["tokens_per_s"], ".1f"),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"summary: {out / 'summary.json'}")
