@@ -49,6 +49,10 @@ def test_demo_runs_every_family(tmp_path):
     assert llava["prompt_tokens"] > 256
     for family in TINY_FAMILIES:
         assert family in result.output
+    heima = summary["heima"]
+    assert heima["stages"] == ["0", "1", "2", "3", "recover"] and heima["records"] == 3
+    assert heima["skipped"]["missing_stage:summary"] == 1  # the fixture's sample without a SUMMARY stage
+    assert heima["generated_tokens"] > 0 and heima["captured_states"] == heima["thinking_tokens"]
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

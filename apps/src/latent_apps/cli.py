@@ -22,9 +22,11 @@ def demo(
     ] = None,
     out: Annotated[Path, typer.Option(help="Where summary.json is written.")] = Path("runs/demo"),
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length.")] = 16,
+    heima: Annotated[bool, typer.Option(help="Also run Heima end to end on the fixtures (tiny mllama).")] = True,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
-    the demo image and question. Prints a table and writes summary.json."""
+    the demo image and question; then Heima end to end on the fixtures (prepare, stages 0-3 and recover for a few
+    steps each, generate with hidden-state capture). Prints tables and writes summary.json."""
     from latent_core.testing import TINY_FAMILIES
     from rich.console import Console
     from rich.progress import track
@@ -62,8 +64,31 @@ def demo(
         )
     console = Console(width=max(Console().width, 110))
     console.print(table)
-    path = write_summary(records, out, seconds)
-    console.print(f"{len(records)} families in {seconds:.1f} s; summary: {path}")
+    extra = {}
+    if heima:
+        import tempfile
+
+        from latent_apps.demo import run_heima
+
+        with tempfile.TemporaryDirectory(prefix="latent-demo-heima-") as work:
+            extra["heima"] = run_heima(Path(work))
+        h = extra["heima"]
+        table = Table(title="heima on data/fixtures/llava_cot (tiny mllama)")
+        for column in ("records", "stages", "last losses", "train s", "generated tok", "thinking tok", "states"):
+            table.add_column(column)
+        table.add_row(
+            str(h["records"]),
+            " -> ".join(h["stages"]),
+            " ".join(f"{v:.2f}" for v in h["final_losses"].values()),
+            f"{h['train_seconds']:.1f}",
+            str(h["generated_tokens"]),
+            str(h["thinking_tokens"]),
+            str(h["captured_states"]),
+        )
+        console.print(table)
+    seconds = time.perf_counter() - start
+    path = write_summary(records, out, seconds, extra)
+    console.print(f"{len(records)} families{' + heima' if heima else ''} in {seconds:.1f} s; summary: {path}")
 
 
 @app.command("make-shapes")

@@ -8,6 +8,8 @@ greedy ``generate``, and report parameters, tokens and milliseconds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 import time
@@ -119,9 +121,70 @@ def run_family(family: str, image: Image.Image, question: str, max_new_tokens: i
     )
 
 
-def write_summary(records: list[DemoRecord], out_dir: Path, seconds: float) -> Path:
+def write_summary(records: list[DemoRecord], out_dir: Path, seconds: float, extra: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.json"
     summary = {"command": "demo", "seconds": round(seconds, 2), "families": [asdict(r) for r in records]}
+    summary.update(extra or {})
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+def run_heima(work: Path, steps: int = 2, max_new_tokens: int = 24) -> dict:
+    """Heima end to end on the LLaVA-CoT fixtures with the tiny mllama: prepare, the progressive stages 0..3 and
+    the recovering stage (``steps`` optimizer steps each, each stage starting from the previous one), then
+    greedy generation with the thinking tokens' hidden states captured on the KV cache."""
+    from heima.config import HeimaConfig
+    from heima.data import prepare
+    from heima.generate import generate, load_for_inference
+    from heima.trainer import train_stage
+    from latent_core.testing import tiny_model
+
+    fixtures = find_demo_data().parents[1] / "fixtures" / "llava_cot"
+    start = time.perf_counter()
+    base = work / "tiny-mllama"
+    model, processor = tiny_model("mllama")
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    dataset, report = prepare(fixtures / "train.jsonl", fixtures, work / "prepared", progress=False)
+    config = HeimaConfig(
+        output_dir=str(work / "run"),
+        model=str(base),
+        run_dir=str(work / "run"),
+        prepared=str(work / "prepared"),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        recover_batch_size=2,
+        learning_rate=1e-3,
+        recover_learning_rate=1e-3,
+        warmup_steps=0,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    stages: list[int | str] = [0, 1, 2, 3, "recover"]
+    losses = {}
+    for stage in stages:
+        with contextlib.redirect_stdout(io.StringIO()):  # HF prints every log line when its progress bar is off
+            out = train_stage(config, stage)
+        summary = json.loads((out / "heima_train.json").read_text())
+        losses[str(stage)] = summary["last_loss"]
+    train_seconds = time.perf_counter() - start
+    model, processor = load_for_inference(work / "run" / "recover")
+    image_path = find_demo_data().parent / "shapes.png"
+    samples = [{"id": "demo", "question": "How many red circles are there?", "image": image_path}]
+    records = generate(model, processor, samples, max_new_tokens=max_new_tokens, capture=True)
+    record = records[0]
+    return {
+        "records": len(dataset),
+        "skipped": dict(report.skipped),
+        "stages": [str(s) for s in stages],
+        "final_losses": losses,
+        "train_seconds": round(train_seconds, 2),
+        "generated_tokens": record["generated_tokens"],
+        "reasoning_tokens": record["reasoning_tokens"],
+        "thinking_tokens": record["thinking_tokens"],
+        "captured_states": len(record.get("hidden_states", [])),
+        "latency_s": round(record["latency_s"], 4),
+    }

@@ -224,3 +224,6 @@ class PlainMethod:
 
 
 register_method("plain", PlainMethod)
+
+# Method adapters of the method packages register themselves on import.
+from latent_apps.eval import heima_method  # noqa: E402, F401  (registers "heima")

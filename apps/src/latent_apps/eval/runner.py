@@ -404,11 +404,15 @@ def run_eval(
     method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
     method_obj = get_method(method, **(method_options or {})) if isinstance(method, str) else method
     if isinstance(model, str | Path):
-        from latent_core import load_model, load_processor
-
         model_name = model_name or str(model)
-        processor = processor or load_processor(str(model))
-        model = load_model(str(model))
+        loader = getattr(method_obj, "load", None)  # a method may know its own checkpoints (heima: stage dirs)
+        if callable(loader):
+            model, processor = loader(str(model))
+        else:
+            from latent_core import load_model, load_processor
+
+            processor = processor or load_processor(str(model))
+            model = load_model(str(model))
         if torch.cuda.is_available():
             model = model.to("cuda", dtype=torch.bfloat16)
     elif processor is None:

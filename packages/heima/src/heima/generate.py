@@ -1,0 +1,495 @@
+"""Heima inference: load a trained stage, generate greedily, capture thinking-token hidden states, export.
+
+METHODS.md section 1, "Inference": greedy decoding (the authors sampled at T=0.6, which makes accuracy and token
+counts irreproducible); per sample the generated token count, the reasoning-token count (tokens before
+``<CONCLUSION>``), the answer and the latency; for the interpreters, the hidden state of every generated thinking
+token, recorded *while generating* with the KV cache on (only those rows are kept, nothing is re-run).
+
+Which hidden state is a choice (paper 000 section 3.3 vs. the authors' code): ``position="predictor"`` (default,
+as released) keeps the final-norm output at position t-1, the state that *predicts* the thinking token;
+``position="token"`` keeps the state at the thinking token itself (position t; the last generated token is never
+fed back and so has no such state).
+
+    >>> model, processor = load_for_inference("runs/heima/recover")
+    >>> records = generate(model, processor, [{"id": "1", "question": "...", "image": "a.png"}], capture=True)
+    >>> save_hidden_states(records, "runs/heima/hidden")     # safetensors shards + index.jsonl
+    >>> export("runs/heima/recover", "runs/heima/merged")     # standalone checkpoint (load_model / from_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import torch
+from PIL import Image
+
+__all__ = [
+    "CONCLUSION_TAG",
+    "HIDDEN_INDEX_NAME",
+    "HeimaGeneration",
+    "ThinkingState",
+    "count_tokens",
+    "export",
+    "generate",
+    "load_for_inference",
+    "load_hidden_states",
+    "save_hidden_states",
+    "thinking_token_ids",
+]
+
+CONCLUSION_TAG = "<CONCLUSION>"
+HIDDEN_INDEX_NAME = "index.jsonl"
+_THINKING = re.compile(r"<THINKING_OF_([A-Za-z]+)(?:_(\d+))?>")
+_CONCLUSION = re.compile(r"<CONCLUSION>(.*?)(?:</CONCLUSION>|$)", re.DOTALL)
+_EXPORT_INFO_NAME = "heima_export.json"
+
+
+class ThinkingState(TypedDict):
+    """The hidden state of one generated thinking token.
+
+    ``stage``: the stage the token stands for (``"summary"``...; ``None`` for a token not named
+    ``<THINKING_OF_...>``); ``token``: the token string; ``position``: index of the thinking token among the
+    generated tokens (0 = first new token); ``column``: the column of the recorded state in the padded output
+    (``position`` + prompt columns, minus 1 for ``"predictor"``); ``mode``: ``"predictor"`` or ``"token"``;
+    ``hidden``: ``[hidden_size]`` final-norm output (CPU).
+    """
+
+    stage: str | None
+    token: str
+    position: int
+    column: int
+    mode: str
+    hidden: torch.Tensor
+
+
+class HeimaGeneration(TypedDict, total=False):
+    """One sample's generation (a plain dict; see :func:`generate`)."""
+
+    id: str
+    question: str
+    text: str
+    generated_tokens: int
+    reasoning_tokens: int
+    thinking_tokens: int
+    answer: str
+    latency_s: float
+    token_ids: list[int]
+    hidden_states: list[ThinkingState]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens and counting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def thinking_token_ids(processor: Any) -> dict[str, int]:
+    """The thinking tokens the tokenizer knows (``<THINKING_OF_SUMMARY>``, ``<THINKING_OF_CAPTION_2>``, ...) -> id,
+    in id order."""
+    tokenizer = _tokenizer(processor)
+    found = {tok: int(i) for tok, i in tokenizer.get_added_vocab().items() if _THINKING.fullmatch(tok)}
+    return dict(sorted(found.items(), key=lambda item: item[1]))
+
+
+def _stage_of(token: str) -> str | None:
+    match = _THINKING.fullmatch(token)
+    return match.group(1).lower() if match else None
+
+
+def _eos_ids(model: Any, processor: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos])
+    ids.add(_tokenizer(processor).eos_token_id)
+    return {int(i) for i in ids if i is not None}
+
+
+def _first_token_reaching(tokenizer: Any, ids: list[int], char_index: int) -> int:
+    """Smallest k such that the decoded text of ``ids[: k + 1]`` extends past ``char_index`` (binary search)."""
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=False)) > char_index:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def count_tokens(ids: Sequence[int], tokenizer: Any, thinking_ids: Iterable[int], eos_ids: Iterable[int]) -> dict:
+    """Token counts of one sample's new tokens ``ids`` (anything after the first EOS is ignored).
+
+    Returns ``{"generated_tokens", "reasoning_tokens", "thinking_tokens", "kept"}``: tokens up to and including the
+    first EOS (all if none); tokens before the one where ``<CONCLUSION>`` starts (the tag is found in the decoded
+    text, so it may span several tokens or share one with what precedes it; without a conclusion every generated
+    token counts, EOS included); generated thinking-token ids; and the kept ids (``ids[:generated_tokens]``).
+    """
+    ids = [int(i) for i in ids]
+    eos = set(eos_ids)
+    n = next((k + 1 for k, token in enumerate(ids) if token in eos), len(ids))
+    kept = ids[:n]
+    thinking = set(thinking_ids)
+    body = kept[:-1] if kept and kept[-1] in eos else kept
+    text = tokenizer.decode(body, skip_special_tokens=False) if body else ""
+    start = text.find(CONCLUSION_TAG)
+    reasoning = n if start < 0 else _first_token_reaching(tokenizer, body, start)
+    return {
+        "generated_tokens": n,
+        "reasoning_tokens": reasoning,
+        "thinking_tokens": sum(token in thinking for token in kept),
+        "kept": kept,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _load_extras(peft_model: Any, stage_dir: Path, token_ids: list[int]) -> list[str]:
+    """Load ``extra_modules.safetensors`` (keys named in the trainer's model, e.g. ``backbone.base_model...``)."""
+    from latent_core.trainable_rows import TRAINABLE_ROWS_NAME, attach_trainable_rows
+    from latent_core.trainer import EXTRA_MODULES_NAME, StageError
+    from safetensors.torch import load_file
+
+    path = stage_dir / EXTRA_MODULES_NAME
+    if not path.is_file():
+        return []
+    saved = load_file(str(path))
+    if any(f"{TRAINABLE_ROWS_NAME}." in key for key in saved):
+        attach_trainable_rows(peft_model, token_ids)
+    params = dict(peft_model.named_parameters())
+    loaded = []
+    for key, value in saved.items():
+        names = [name for name in params if key == name or key.endswith("." + name) or name.endswith("." + key)]
+        if len(names) != 1:
+            raise StageError(
+                f"{path}: cannot place {key!r} in the inference model ({'no' if not names else 'several'} matching "
+                "parameters); Heima inference knows the LoRA adapter and trainable token rows only"
+            )
+        param = params[names[0]]
+        if param.shape != value.shape:
+            raise StageError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        loaded.append(key)
+    return sorted(loaded)
+
+
+def load_for_inference(
+    stage_dir: str | Path,
+    base_model: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """Load a Heima stage output (or an exported checkpoint) for generation: ``(model, processor)``, eval mode.
+
+    A stage directory (``adapter_config.json`` + ``latent_stage.json`` + saved processor, as
+    :class:`latent_core.LatentTrainer` writes it): the processor saved there (it has the thinking tokens), the base
+    model (``base_model`` if given, an alias or path, else the adapter's ``base_model_name_or_path``, else
+    ``latent_stage.json``'s ``base_model``), the thinking tokens added with the tokenizer's ids, the adapter
+    (``PeftModel.from_pretrained``, new-token rows included) and the extra modules (``TrainableRows``) if any.
+    A directory with ``config.json`` and no adapter is an exported checkpoint and loads with ``load_model``.
+
+    Args:
+        stage_dir: the stage output or exported checkpoint directory.
+        base_model: the base model (alias, Hub id or path) to put the adapter on; default: the one it was trained on.
+        dtype: load the base model in this dtype (default: the checkpoint's).
+        device: move the model there (default: CUDA when available, else CPU).
+
+    Raises:
+        FileNotFoundError: ``stage_dir`` is neither a stage output nor a checkpoint.
+        latent_core.StageError: the adapter or extra modules do not fit the base model.
+    """
+    from latent_core.hub import load_model, load_processor
+    from latent_core.tokens import add_special_tokens
+    from latent_core.trainer import StageError, stage_info
+    from peft import PeftModel
+
+    stage_dir = Path(stage_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if not (stage_dir / "adapter_config.json").is_file():
+        if not (stage_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{stage_dir} is neither a Heima stage output (no adapter_config.json) nor an exported checkpoint "
+                "(no config.json): pass the directory train_stage or export wrote"
+            )
+        model = load_model(str(stage_dir), **kwargs)
+        return model.to(device).eval(), load_processor(str(stage_dir))
+
+    processor = load_processor(str(stage_dir))
+    info = stage_info(stage_dir)
+    adapter_config = json.loads((stage_dir / "adapter_config.json").read_text())
+    base = base_model or adapter_config.get("base_model_name_or_path") or info.get("base_model") or info.get("base")
+    if not base:
+        raise StageError(f"{stage_dir}: the adapter names no base model; pass base_model=<alias or path>")
+    tokens = list(info.get("tokens") or thinking_token_ids(processor))
+    model = load_model(str(base), **kwargs)
+    if tokens:
+        ids = add_special_tokens(model, processor, tokens)  # the tokenizer has them: same ids, rows for the model
+    else:
+        ids = []
+    rows = model.get_input_embeddings().weight.shape[0]
+    if info.get("embedding_rows") and info["embedding_rows"] != rows:
+        raise StageError(
+            f"{stage_dir} was trained with {info['embedding_rows']} embedding rows; {base} with the tokens "
+            f"{tokens} has {rows}: is this the right base model?"
+        )
+    try:
+        model = PeftModel.from_pretrained(model, str(stage_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise StageError(f"the adapter in {stage_dir} does not fit {base}: {err}") from err
+    _load_extras(model, stage_dir, ids)
+    return model.to(device).eval(), processor
+
+
+def export(
+    stage_dir: str | Path, out_dir: str | Path, base_model: str | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Merge a stage output into a standalone checkpoint (``latent_core.lora.export_merged``): weights with LoRA and
+    the thinking-token rows folded in, plus the processor with the thinking tokens. It loads with
+    ``latent_core.load_model`` or plain ``from_pretrained`` (no PEFT needed) and generates the same tokens.
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    from latent_core.lora import export_merged
+    from latent_core.trainer import stage_info
+
+    model, processor = load_for_inference(stage_dir, base_model, device="cpu")
+    out = export_merged(model, processor, out_dir, dtype, copy_model=False)
+    info = {"source": str(stage_dir), "tokens": list(thinking_token_ids(processor)), "stage": stage_info(stage_dir)}
+    (out / _EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _image(sample: dict[str, Any], image_root: Path | None) -> Image.Image | None:
+    image = sample.get("image")
+    if image is None or isinstance(image, Image.Image):
+        return image.convert("RGB") if image is not None else None
+    path = Path(image)
+    root = image_root or (Path(sample["images_root"]) if sample.get("images_root") else None)
+    if root is not None and not path.is_absolute():
+        path = root / path
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"sample {sample.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
+
+
+def _prompt_inputs(processor: Any, samples: Sequence[dict[str, Any]], image_root: Path | None) -> Any:
+    """Left-padded inputs: one user turn (image + question) in the chat template, as the training collator builds
+    it (``latent_core.collate.SupervisedCollator``), with the generation prompt."""
+    tokenizer = _tokenizer(processor)
+    images = [_image(s, image_root) for s in samples]
+    if any(i is None for i in images) and not all(i is None for i in images):
+        raise ValueError("a batch mixes samples with and without images; generate them separately")
+    texts = []
+    for sample, image in zip(samples, images, strict=True):
+        question = str(sample["question"])
+        content: Any = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
+        messages = [{"role": "user", "content": content}]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        if images[0] is None:
+            return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if "Mllama" in type(processor).__name__:
+            images = [[i] for i in images]
+        return processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    samples: Sequence[dict[str, Any]],
+    max_new_tokens: int = 256,
+    capture: bool = False,
+    position: Literal["predictor", "token"] = "predictor",
+    batch_size: int = 8,
+    *,
+    image_root: str | Path | None = None,
+) -> list[HeimaGeneration]:
+    """Greedy, batched (left-padded) generation with token accounting and optional thinking-state capture.
+
+    Args:
+        model: a Heima model (:func:`load_for_inference`, a PEFT model from training, or an exported checkpoint).
+        processor: its processor (with the thinking tokens).
+        samples: ``{"id", "question", "image"}`` dicts; ``image`` a path (relative to ``image_root`` or the sample's
+            ``images_root``), a PIL image or ``None``.
+        max_new_tokens: generation budget per sample.
+        capture: record the hidden state (final-norm output) of every generated thinking token during generation
+            (``latent_core.capture`` hooks on the KV-cached decoding; nothing is re-run).
+        position: ``"predictor"`` (state at t-1 that predicts the thinking token; the authors' choice, default) or
+            ``"token"`` (state at the thinking token t).
+        batch_size: samples per ``generate`` call.
+        image_root: directory for relative image paths.
+
+    Returns:
+        One dict per sample, in order: ``id``, ``question``, ``text`` (new tokens up to EOS, thinking tokens shown,
+        EOS and padding not), ``generated_tokens`` (up to and including EOS), ``reasoning_tokens`` (before the token
+        where ``<CONCLUSION>`` starts; all generated tokens when there is none), ``thinking_tokens`` (thinking ids
+        generated), ``answer`` (the conclusion text, stripped; the whole text without special tokens when there is
+        no conclusion), ``latency_s`` (batch wall time / batch size), ``token_ids`` (the kept new ids) and, with
+        ``capture``, ``hidden_states``: a list of :class:`ThinkingState`.
+    """
+    from latent_core.capture import capture_hidden_states, select_predictors, select_tokens
+
+    if position not in ("predictor", "token"):
+        raise ValueError(
+            f"position must be 'predictor' (state at t-1, default) or 'token' (state at t), got {position!r}"
+        )
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    tokenizer = _tokenizer(processor)
+    thinking = thinking_token_ids(processor)
+    by_id = {i: tok for tok, i in thinking.items()}
+    if capture and not thinking:
+        raise ValueError(
+            "capture=True needs thinking tokens (<THINKING_OF_...>) in the tokenizer; this processor has none: "
+            "load a Heima stage with load_for_inference"
+        )
+    eos = _eos_ids(model, processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    root = Path(image_root) if image_root is not None else None
+    device = next(model.parameters()).device
+    results: list[HeimaGeneration] = []
+    for start in range(0, len(samples), batch_size):
+        batch = list(samples[start : start + batch_size])
+        began = time.perf_counter()
+        inputs = _prompt_inputs(processor, batch, root).to(device)
+        prompt_len = inputs["input_ids"].shape[1]
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+        with torch.inference_mode():
+            if capture:
+                select = select_predictors if position == "predictor" else select_tokens
+                with capture_hidden_states(model, select(list(thinking.values())), device="cpu") as recorder:
+                    out = model.generate(**inputs, **gen_kwargs)
+                    recorder.finalize(out)
+            else:
+                out = model.generate(**inputs, **gen_kwargs)
+        latency = (time.perf_counter() - began) / len(batch)
+        new = out[:, prompt_len:].cpu()
+        for b, sample in enumerate(batch):
+            counts = count_tokens(new[b].tolist(), tokenizer, thinking.values(), eos)
+            kept = counts.pop("kept")
+            shown = [i for i in kept if i not in eos and i != pad]
+            text = tokenizer.decode(shown, skip_special_tokens=False).strip()
+            match = _CONCLUSION.search(text)
+            answer = match.group(1).strip() if match else tokenizer.decode(shown, skip_special_tokens=True).strip()
+            record: HeimaGeneration = {
+                "id": str(sample.get("id", start + b)),
+                "question": str(sample.get("question", "")),
+                "text": text,
+                **counts,
+                "answer": answer,
+                "latency_s": latency,
+                "token_ids": kept,
+            }
+            if capture:
+                record["hidden_states"] = _states(recorder, b, prompt_len, len(kept), position, by_id)
+            results.append(record)
+    return results
+
+
+def _states(recorder: Any, b: int, prompt_len: int, n_kept: int, mode: str, by_id: dict[int, str]) -> list:
+    """The recorded thinking states of batch row ``b`` (generated thinking tokens before EOS only)."""
+    shift = 1 if mode == "predictor" else 0
+    states = []
+    for row, column, token_id in zip(recorder.states[b], recorder.positions[b], recorder.token_ids[b], strict=True):
+        index = column + shift - prompt_len  # index of the thinking token among the new tokens
+        if not 0 <= index < n_kept:
+            continue  # a thinking token inside the prompt (token mode), never one of ours to report
+        token = by_id[int(token_id)]
+        states.append(
+            ThinkingState(stage=_stage_of(token), token=token, position=index, column=column, mode=mode, hidden=row)
+        )
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hidden states on disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_hidden_states(records: Sequence[HeimaGeneration], out_dir: str | Path, shard_bytes: int = 1 << 30) -> Path:
+    """Write the captured thinking states of ``records`` (from ``generate(capture=True)``) for the interpreters.
+
+    ``out_dir/hidden-00000.safetensors``, ... (shards of at most ``shard_bytes``; keys ``h00000000``...) and
+    ``out_dir/index.jsonl``: one line per state, ``{"id", "stage", "token", "position", "mode", "question",
+    "file", "key"}``, in record order. Returns the index path.
+
+    Raises:
+        ValueError: a record has no ``hidden_states`` (generated without ``capture=True``).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, shard, size, n_shards = [], {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n_shards
+        if shard:
+            save_file(shard, str(out / f"hidden-{n_shards:05d}.safetensors"), metadata={"format": "pt"})
+            shard, size, n_shards = {}, 0, n_shards + 1
+
+    for record in records:
+        if "hidden_states" not in record:
+            raise ValueError(f"record {record.get('id')!r} has no hidden_states: generate with capture=True")
+        for state in record["hidden_states"]:
+            tensor = state["hidden"].detach().to("cpu").contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > shard_bytes:
+                flush()
+            key = f"h{len(lines):08d}"
+            shard[key] = tensor
+            size += nbytes
+            lines.append(
+                {
+                    "id": record["id"],
+                    "stage": state["stage"],
+                    "token": state["token"],
+                    "position": state["position"],
+                    "mode": state["mode"],
+                    "question": record.get("question", ""),
+                    "file": f"hidden-{n_shards:05d}.safetensors",
+                    "key": key,
+                }
+            )
+    flush()
+    index = out / HIDDEN_INDEX_NAME
+    index.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return index
+
+
+def load_hidden_states(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Read what :func:`save_hidden_states` wrote: the index lines, each with its tensor under ``"hidden"``."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    lines = [json.loads(line) for line in (out / HIDDEN_INDEX_NAME).read_text(encoding="utf-8").splitlines() if line]
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for line in lines:
+        if line["file"] not in shards:
+            shards[line["file"]] = load_file(str(out / line["file"]))
+        line["hidden"] = shards[line["file"]][line["key"]]
+    return lines
