@@ -23,7 +23,9 @@ app = method_app("heima", heima.__doc__)
 def prepare(
     data: Annotated[Path, typer.Option(help="LLaVA-CoT-100k JSONL (train.jsonl) or JSON list.")],
     images: Annotated[Path, typer.Option(help="Image root the records' `image` paths are relative to.")],
-    out: Annotated[Path, typer.Option(help="Output directory (a datasets dataset + heima_prepare.json).")],
+    out: Annotated[Path, typer.Option(help="Output directory (a datasets dataset + heima_prepare.json).")] = Path(
+        "data/heima"
+    ),
     tokens_per_stage: Annotated[int, typer.Option(min=1, help="Thinking tokens per stage (ablation: 1..32).")] = 1,
     retention_ratio: Annotated[
         float | None, typer.Option(help="n_k = max(1, floor(ratio * len(tokens(CoT_k)))) per stage; needs --model.")
@@ -60,7 +62,7 @@ def prepare(
 @app.command()
 def train(
     stage: Annotated[str, typer.Option(help="0 (plain CoT), 1..K (first N stages replaced) or recover.")],
-    prepared: Annotated[Path, typer.Option(help="Output of `heima prepare`.")],
+    prepared: Annotated[Path, typer.Option(help="Output of `heima prepare`.")] = Path("data/heima"),
     model: Annotated[str, typer.Option(help="Base model: alias or path.")] = "llava-cot-11b",
     run_dir: Annotated[Path, typer.Option(help="Stages are written (and chained) here.")] = Path("runs/heima"),
     one_shot: Annotated[bool, typer.Option(help="The 'w/o progressive' ablation: straight to all replaced.")] = False,
