@@ -53,6 +53,11 @@ def test_demo_runs_every_family(tmp_path):
     assert heima["stages"] == ["0", "1", "2", "3", "recover"] and heima["records"] == 3
     assert heima["skipped"]["missing_stage:summary"] == 1  # the fixture's sample without a SUMMARY stage
     assert heima["generated_tokens"] > 0 and heima["captured_states"] == heima["thinking_tokens"]
+    interp = heima["interpreters"]
+    assert interp["states"] == 9  # 3 records x 3 thinking tokens, captured teacher-forced
+    assert set(interp["scores"]) == {"summary", "caption", "reasoning"}
+    for conditions in interp["scores"].values():
+        assert set(conditions) == {"real", "zero", "shuffled"}
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

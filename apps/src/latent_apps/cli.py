@@ -86,6 +86,14 @@ def demo(
             str(h["captured_states"]),
         )
         console.print(table)
+        interp = h["interpreters"]
+        table = Table(title="interpreters on the tiny Heima's thinking tokens (unified tiny interpreter)")
+        for column in ("stage", "condition", *interp["metrics"]):
+            table.add_column(column)
+        for stage, conditions in interp["scores"].items():
+            for condition, values in conditions.items():
+                table.add_row(stage, condition, *(f"{values.get(m, float('nan')):.1f}" for m in interp["metrics"]))
+        console.print(table)
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
     console.print(f"{len(records)} families{' + heima' if heima else ''} in {seconds:.1f} s; summary: {path}")

@@ -176,7 +176,9 @@ def run_heima(work: Path, steps: int = 2, max_new_tokens: int = 24) -> dict:
     samples = [{"id": "demo", "question": "How many red circles are there?", "image": image_path}]
     records = generate(model, processor, samples, max_new_tokens=max_new_tokens, capture=True)
     record = records[0]
+    interpreters = run_interpreters(work, steps=60)
     return {
+        "interpreters": interpreters,
         "records": len(dataset),
         "skipped": dict(report.skipped),
         "stages": [str(s) for s in stages],
@@ -187,4 +189,54 @@ def run_heima(work: Path, steps: int = 2, max_new_tokens: int = 24) -> dict:
         "thinking_tokens": record["thinking_tokens"],
         "captured_states": len(record.get("hidden_states", [])),
         "latency_s": round(record["latency_s"], 4),
+    }
+
+
+def run_interpreters(work: Path, steps: int = 10) -> dict:
+    """The interpreter pipeline on the demo's tiny Heima (``work/run/recover``): capture the thinking tokens'
+    states teacher-forced on the prepared data, train one unified tiny interpreter (causal_lm) for ``steps``
+    steps, decode with the zero / shuffled controls, and score BLEU-4, ROUGE-L and (when WordNet is installed)
+    METEOR. BERTScore and the LLM judge are left to `interpreters score` (model download / API key)."""
+    from interpreters.capture import capture
+    from interpreters.config import InterpreterConfig
+    from interpreters.decode import decode
+    from interpreters.metrics import MeteorDataError, ensure_wordnet
+    from interpreters.score import score
+    from interpreters.trainer import train_interpreter
+    from latent_core.testing import tiny_model
+
+    start = time.perf_counter()
+    summary = capture(work / "run" / "recover", work / "prepared", work / "capture", show_progress=False)
+    base = work / "tiny-interpreter"
+    model, tokenizer = tiny_model("causal_lm")
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = InterpreterConfig(
+        output_dir=str(work / "interpreters"),
+        run_dir=str(work / "interpreters"),
+        model=str(base),
+        max_steps=steps,
+        learning_rate=3e-3,
+        warmup_steps=0,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        trained = train_interpreter(config, work / "capture", stage="all", unified=True)
+    decoded = decode(trained, work / "capture", work / "decoded", max_new_tokens=16, show_progress=False)
+    metrics = ["bleu", "rouge"]
+    try:
+        ensure_wordnet()
+        metrics.append("meteor")
+    except MeteorDataError:
+        pass
+    result = score(decoded, work / "scores", metrics=tuple(metrics))
+    return {
+        "states": summary.get("states"),
+        "metrics": metrics,
+        "scores": result["scores"],
+        "gap": result["gap"],
+        "seconds": round(time.perf_counter() - start, 2),
     }

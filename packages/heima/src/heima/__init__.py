@@ -7,6 +7,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Functions named like their module (generate) are not re-exported: they would shadow the submodule.
+
 _EXPORTS: dict[str, str] = {
     "HeimaConfig": "config",
     "STAGES": "config",
@@ -19,7 +21,6 @@ _EXPORTS: dict[str, str] = {
     "prepare_model": "model",
     "train_stage": "trainer",
     "export": "generate",
-    "generate": "generate",
     "load_for_inference": "generate",
     "load_hidden_states": "generate",
     "save_hidden_states": "generate",

@@ -153,36 +153,6 @@ def count_tokens(ids: Sequence[int], tokenizer: Any, thinking_ids: Iterable[int]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_extras(peft_model: Any, stage_dir: Path, token_ids: list[int]) -> list[str]:
-    """Load ``extra_modules.safetensors`` (keys named in the trainer's model, e.g. ``backbone.base_model...``)."""
-    from latent_core.trainable_rows import TRAINABLE_ROWS_NAME, attach_trainable_rows
-    from latent_core.trainer import EXTRA_MODULES_NAME, StageError
-    from safetensors.torch import load_file
-
-    path = stage_dir / EXTRA_MODULES_NAME
-    if not path.is_file():
-        return []
-    saved = load_file(str(path))
-    if any(f"{TRAINABLE_ROWS_NAME}." in key for key in saved):
-        attach_trainable_rows(peft_model, token_ids)
-    params = dict(peft_model.named_parameters())
-    loaded = []
-    for key, value in saved.items():
-        names = [name for name in params if key == name or key.endswith("." + name) or name.endswith("." + key)]
-        if len(names) != 1:
-            raise StageError(
-                f"{path}: cannot place {key!r} in the inference model ({'no' if not names else 'several'} matching "
-                "parameters); Heima inference knows the LoRA adapter and trainable token rows only"
-            )
-        param = params[names[0]]
-        if param.shape != value.shape:
-            raise StageError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        loaded.append(key)
-    return sorted(loaded)
-
-
 def load_for_inference(
     stage_dir: str | Path,
     base_model: str | None = None,
@@ -192,12 +162,13 @@ def load_for_inference(
 ) -> tuple[Any, Any]:
     """Load a Heima stage output (or an exported checkpoint) for generation: ``(model, processor)``, eval mode.
 
-    A stage directory (``adapter_config.json`` + ``latent_stage.json`` + saved processor, as
-    :class:`latent_core.LatentTrainer` writes it): the processor saved there (it has the thinking tokens), the base
-    model (``base_model`` if given, an alias or path, else the adapter's ``base_model_name_or_path``, else
-    ``latent_stage.json``'s ``base_model``), the thinking tokens added with the tokenizer's ids, the adapter
-    (``PeftModel.from_pretrained``, new-token rows included) and the extra modules (``TrainableRows``) if any.
-    A directory with ``config.json`` and no adapter is an exported checkpoint and loads with ``load_model``.
+    :func:`latent_core.inference.load_trained` with Heima's thinking tokens: those of ``latent_stage.json``, else
+    the ``<THINKING_OF_...>`` tokens the saved tokenizer knows. A stage directory (``adapter_config.json`` +
+    ``latent_stage.json`` + saved processor, as :class:`latent_core.LatentTrainer` writes it): the processor saved
+    there, the base model (``base_model`` if given, else the adapter's ``base_model_name_or_path``, else
+    ``latent_stage.json``'s ``base_model``), the thinking tokens added with the tokenizer's ids, the adapter and the
+    extra modules (``TrainableRows``) if any. A directory with ``config.json`` and no adapter is an exported
+    checkpoint and loads with ``load_model``.
 
     Args:
         stage_dir: the stage output or exported checkpoint directory.
@@ -209,47 +180,11 @@ def load_for_inference(
         FileNotFoundError: ``stage_dir`` is neither a stage output nor a checkpoint.
         latent_core.StageError: the adapter or extra modules do not fit the base model.
     """
-    from latent_core.hub import load_model, load_processor
-    from latent_core.tokens import add_special_tokens
-    from latent_core.trainer import StageError, stage_info
-    from peft import PeftModel
+    from latent_core.inference import load_trained
 
-    stage_dir = Path(stage_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if not (stage_dir / "adapter_config.json").is_file():
-        if not (stage_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{stage_dir} is neither a Heima stage output (no adapter_config.json) nor an exported checkpoint "
-                "(no config.json): pass the directory train_stage or export wrote"
-            )
-        model = load_model(str(stage_dir), **kwargs)
-        return model.to(device).eval(), load_processor(str(stage_dir))
-
-    processor = load_processor(str(stage_dir))
-    info = stage_info(stage_dir)
-    adapter_config = json.loads((stage_dir / "adapter_config.json").read_text())
-    base = base_model or adapter_config.get("base_model_name_or_path") or info.get("base_model") or info.get("base")
-    if not base:
-        raise StageError(f"{stage_dir}: the adapter names no base model; pass base_model=<alias or path>")
-    tokens = list(info.get("tokens") or thinking_token_ids(processor))
-    model = load_model(str(base), **kwargs)
-    if tokens:
-        ids = add_special_tokens(model, processor, tokens)  # the tokenizer has them: same ids, rows for the model
-    else:
-        ids = []
-    rows = model.get_input_embeddings().weight.shape[0]
-    if info.get("embedding_rows") and info["embedding_rows"] != rows:
-        raise StageError(
-            f"{stage_dir} was trained with {info['embedding_rows']} embedding rows; {base} with the tokens "
-            f"{tokens} has {rows}: is this the right base model?"
-        )
-    try:
-        model = PeftModel.from_pretrained(model, str(stage_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise StageError(f"the adapter in {stage_dir} does not fit {base}: {err}") from err
-    _load_extras(model, stage_dir, ids)
-    return model.to(device).eval(), processor
+    return load_trained(
+        stage_dir, base_model, dtype=dtype, device=device, default_tokens=lambda p: list(thinking_token_ids(p))
+    )
 
 
 def export(

@@ -92,6 +92,8 @@ _EXPORTS: dict[str, str] = {
     "read_reasoning": "readers",
     "read_visual_cot": "readers",
     "read_vlmevalkit_tsv": "readers",
+    # inference.py
+    "load_trained": "inference",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",

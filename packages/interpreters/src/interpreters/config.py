@@ -1,0 +1,116 @@
+"""The interpreters' configuration: training arguments with the paper's defaults (METHODS.md §1 "Interpreters").
+
+Every default cites its source: paper 000, section 3.3 and Table A3 (LoRA r=16 / alpha=32, lr 5e-4, batch 8,
+cosine schedule, 100 warm-up steps), as summarised in METHODS.md §1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from latent_core.trainer import LatentTrainingArguments
+
+__all__ = [
+    "CONDITIONS",
+    "DEFAULT_PLACEHOLDER",
+    "DEFAULT_TEMPLATE",
+    "PROJECTORS",
+    "STAGES",
+    "UNIFIED",
+    "InterpreterConfig",
+]
+
+STAGES: tuple[str, ...] = ("summary", "caption", "reasoning")
+"""Heima's CoT stages, one interpreter each (METHODS.md §1)."""
+
+UNIFIED = "unified"
+"""Output directory name of the one interpreter for all stages (Table A9 ablation)."""
+
+DEFAULT_PLACEHOLDER = "<THOUGHT>"
+"""The added token whose input embedding is replaced by the (projected) hidden state."""
+
+DEFAULT_TEMPLATE = "According to question: {question}, can you explain the thinking progress {placeholder}?"
+"""The explanatory prompt of paper 000 section 3.3 (METHODS.md §1); ``{question}`` and ``{placeholder}`` are filled."""
+
+PROJECTORS: tuple[str, ...] = ("auto", "identity", "linear", "mlp")
+"""Projector kinds: ``auto`` = identity when the hidden sizes match, else ``linear``."""
+
+CONDITIONS: tuple[str, ...] = ("real", "zero", "shuffled")
+"""What the interpreter is fed: the real hidden state, a zero vector, or another sample's state (the control)."""
+
+
+def _bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class InterpreterConfig(LatentTrainingArguments):
+    """Training arguments of an interpreter (METHODS.md §1 "Interpreters", paper 000 Table A3 defaults).
+
+    ``output_dir`` defaults to ``run_dir``; :func:`interpreters.trainer.train_interpreter` points it at
+    ``run_dir/<stage>`` (or ``run_dir/unified``). ``bf16`` defaults to ``None`` = on when CUDA supports it.
+    """
+
+    # ------------------------------------------------------------------------------ the interpreters' own fields
+    model: str = field(
+        default="llama-3.1-8b-instruct",
+        metadata={"help": "Interpreter LLM: a latent_core.hub alias or a local path (any causal LM)."},
+    )
+    run_dir: str = field(default="runs/interpreters", metadata={"help": "Directory of the trained interpreters."})
+    template: str = field(
+        default=DEFAULT_TEMPLATE,
+        metadata={"help": "Explanatory prompt with {question} and {placeholder} (paper 000 section 3.3)."},
+    )
+    placeholder: str = field(
+        default=DEFAULT_PLACEHOLDER,
+        metadata={
+            "help": "Token whose embedding is replaced by the hidden state; added when new. A new token resizes a "
+            "full vocabulary (Llama-3.1) and PEFT then saves the embedding layers with the adapter; a token the "
+            "tokenizer already has (e.g. '<|reserved_special_token_0|>') avoids that."
+        },
+    )
+    projector: str = field(
+        default="auto",
+        metadata={"help": "Projector d_heima -> d_lm: auto (identity when equal, else linear), identity, linear, mlp."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (Table A3 / METHODS.md §1: 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (Table A3 / METHODS.md §1: 32)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    max_samples: int | None = field(default=None, metadata={"help": "Train on at most this many captured states."})
+
+    # ------------------------------------------------------------------ TrainingArguments with paper defaults
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the Trainer writes; defaults to run_dir (set per stage)."}
+    )
+    learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate (Table A3 / METHODS.md §1: 5e-4)."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Per-device batch size (Table A3 / METHODS.md §1: 8)."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (Table A3 / METHODS.md §1)."})
+    warmup_steps: float = field(default=100, metadata={"help": "Warm-up steps (Table A3 / METHODS.md §1: 100)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on iff CUDA supports it."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the rows' fields: the collator needs question/target/hidden."}
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "No tracker by default."})
+    save_strategy: str = field(default="no", metadata={"help": "Only the final save by default."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = _bf16_available()
+        if self.output_dir is None:
+            self.output_dir = str(self.run_dir)
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        for name in ("{question}", "{placeholder}"):
+            if name not in self.template:
+                raise ValueError(f"template must contain {name}; got {self.template!r}")
+        super().__post_init__()
+
+    def interpreter_options(self) -> dict[str, Any]:
+        """What a trained interpreter needs to be rebuilt (written to ``latent_stage.json``)."""
+        return {"template": self.template, "placeholder": self.placeholder, "projector": self.projector}

@@ -1,0 +1,158 @@
+"""Train interpreters: one per stage, or one unified interpreter for all stages (Table A9 ablation).
+
+Training tuple (METHODS.md §1): (explanatory prompt, question, placeholder, hidden state H_k, target CoT_k); the loss
+is the next-token loss on the target only. :class:`latent_core.LatentTrainer` saves the LoRA adapter, the projector
+(``extra_modules.safetensors``, keys ``projector.*``) and ``latent_stage.json`` with an ``interpreter`` entry
+(placeholder, hidden size, projector kind, template) that :func:`interpreters.model.load_interpreter` reads.
+
+Layout: ``run_dir/<stage>`` (``summary``, ``caption``, ``reasoning``) or ``run_dir/unified``, each with
+``interpreters_train.json`` (a machine-readable summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from latent_core.trainer import LatentTrainer
+from torch import nn
+
+from interpreters.config import STAGES, UNIFIED, InterpreterConfig
+from interpreters.data import InterpreterCollator, load_captures
+from interpreters.model import build_interpreter
+
+__all__ = ["TRAIN_SUMMARY_NAME", "train_interpreter"]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SUMMARY_NAME = "interpreters_train.json"
+ModelFactory = Callable[[], tuple[nn.Module, Any]]
+
+
+def _stages(stage: str) -> list[str]:
+    if stage == "all":
+        return list(STAGES)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)} or 'all', got {stage!r}")
+    return [stage]
+
+
+def _load_base(config: InterpreterConfig, model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
+    from latent_core.hub import load_model, load_processor
+
+    if model is not None and not isinstance(model, nn.Module) and callable(model):
+        made = model()
+        model, made_tokenizer = made if isinstance(made, tuple) else (made, None)
+        tokenizer = tokenizer if tokenizer is not None else made_tokenizer
+    if model is None:
+        model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else None)
+    if tokenizer is None:
+        tokenizer = load_processor(config.model)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer.pad_token is None:  # Llama-3.1 has none; padding is masked out of the loss anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _train_one(
+    config: InterpreterConfig, capture_dir: Path, stages: list[str], name: str, model: Any, tokenizer: Any
+) -> Path:
+    rows = load_captures(capture_dir, stages)
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]
+    if not rows:
+        raise ValueError(f"{capture_dir} has no captured states of stage(s) {stages}: nothing to train on")
+    out = Path(config.run_dir) / name
+    transformers.set_seed(config.seed)
+    base, tokenizer = _load_base(config, model, tokenizer)
+    hidden_size = int(rows[0]["hidden"].shape[-1])
+    interpreter = build_interpreter(
+        base,
+        tokenizer,
+        hidden_size,
+        placeholder=config.placeholder,
+        template=config.template,
+        projector=config.projector,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+    )
+    info = {
+        "method": "interpreters",
+        "tokens": [config.placeholder],
+        "stages": stages,
+        "base": str(config.model),
+        "capture": str(capture_dir),
+        "interpreter": interpreter.info(),
+    }
+    args = dataclasses.replace(config, output_dir=str(out), remove_unused_columns=False)
+    trainer = LatentTrainer(
+        model=interpreter,
+        args=args,
+        train_dataset=rows,
+        data_collator=InterpreterCollator(tokenizer, config.template, config.placeholder),
+        processing_class=tokenizer,
+        stage_info=info,
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    trainer.save_model(str(out))
+    if trainer.args.should_save:
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        summary = {
+            **info,
+            "output_dir": str(out),
+            "samples": len(rows),
+            "steps": trainer.state.global_step,
+            "learning_rate": args.learning_rate,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start,
+        }
+        (out / TRAIN_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("interpreter for %s saved to %s", stages, out)
+    return out
+
+
+def train_interpreter(
+    config: InterpreterConfig,
+    capture_dir: str | Path,
+    stage: str = "summary",
+    unified: bool = False,
+    model: nn.Module | ModelFactory | None = None,
+    tokenizer: Any = None,
+) -> Path:
+    """Train the interpreter(s) of ``stage`` on the states captured in ``capture_dir``.
+
+    Args:
+        config: :class:`~interpreters.config.InterpreterConfig` (``model``, ``run_dir``, Table A3 defaults).
+        capture_dir: the output of :func:`interpreters.capture.capture`.
+        stage: ``summary``, ``caption``, ``reasoning`` or ``all``. ``all`` without ``unified`` trains one
+            interpreter per stage.
+        unified: one interpreter for the stage(s) (Table A9), written to ``run_dir/unified``.
+        model: the base LM to use instead of ``load_model(config.model)`` (fresh, not PEFT-wrapped), or a
+            zero-argument factory returning ``(model, tokenizer)`` (needed when several interpreters are trained).
+        tokenizer: the tokenizer for a given ``model`` (default: ``load_processor(config.model)``).
+
+    Returns:
+        The interpreter's directory (``run_dir/<stage>`` or ``run_dir/unified``); ``run_dir`` when one interpreter
+        per stage was trained for ``stage="all"``.
+    """
+    stages = _stages(stage)
+    capture_dir = Path(capture_dir)
+    if unified or len(stages) == 1:
+        return _train_one(config, capture_dir, stages, UNIFIED if unified else stages[0], model, tokenizer)
+    if isinstance(model, nn.Module):
+        raise ValueError("training one interpreter per stage needs a fresh model each: pass a factory, not a model")
+    for name in stages:
+        _train_one(config, capture_dir, [name], name, model, tokenizer)
+    return Path(config.run_dir)
