@@ -11,8 +11,7 @@ resumable benchmark runner behind ``latent eval``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from latent_core.exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "extract_answer": "extract",
@@ -40,14 +39,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -32,9 +32,7 @@ tokens, ``latent_stage.json`` (``{"method": "heima", "stage": s, "tokens": [...]
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,23 +227,6 @@ def train_stage(
         processing_class=processor,
         stage_info=info,
     )
-    start = time.perf_counter()
-    result = trainer.train()
-    trainer.save_model(str(out))
-    if trainer.args.should_save:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        summary = {
-            **info,
-            "output_dir": str(out),
-            "samples": len(rows),
-            "steps": trainer.state.global_step,
-            "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "train_loss": result.training_loss,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "seconds": time.perf_counter() - start,
-        }
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.train_and_save(out, SUMMARY_NAME, samples=len(rows))
     logger.info("heima stage %s saved to %s", stage, out)
     return out

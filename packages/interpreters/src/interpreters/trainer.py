@@ -12,9 +12,7 @@ Layout: ``run_dir/<stage>`` (``summary``, ``caption``, ``reasoning``) or ``run_d
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,24 +99,7 @@ def _train_one(
         processing_class=tokenizer,
         stage_info=info,
     )
-    start = time.perf_counter()
-    result = trainer.train()
-    trainer.save_model(str(out))
-    if trainer.args.should_save:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        summary = {
-            **info,
-            "output_dir": str(out),
-            "samples": len(rows),
-            "steps": trainer.state.global_step,
-            "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "train_loss": result.training_loss,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "seconds": time.perf_counter() - start,
-        }
-        (out / TRAIN_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.train_and_save(out, TRAIN_SUMMARY_NAME, samples=len(rows))
     logger.info("interpreter for %s saved to %s", stages, out)
     return out
 

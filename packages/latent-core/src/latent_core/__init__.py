@@ -23,8 +23,7 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from latent_core.exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -109,14 +108,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = ["__version__", *_EXPORTS]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

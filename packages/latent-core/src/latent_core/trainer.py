@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -288,6 +289,29 @@ class LatentTrainer(Trainer):
                 logs[f"{name}_loss"] = sum(values) / len(values)
             self._loss_terms.clear()
         super().log(logs, start_time)
+
+    def train_and_save(self, output_dir: str | os.PathLike, summary_name: str, **facts: Any) -> dict[str, Any]:
+        """Train, save the stage to ``output_dir`` and write a JSON summary ``summary_name`` next to it (steps,
+        losses, learning rate, batch size, seconds, plus ``facts``); returns the summary."""
+        start = time.perf_counter()
+        result = self.train()
+        self.save_model(str(output_dir))
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        summary = {
+            **self.stage_info,
+            **facts,
+            "output_dir": str(output_dir),
+            "steps": self.state.global_step,
+            "learning_rate": self.args.learning_rate,
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start,
+        }
+        if self.args.should_save:
+            Path(output_dir, summary_name).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     # -- saving ---------------------------------------------------------------------------------------------------
 
