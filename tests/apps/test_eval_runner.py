@@ -253,3 +253,23 @@ def test_eval_command_cli(bench, model_dir, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["benches"]["shapes_mini"]["n"] == 2
+
+
+def test_blink_and_mmvp_folders(tmp_path):
+    """BLINK (per-task parquet, up to four images per question; the task is the category) and the MMVP layout
+    run through the same runner; the readers' skip reports reach the summary."""
+    from latent_apps.eval.runner import run_eval
+    from latent_core.testing import tiny_model
+
+    model, processor = tiny_model("qwen2_5_vl")
+    fixtures = Path(__file__).resolve().parents[2] / "data" / "fixtures"
+    summary = run_eval(
+        model, "plain", [fixtures / "blink", fixtures / "mmvp"], tmp_path / "out", batch_size=2, max_new_tokens=2,
+        processor=processor, show_progress=False,
+    )
+    records = [json.loads(line) for line in (tmp_path / "out" / "blink" / "samples.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in records} == {"Relative_Depth", "IQ_Test"}
+    assert len(records) == 3 and all(r["kind"] == "choice" for r in records)
+    mmvp = [json.loads(line) for line in (tmp_path / "out" / "mmvp" / "samples.jsonl").read_text().splitlines()]
+    assert len(mmvp) == 2 and all(r["gold"] in ("A", "B") for r in mmvp)
+    assert summary is not None

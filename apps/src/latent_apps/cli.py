@@ -125,7 +125,7 @@ def _register_eval() -> None:
     app.command(
         "eval",
         help="Evaluate a model with a method (plain now; heima, lavit, lare when they land) on benchmark files "
-        "(VLMEvalKit TSV; repeat --bench): accuracy per category, generated tokens, latency; resumable.",
+        "(VLMEvalKit TSV, BLINK folder, MMVP folder; repeat --bench): accuracy per category, generated tokens, latency; resumable.",
     )(eval_command)
 
 

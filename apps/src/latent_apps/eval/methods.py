@@ -146,8 +146,14 @@ def _family(model: Any) -> str:
     return family_of(model).name
 
 
+def _images_of(sample: dict[str, Any]) -> list[Any]:
+    """A sample's images in prompt order: ``images`` (BLINK has up to four) or the single ``image``."""
+    images = sample.get("images") or ([sample["image"]] if sample.get("image") is not None else [])
+    return [image.convert("RGB") for image in images]
+
+
 def build_inputs(model: Any, processor: Any, samples: Sequence[dict[str, Any]], texts: Sequence[str] | None = None):
-    """Batched, LEFT-padded model inputs: each sample's image and user text in the family's chat template.
+    """Batched, LEFT-padded model inputs: each sample's image(s) and user text in the family's chat template.
 
     ``texts`` replaces the :func:`build_prompt_text` user texts (other methods add their own instructions).
     Returns ``(inputs, prompt_length)``; text-only models (``causal_lm``) get the text alone.
@@ -156,11 +162,12 @@ def build_inputs(model: Any, processor: Any, samples: Sequence[dict[str, Any]], 
     texts = list(texts) if texts is not None else [build_prompt_text(s) for s in samples]
     tokenizer = getattr(processor, "tokenizer", processor)
     chats = []
-    for sample, text in zip(samples, texts, strict=True):
-        if family == "causal_lm" or sample.get("image") is None:
+    per_sample = [_images_of(s) for s in samples]
+    for images, text in zip(per_sample, texts, strict=True):
+        if family == "causal_lm" or not images:
             content: Any = text if family == "causal_lm" else [{"type": "text", "text": text}]
         else:
-            content = [{"type": "image"}, {"type": "text", "text": text}]
+            content = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
         chats.append(
             processor.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -172,12 +179,12 @@ def build_inputs(model: Any, processor: Any, samples: Sequence[dict[str, Any]], 
         if family == "causal_lm":
             inputs = processor(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         else:
-            images = [s["image"].convert("RGB") for s in samples if s.get("image") is not None]
-            if images and len(images) != len(samples):
+            if any(per_sample) and not all(per_sample):
                 raise ValueError("a batch mixes samples with and without images; batch them separately")
             kwargs: dict[str, Any] = dict(text=chats, return_tensors="pt", padding=True, add_special_tokens=False)
-            if images:
-                kwargs["images"] = [[image] for image in images] if family == "mllama" else images
+            if all(per_sample):
+                # mllama takes one list of images per sample; the others one flat list in prompt order.
+                kwargs["images"] = per_sample if family == "mllama" else [i for imgs in per_sample for i in imgs]
             inputs = processor(**kwargs)
     finally:
         tokenizer.padding_side = side

@@ -1,7 +1,8 @@
 """`latent eval`: run an evaluation method over benchmark files and account for every sample.
 
-For each benchmark file (VLMEvalKit TSV for now; readers are chosen by file suffix, see :data:`READERS` and
-:func:`register_reader`) the runner streams samples in batches through the method (greedy, see
+For each benchmark (a VLMEvalKit TSV; a BLINK folder of per-task parquet files, each task a category; an MMVP
+folder; readers are chosen by suffix or folder layout, see :data:`READERS` and :func:`register_reader`) the
+runner streams samples in batches through the method (greedy, see
 :mod:`latent_apps.eval.methods`), extracts the answer (:mod:`latent_apps.eval.extract`; kind ``choice`` when the
 sample has options, else ``yes_no`` / ``number`` / ``text`` by the gold answer's shape) and appends one JSON
 record per sample to ``<out>/<bench>/samples.jsonl``, flushed after every batch, so a killed run loses at most
@@ -65,7 +66,22 @@ def _read_vlmevalkit_tsv(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
     return read_vlmevalkit_tsv(path, report=report), report
 
 
-READERS: dict[str, Reader] = {".tsv": _read_vlmevalkit_tsv}
+def _read_blink(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
+    from latent_core.readers import ReadReport, read_blink
+
+    report = ReadReport()
+    rows = ({**row, "category": row.get("category") or row.get("task")} for row in read_blink(path, report=report))
+    return rows, report
+
+
+def _read_mmvp(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
+    from latent_core.readers import ReadReport, read_mmvp
+
+    report = ReadReport()
+    return read_mmvp(path, report=report), report
+
+
+READERS: dict[str, Reader] = {".tsv": _read_vlmevalkit_tsv, ".parquet": _read_blink}
 """File suffix (lower case, with the dot) -> reader. Add formats with :func:`register_reader`."""
 
 
@@ -75,6 +91,14 @@ def register_reader(suffix: str, reader: Reader) -> None:
 
 
 def _reader_for(path: Path) -> Reader:
+    # A folder: the MMVP layout (Questions.csv + "MMVP Images/") or BLINK's per-task parquet files.
+    if path.is_dir() or not path.suffix:
+        if (path / "Questions.csv").is_file():
+            return _read_mmvp
+        if path.is_dir() and any(path.rglob("*.parquet")):
+            return _read_blink
+        if not path.exists():
+            raise FileNotFoundError(f"benchmark {path} does not exist")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise ValueError(
@@ -398,9 +422,9 @@ def run_eval(
     if len(set(stems)) != len(stems):
         raise ValueError(f"benchmark files must have different names (outputs go to out/<name>): {stems}")
     for bench in benches:
-        _reader_for(bench)
-        if not bench.is_file():
-            raise FileNotFoundError(f"benchmark file {bench} does not exist")
+        _reader_for(bench)  # an unknown format fails first, with the list of supported ones
+        if not bench.exists():
+            raise FileNotFoundError(f"benchmark {bench} does not exist")
     method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
     method_obj = get_method(method, **(method_options or {})) if isinstance(method, str) else method
     if isinstance(model, str | Path):
@@ -454,7 +478,11 @@ def run_eval(
 def eval_command(
     model: Annotated[str, typer.Option(help="Model alias (e.g. qwen2.5-vl-3b), Hub id or local checkpoint directory.")],
     bench: Annotated[
-        list[Path], typer.Option("--bench", help="Benchmark file, VLMEvalKit .tsv (repeat --bench for several).")
+        list[Path],
+        typer.Option(
+            "--bench",
+            help="Benchmark: a VLMEvalKit .tsv, a BLINK folder or an MMVP folder (repeat --bench for several).",
+        ),
     ],
     method: Annotated[str, typer.Option(help="Evaluation method (registered name), e.g. plain.")] = "plain",
     out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
