@@ -124,8 +124,9 @@ def _register_eval() -> None:
 
     app.command(
         "eval",
-        help="Evaluate a model with a method (plain now; heima, lavit, lare when they land) on benchmark files "
-        "(VLMEvalKit TSV, BLINK folder, MMVP folder; repeat --bench): accuracy per category, generated tokens, latency; resumable.",
+        help="Evaluate a model with a method (plain, heima; lavit and lare when they land) on benchmarks "
+        "(VLMEvalKit TSV, BLINK folder, MMVP folder; repeat --bench): accuracy per category, generated tokens, "
+        "latency; resumable.",
     )(eval_command)
 
 
