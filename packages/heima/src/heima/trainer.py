@@ -37,14 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from datasets import Dataset
 from latent_core.collate import SupervisedCollator
-from latent_core.hub import load_model, load_processor
 from latent_core.lora import resolve_rows_route
 from latent_core.trainable_rows import attach_trainable_rows
-from latent_core.trainer import LatentTrainer, StageError, load_extra_modules, load_stage, stage_info
+from latent_core.trainer import LatentTrainer, StageError, load_base, load_extra_modules, load_stage, stage_info
 from torch import nn
 
 from heima.config import RECOVER, HeimaConfig
@@ -109,20 +107,6 @@ def _command_for(directory: Path) -> str:
     if name.startswith("stage-"):
         return f"heima train --stage {name.removeprefix('stage-')} (train_stage(config, {name.removeprefix('stage-')}))"
     return f"the stage that writes {directory}"
-
-
-def _load_base(config: HeimaConfig, model: Any, processor: Any) -> tuple[nn.Module, Any]:
-    """The base model and processor: the ones given, a factory's, or loaded fresh from ``config.model``."""
-    if model is not None and not isinstance(model, nn.Module) and callable(model):
-        made = model()
-        model, made_processor = made if isinstance(made, tuple) else (made, None)
-        processor = processor if processor is not None else made_processor
-    if model is None:
-        dtype = torch.bfloat16 if config.bf16 else None
-        model = load_model(config.model, dtype=dtype)
-    if processor is None:
-        processor = load_processor(config.model)
-    return model, processor
 
 
 def _load_prepared(config: HeimaConfig) -> tuple[Dataset, dict[str, Any]]:
@@ -191,7 +175,7 @@ def train_stage(
             )
 
     transformers.set_seed(config.seed)
-    base, processor = _load_base(config, model, processor)
+    base, processor = load_base(config.model, model, processor, bf16=bool(config.bf16))
     if previous is None:
         logger.info("heima stage %s starts from the base model %s (fresh LoRA adapter)", stage, config.model)
         peft_model = prepare_model(config, base, processor, tokens)

@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
-from latent_core.trainer import LatentTrainer
+from latent_core.trainer import LatentTrainer, load_base
 from torch import nn
 
 from interpreters.config import STAGES, UNIFIED, InterpreterConfig
@@ -43,20 +42,11 @@ def _stages(stage: str) -> list[str]:
 
 
 def _load_base(config: InterpreterConfig, model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
-    from latent_core.hub import load_model, load_processor
-
-    if model is not None and not isinstance(model, nn.Module) and callable(model):
-        made = model()
-        model, made_tokenizer = made if isinstance(made, tuple) else (made, None)
-        tokenizer = tokenizer if tokenizer is not None else made_tokenizer
-    if model is None:
-        model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else None)
-    if tokenizer is None:
-        tokenizer = load_processor(config.model)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    base, processor = load_base(config.model, model, tokenizer, bf16=bool(config.bf16))
+    tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:  # Llama-3.1 has none; padding is masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return base, tokenizer
 
 
 def _train_one(

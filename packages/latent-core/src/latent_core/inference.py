@@ -84,11 +84,10 @@ def load_trained(
         FileNotFoundError: ``stage_dir`` is neither a stage output nor a checkpoint.
         latent_core.StageError: the adapter or extra modules do not fit the base model.
     """
-    from peft import PeftModel
 
     from latent_core.hub import load_model, load_processor
     from latent_core.tokens import add_special_tokens
-    from latent_core.trainer import StageError, stage_info
+    from latent_core.trainer import StageError, load_stage, stage_info
 
     stage_dir = Path(stage_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,15 +110,6 @@ def load_trained(
     tokens = list(info.get("tokens") or (default_tokens(processor) if default_tokens is not None else []))
     model = load_model(str(base), **kwargs)
     ids = add_special_tokens(model, processor, tokens) if tokens else []  # the tokenizer has them: same ids
-    rows = model.get_input_embeddings().weight.shape[0]
-    if info.get("embedding_rows") and info["embedding_rows"] != rows:
-        raise StageError(
-            f"{stage_dir} was trained with {info['embedding_rows']} embedding rows; {base} with the tokens "
-            f"{tokens} has {rows}: is this the right base model?"
-        )
-    try:
-        model = PeftModel.from_pretrained(model, str(stage_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise StageError(f"the adapter in {stage_dir} does not fit {base}: {err}") from err
+    model = load_stage(model, stage_dir, is_trainable=False)  # checks the embedding rows and the adapter fit
     _load_extras(model, stage_dir, ids, skip_extra_prefixes)
     return model.to(device).eval(), processor

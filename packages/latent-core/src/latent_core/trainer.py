@@ -46,6 +46,7 @@ __all__ = [
     "StageError",
     "deepspeed_config",
     "extra_state_dict",
+    "load_base",
     "load_extra_modules",
     "load_stage",
     "schedule_callback",
@@ -205,6 +206,23 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
     except (RuntimeError, ValueError, KeyError) as err:
         raise StageError(f"the adapter in {directory} does not fit this model: {err}") from err
     return peft_model
+
+
+def load_base(name_or_path: str, model: Any = None, processor: Any = None, bf16: bool = False):
+    """The base ``(model, processor)`` a method trains: the ones given, a factory's (``model`` may be a
+    zero-argument callable returning a model or ``(model, processor)``; tests pass tiny models this way), or
+    loaded fresh from ``name_or_path`` (alias, hub id or path; bf16 when asked)."""
+    from latent_core.hub import load_model, load_processor
+
+    if model is not None and not isinstance(model, nn.Module) and callable(model):
+        made = model()
+        model, made_processor = made if isinstance(made, tuple) else (made, None)
+        processor = processor if processor is not None else made_processor
+    if model is None:
+        model = load_model(name_or_path, dtype=torch.bfloat16 if bf16 else None)
+    if processor is None:
+        processor = load_processor(name_or_path)
+    return model, processor
 
 
 def stage_info(directory: str | os.PathLike) -> dict[str, Any]:
