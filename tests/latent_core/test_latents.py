@@ -26,13 +26,7 @@ START, END = [5, 9], [6, 7]  # arbitrary vocabulary ids standing in for <bot> / 
 NEW = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they made this file 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

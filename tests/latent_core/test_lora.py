@@ -26,19 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # PEFT 0.21 still calls transformers' deprecated `is_gradient_checkpointing`.
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 NEW = ["<THINKING_OF_SUMMARY>", "<THINKING_OF_CAPTION>"]
 TIED = {"qwen2_5_vl": True, "llava": True, "causal_lm": False, "mllama": False, "llava_next": False}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (see test_latents.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _with_tokens(family):
