@@ -165,6 +165,7 @@ def test_answers_and_bboxes_recomputed_from_scene(built):
 def test_images_match_scene(built):
     scenes = json.loads((built / "scenes.json").read_text())
     colours = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+    step = 80 // (GRID - 1)
     for name, scene in list(scenes.items())[:5]:
         img = Image.open(built / name).convert("RGB")
         assert img.size == (SIZE, SIZE)
@@ -172,8 +173,102 @@ def test_images_match_scene(built):
         for r in range(GRID):
             for c in range(GRID):
                 centre = img.getpixel((c * CELL + CELL // 2, r * CELL + CELL * 2 // 3))
-                expected = colours[occupied[(r, c)]["colour"]] if (r, c) in occupied else (255, 255, 255)
+                tint = (255 - step * r, 255 - step * c, 255)  # pale background: red falls by row, green by column
+                expected = colours[occupied[(r, c)]["colour"]] if (r, c) in occupied else tint
                 assert centre == expected
+                assert img.getpixel((c * CELL + 1, r * CELL + 1)) == tint  # a corner is always background
+
+
+def test_no_tint_gives_white_background(tmp_path):
+    make_shapes(3, 0, tmp_path, tint=False)
+    scenes = json.loads((tmp_path / "scenes.json").read_text())
+    name = next(iter(scenes))
+    img = Image.open(tmp_path / name).convert("RGB")
+    assert all(img.getpixel((c * CELL + 1, r * CELL + 1)) == (255, 255, 255) for r in range(GRID) for c in range(GRID))
+
+
+def _cells(objects: list[dict]) -> list[tuple[int, int, str]]:
+    at = {(o["row"], o["col"]): f"{o['colour']} {o['shape']}" for o in objects}
+    return [(r + 1, c + 1, at.get((r, c), "no shape")) for r in range(GRID) for c in range(GRID)]
+
+
+def _target(words: str) -> tuple[str | None, str | None]:
+    """(colour, shape) of "red circles", "squares", "red shapes", "red circle"."""
+    *colour, noun = words.split()
+    shape = None if noun in ("shape", "shapes") else noun.removesuffix("s")
+    return (colour[0] if colour else None), shape
+
+
+def _expected_scan(objects: list[dict], targets: list[tuple[str | None, str | None]]) -> str:
+    counts = [0] * len(targets)
+    parts = []
+    for r, c, what in _cells(objects):
+        colour, _, shape = what.partition(" ")
+        hits = [what != "no shape" and tc in (None, colour) and ts in (None, shape) for tc, ts in targets]
+        counts = [n + hit for n, hit in zip(counts, hits)]
+        verdicts = " ".join("yes" if hit else "no" for hit in hits)
+        parts.append(f"row {r} column {c}: {what}, {verdicts}, {' '.join(map(str, counts))}.")
+    return " ".join(parts)
+
+
+def test_caption_lists_every_cell_and_reasoning_scans_them(built):
+    """Written out independently from the scene: the caption names every cell in reading order, position first; the
+    count / exists / compare reasoning restates the target, then scans every cell with running counts."""
+    scenes = json.loads((built / "scenes.json").read_text())
+    kinds = set()
+    for row in _split(built, "train")["llava_cot"][:80]:
+        objects = scenes[row["image"]]["objects"]
+        m = STAGED.fullmatch(row["conversations"][1]["value"])
+        assert m[2] == " ".join(f"row {r} column {c}: {what}." for r, c, what in _cells(objects))
+        question = row["conversations"][0]["value"].removeprefix("<image>\n").split("\n")[0]
+        reasoning = m[3]
+        if q := re.fullmatch(r"How many (.+) are there\?", question):
+            kinds.add("count")
+            target = _target(q[1])
+            phrase = f"{target[0] or 'any'} {target[1] or 'shape'}"
+            answer = _solve(question, objects)[0]
+            assert reasoning.startswith(f"Target: {phrase}. {_expected_scan(objects, [target])} So the count is {answer}.")
+        elif q := re.fullmatch(r"Is there a (\w+ \w+)\?", question):
+            kinds.add("exists")
+            target = _target(q[1])
+            scan = _expected_scan(objects, [target])
+            assert reasoning.startswith(f"Target: {q[1]}. {scan} So the count is ")
+            assert f"and the answer is {_solve(question, objects)[0]}." in reasoning
+        elif q := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
+            kinds.add("compare")
+            targets = [_target(q[1]), _target(q[2])]
+            phrases = [f"{t[0] or 'any'} {t[1] or 'shape'}" for t in targets]
+            assert reasoning.startswith(f"Targets: {phrases[0]} and {phrases[1]}. {_expected_scan(objects, targets)}")
+        else:
+            kinds.add("colour")
+            r, c = re.fullmatch(r"What colour is the shape at row (\d) column (\d)\?", question).groups()
+            what = dict(((rr, cc), w) for rr, cc, w in _cells(objects))[(int(r), int(c))]
+            assert reasoning.startswith(f"row {r} column {c}: {what}. So the colour is {what.split()[0]}.")
+    assert kinds == {"count", "exists", "colour", "compare"}
+
+
+def test_multiple_choice_prompts_come_from_the_shared_builder(built):
+    """A multiple-choice human turn is exactly latent_core.prompts.question_text of the question and its options:
+    the text evaluation builds from the TSV row (same options) too. Count options are four consecutive numbers,
+    colour options the four colours in a fixed order, yes/no options yes then no."""
+    from latent_core.prompts import question_text
+
+    seen = 0
+    for row in _split(built, "train")["llava_cot"]:
+        prompt = row["conversations"][0]["value"].removeprefix("<image>\n")
+        question, options = _parse_prompt(prompt)
+        if not options:
+            continue
+        seen += 1
+        assert prompt == question_text(question, list(options.values()))
+        values = list(options.values())
+        if question.startswith("How many"):
+            assert [int(v) for v in values] == list(range(int(values[0]), int(values[0]) + 4))
+        elif question.startswith("What colour"):
+            assert values == ["red", "green", "blue", "yellow"]
+        else:
+            assert values == ["yes", "no"]
+    assert seen > 0
 
 
 def test_tsv_letters_point_at_answers(built):

@@ -23,6 +23,7 @@ from heima.model import add_thinking_tokens, prepare_model, stage_of_token
 from heima.trainer import StageError, train_stage
 from latent_apps.shapes import make_shapes
 from latent_core.hub import load_model, load_processor
+from latent_core.readers import parse_cot_stages
 from latent_core.testing import tiny_model
 from latent_core.trainer import load_stage
 from peft import get_peft_model_state_dict
@@ -53,7 +54,13 @@ def _prepared(shapes: Path, out: Path, n: int | None = None) -> Path:
     data = shapes / "train" / "llava_cot.jsonl"
     if n is not None:
         data = out.parent / f"{out.name}.jsonl"
-        data.write_text("".join((shapes / "train" / "llava_cot.jsonl").read_text().splitlines(True)[:n]))
+        picked, answers = [], set()
+        for line in (shapes / "train" / "llava_cot.jsonl").read_text().splitlines(True):
+            answer = parse_cot_stages(json.loads(line)["conversations"][1]["value"])["conclusion"]
+            if answer not in answers:  # rows with different answers: a model that ignores the input cannot fit them
+                picked.append(line)
+                answers.add(answer)
+        data.write_text("".join(picked[:n]))
     prepare(data, shapes, out, progress=False)
     return out
 
@@ -200,14 +207,14 @@ def _tokens_before(tokenizer, ids: list[int], marker: str) -> int:
 
 
 def test_overfit_recover_emits_thinking_tokens_and_right_conclusion(shapes, base, tmp_path):
-    # 3 samples: two questions on the same image (different answers) and one on another image.
+    # 3 samples with three different answers.
     prepared = _prepared(shapes, tmp_path / "prepared", n=3)
     config = _config(
         base,
         prepared,
         tmp_path / "run",
         one_shot=True,
-        max_steps=100,
+        max_steps=200,
         per_device_train_batch_size=3,
         recover_batch_size=3,
         learning_rate=5e-3,

@@ -107,6 +107,9 @@ def make_shapes_command(
     test_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images in the test split.")] = 0.2,
     grid: Annotated[int, typer.Option(min=2, max=9, help="Cells per side.")] = 3,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    tint: Annotated[
+        bool, typer.Option("--tint/--no-tint", help="Pale per-cell background tints marking rows and columns.")
+    ] = True,
 ) -> None:
     """Synthetic staged-CoT visual task: grids of coloured shapes with count / exists / colour / compare questions,
     4-stage LLaVA-CoT answers, bboxes and reasoning texts, in LLaVA-CoT, Visual-CoT, reasoning JSONL and VLMEvalKit
@@ -115,8 +118,62 @@ def make_shapes_command(
 
     from latent_apps.shapes import make_shapes
 
-    summary = make_shapes(n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size)
+    summary = make_shapes(n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("make-base")
+def make_base_command(
+    family: Annotated[
+        str, typer.Option(help="mllama | qwen2_5_vl | llava | llava_next (the real transformers class).")
+    ],
+    shapes: Annotated[Path, typer.Option(help="A make-shapes directory (train/, test/, images/).")] = Path(
+        "data/shapes"
+    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (default: data/base/<family>, <family>-small for --size small)."),
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="tiny (the shipped bases) or small (a larger one: LaViT's teacher).")
+    ] = "tiny",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (batches of --batch-size questions).")] = 3000,
+    seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine to 0).")] = 2e-3,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: the usable cores, <= 8).")] = None,
+    eval_samples: Annotated[
+        int, typer.Option(min=0, help="Test questions evaluated at the end (0: none), with the blank-image control.")
+    ] = 400,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
+) -> None:
+    """Train a small VLM of the family's real class from scratch (every weight trainable) on the shapes train split
+    with full staged-CoT answers; save it (save_pretrained + processor, loadable by every method CLI) with
+    make_base.json and an evaluation on the test split (accuracy, blank images, majority baseline)."""
+    import json
+
+    from latent_apps.base import BASE_FAMILIES, SIZES, make_base
+
+    if family not in BASE_FAMILIES:
+        raise typer.BadParameter(f"choose one of {', '.join(BASE_FAMILIES)}", param_hint="--family")
+    if size not in SIZES:
+        raise typer.BadParameter(f"choose one of {', '.join(SIZES)}", param_hint="--size")
+    out = out or Path("data/base") / (family if size == "tiny" else f"{family}-{size}")
+    command = (
+        f"uv run apps/cli make-base --family {family} --shapes {shapes} --out {out} --size {size} --steps {steps} "
+        f"--seed {seed} --batch-size {batch_size} --learning-rate {learning_rate}"
+    )
+    try:
+        summary = make_base(
+            family, shapes, out, size=size, steps=steps, seed=seed, batch_size=batch_size,
+            learning_rate=learning_rate, threads=threads, eval_samples=eval_samples, resume=resume, command=command,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    shown = {k: summary[k] for k in ("family", "size", "params", "steps", "train_seconds", "train_loss")}
+    typer.echo(json.dumps({**shown, "eval": summary.get("eval")}, indent=2))
+    typer.echo(f"saved to {out}")
 
 
 def _register_eval() -> None:
@@ -131,6 +188,66 @@ def _register_eval() -> None:
 
 
 _register_eval()
+
+
+reproduce_app = typer.Typer(
+    help="Reproductions of the papers' claims at CPU scale on the shapes task, from the shipped bases: results.json, "
+    "a markdown table, a plot, and one JSON record on the last stdout line.",
+    no_args_is_help=True,
+)
+app.add_typer(reproduce_app, name="reproduce")
+
+
+@reproduce_app.command("heima")
+def reproduce_heima_command(
+    family: Annotated[str, typer.Option(help="Base family (data/base/<family>): mllama, qwen2_5_vl or llava.")] = (
+        "mllama"
+    ),
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")] = Path("runs/reproduce/heima"),
+    base: Annotated[Path | None, typer.Option(help="The base (default: data/base/<family>).")] = None,
+    interpreter_base: Annotated[
+        Path | None, typer.Option(help="Text LM the interpreters adapt (default: data/base/causal_lm).")
+    ] = None,
+    shapes: Annotated[
+        Path | None, typer.Option(help="The base's shapes data (default: regenerated into <out>/shapes).")
+    ] = None,
+    stage_steps: Annotated[int, typer.Option(min=1, help="Steps of each progressive stage 0..K.")] = 250,
+    recover_steps: Annotated[int, typer.Option(min=1, help="Steps of the recovering stage.")] = 150,
+    one_shot_steps: Annotated[
+        int | None, typer.Option(min=1, help="Steps of the one-shot ablation (default: K x --stage-steps).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Progressive stages' learning rate.")] = 1e-3,
+    recover_learning_rate: Annotated[float, typer.Option(help="Recovering stage's learning rate.")] = 1e-4,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 200,
+    capture_records: Annotated[int, typer.Option(min=1, help="Train answers whose states train interpreters.")] = 2000,
+    interpreter_steps: Annotated[int, typer.Option(min=1, help="Steps per interpreter.")] = 400,
+    decode_samples: Annotated[int, typer.Option(min=1, help="Test answers decoded by the interpreters.")] = 200,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: the usable cores, <= 8).")] = None,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+) -> None:
+    """Heima in one run from a shipped base: stage 0 -> 1..K -> recover and the one-shot ablation, evaluated on the
+    test split against the CoT base (with blank-image and majority controls); interpreters per stage with zero /
+    shuffled controls. Writes results.json, results.md, accuracy_vs_tokens.png; prints the table and a JSON line."""
+    import json
+
+    from latent_apps.reproduce.heima import HeimaRun, reproduce_heima
+
+    run = HeimaRun(
+        family=family, out=out, base=base, interpreter_base=interpreter_base, shapes=shapes, stage_steps=stage_steps,
+        recover_steps=recover_steps, one_shot_steps=one_shot_steps, batch_size=batch_size,
+        learning_rate=learning_rate, recover_learning_rate=recover_learning_rate, eval_samples=eval_samples,
+        capture_records=capture_records, interpreter_steps=interpreter_steps, decode_samples=decode_samples,
+        threads=threads, seed=seed,
+    )  # fmt: skip
+    command = f"uv run apps/cli reproduce heima --family {family} --out {out}"
+    try:
+        results = reproduce_heima(run, command=command)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((out / "results.md").read_text())
+    typer.echo(json.dumps(results["record"]))
 
 
 bench_app = typer.Typer(

@@ -5,7 +5,7 @@ bbox (Visual-CoT style) and an explicit reasoning text (LaRe), so all three meth
 task that small models learn from scratch on a CPU. Written by :func:`make_shapes`:
 
     out/images/shapes_00000.png ...         one PNG per scene (image root = ``out``; ``image`` fields are relative)
-    out/{train,test}/llava_cot.jsonl        {"id", "image", "conversations": [human "<image>\\n...", gpt staged CoT]}
+    out/{train,test}/llava_cot.jsonl        {"id", "image", "category", "conversations": [human "<image>\\n...", gpt]}
     out/{train,test}/visual_cot.jsonl       {"id", "image", "question", "answer", "bbox", "dataset": "shapes"}
     out/{train,test}/reasoning.jsonl        {"id", "image", "question", "reasoning", "answer"}
     out/test/shapes_mc.tsv                  VLMEvalKit TSV: every test question in multiple-choice form
@@ -38,6 +38,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latent_core.prompts import question_text
 from PIL import Image, ImageDraw
 
 __all__ = ["COLOURS", "SHAPES", "KINDS", "make_shapes", "main", "draw_scene", "cell_bbox"]
@@ -50,7 +51,7 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 LETTERS = "ABCD"
 P_OCCUPIED = 0.6  # probability that a cell holds a shape
 P_MC = 0.5  # probability that a question is asked in multiple-choice form
-MC_SUFFIX = "Please answer with the letter of the correct option."
+EMPTY = "no shape"
 BBOX_RULE = (
     "union of whole cells that matter (count/exists: matching cells; colour: the asked cell; compare: cells of "
     "both groups); the whole grid when none match"
@@ -86,10 +87,8 @@ class Question:
         return LETTERS[self.options.index(self.answer)]
 
     def prompt(self) -> str:
-        if not self.mc:
-            return self.text
-        lines = [self.text, "Options:", *(f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options)), MC_SUFFIX]
-        return "\n".join(lines)
+        """The user text, written by the prompt builder that training and evaluation share."""
+        return question_text(self.text, self.options if self.mc else None)
 
     def final(self) -> str:
         return self.letter if self.mc else self.answer
@@ -113,12 +112,29 @@ def random_scene(rng: random.Random, grid: int) -> list[Obj]:
     return objects
 
 
-def draw_scene(objects: list[Obj], grid: int, image_size: int) -> Image.Image:
-    """White background, one shape per occupied cell (the style of data/demo/make_demo.py)."""
+def cell_tint(row: int, col: int, grid: int) -> tuple[int, int, int]:
+    """The pale background of cell (row, col): red falls with the row, green with the column (white at the top
+    left). It marks where a cell is, in the pixels themselves (see :func:`draw_scene`)."""
+    step = 80 // max(1, grid - 1)
+    return (255 - step * row, 255 - step * col, 255)
+
+
+def draw_scene(objects: list[Obj], grid: int, image_size: int, tint: bool = True) -> Image.Image:
+    """One shape per occupied cell on a background whose pale tint marks each cell's row and column
+    (:func:`cell_tint`; ``tint=False``: white, the style of data/demo/make_demo.py).
+
+    Why the tint: Qwen2.5-VL's vision encoder has no absolute position embedding (only 2-D rotary, relative), so a
+    small model trained from scratch must otherwise infer which image token is which cell from M-RoPE alone, which
+    it did not learn within the CPU budget; with the tint, "row 2 column 3" is in the token's content.
+    """
     cell = image_size // grid
     margin = max(1, cell * 3 // 16)
     img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     d = ImageDraw.Draw(img)
+    if tint:
+        for r in range(grid):
+            for c in range(grid):
+                d.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=cell_tint(r, c, grid))
     for o in objects:
         x0, y0 = o.col * cell + margin, o.row * cell + margin
         x1, y1 = (o.col + 1) * cell - margin, (o.row + 1) * cell - margin
@@ -160,16 +176,34 @@ def _matches(o: Obj, colour: str | None, shape: str | None) -> bool:
     return (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
 
 
-def _cells_text(objs: list[Obj]) -> str:
-    return " and ".join(o.where() for o in objs)
+def _scan(objects: list[Obj], grid: int, groups: list[tuple[str | None, str | None]]) -> tuple[str, list[int]]:
+    """The cell-by-cell scan of the reasoning stage: every cell in caption order, what it holds, whether it matches
+    each target group, and the running count of each group after it (``"row 1 column 2: red circle, yes, 1."``;
+    two groups: ``"..: red circle, yes no, 1 0."``). Returns the text and the final counts."""
+    at = {(o.row, o.col): o for o in objects}
+    counts = [0] * len(groups)
+    parts = []
+    for r in range(grid):
+        for c in range(grid):
+            o = at.get((r, c))
+            hits = [o is not None and _matches(o, colour, shape) for colour, shape in groups]
+            counts = [n + hit for n, hit in zip(counts, hits, strict=True)]
+            what = f"{o.colour} {o.shape}" if o is not None else EMPTY
+            verdicts = " ".join("yes" if hit else "no" for hit in hits)
+            parts.append(f"row {r + 1} column {c + 1}: {what}, {verdicts}, {' '.join(map(str, counts))}.")
+    return " ".join(parts), counts
 
 
 def _count_options(rng: random.Random, answer: int, grid: int) -> list[str]:
-    pool = [v for v in range(grid * grid + 1) if v != answer]
-    near = sorted(pool, key=lambda v: (abs(v - answer), v))[:5]  # plausible distractors
-    options = [answer, *rng.sample(near, 3)]
-    rng.shuffle(options)
-    return [str(v) for v in options]
+    """Four consecutive counts, ascending, holding ``answer`` at a random place (A-D), within 0..grid*grid."""
+    start = max(0, min(answer - rng.randrange(4), grid * grid + 1 - 4))
+    return [str(v) for v in range(start, start + 4)]
+
+
+def _phrase(colour: str | None, shape: str | None) -> str:
+    """The canonical form of a (colour, shape) target in the reasoning: ``red square``, ``any square``,
+    ``red shape``."""
+    return f"{colour or 'any'} {shape or 'shape'}"
 
 
 def _target(rng: random.Random, objects: list[Obj], partial: bool) -> tuple[str | None, str | None]:
@@ -193,20 +227,14 @@ def ask_count(rng: random.Random, objects: list[Obj], grid: int) -> Question:
     colour, shape = _target(rng, objects, partial=True)
     hits = [o for o in objects if _matches(o, colour, shape)]
     plural = _name(colour, shape, True)
-    n = len(hits)
-    if n > 1:
-        found = f"The {plural} are at {_cells_text(hits)}"
-    elif n == 1:
-        found = f"The {_name(colour, shape, False)} is at {hits[0].where()}"
-    else:
-        found = f"There are no {plural}"
+    scan, (n,) = _scan(objects, grid, [(colour, shape)])
     return Question(
         kind="count",
         text=f"How many {plural} are there?",
         answer=str(n),
         options=_count_options(rng, n, grid),
         summary=f"I will count the {plural} in the grid and answer the question.",
-        reasoning=f"{found}, so the count is {n}.",
+        reasoning=f"Target: {_phrase(colour, shape)}. {scan} So the count is {n}.",
         cells=[(o.row, o.col) for o in hits],
     )
 
@@ -215,32 +243,28 @@ def ask_exists(rng: random.Random, objects: list[Obj], grid: int) -> Question:
     colour, shape = _target(rng, objects, partial=False)
     hits = [o for o in objects if _matches(o, colour, shape)]
     name = _name(colour, shape, False)
-    if hits:
-        reasoning = f"There is a {name} at {_cells_text(hits)}, so the answer is yes."
-    else:
-        reasoning = f"There is no {name} in the grid, so the answer is no."
+    scan, (n,) = _scan(objects, grid, [(colour, shape)])
+    verdict = "yes" if n else "no"
     return Question(
         kind="exists",
         text=f"Is there a {name}?",
-        answer="yes" if hits else "no",
+        answer=verdict,
         options=["yes", "no"],
         summary=f"I will count the {_name(colour, shape, True)} in the grid and answer the question with yes or no.",
-        reasoning=reasoning,
+        reasoning=f"Target: {_phrase(colour, shape)}. {scan} So the count is {n}, and the answer is {verdict}.",
         cells=[(o.row, o.col) for o in hits],
     )
 
 
 def ask_colour(rng: random.Random, objects: list[Obj], grid: int) -> Question:
     o = rng.choice(objects)
-    options = [o.colour, *rng.sample([c for c in COLOURS if c != o.colour], 3)]
-    rng.shuffle(options)
     return Question(
         kind="colour",
         text=f"What colour is the shape at {o.where()}?",
         answer=o.colour,
-        options=options,
-        summary=f"I will think of the shape at {o.where()} and answer the question.",
-        reasoning=f"The shape at {o.where()} is a {o.colour} {o.shape}, so the colour is {o.colour}.",
+        options=list(COLOURS),
+        summary=f"I will look at the shape at {o.where()} and answer the question.",
+        reasoning=f"{o.where()}: {o.colour} {o.shape}. So the colour is {o.colour}.",
         cells=[(o.row, o.col)],
     )
 
@@ -249,14 +273,14 @@ def ask_compare(rng: random.Random, objects: list[Obj], grid: int) -> Question:
     if rng.random() < 0.5:
         a, b = rng.sample(SHAPES, 2)
         pa, pb = PLURAL[a], PLURAL[b]
-        ha = [o for o in objects if o.shape == a]
-        hb = [o for o in objects if o.shape == b]
+        groups: list[tuple[str | None, str | None]] = [(None, a), (None, b)]
     else:
         a, b = rng.sample(COLOURS, 2)
         pa, pb = f"{a} shapes", f"{b} shapes"
-        ha = [o for o in objects if o.colour == a]
-        hb = [o for o in objects if o.colour == b]
-    na, nb = len(ha), len(hb)
+        groups = [(a, None), (b, None)]
+    ha = [o for o in objects if _matches(o, *groups[0])]
+    hb = [o for o in objects if _matches(o, *groups[1])]
+    scan, (na, nb) = _scan(objects, grid, groups)
     if na > nb:
         verdict = f"{na} is more than {nb}, so the answer is yes."
     elif na < nb:
@@ -269,7 +293,8 @@ def ask_compare(rng: random.Random, objects: list[Obj], grid: int) -> Question:
         answer="yes" if na > nb else "no",
         options=["yes", "no"],
         summary=f"I will count the {pa} and the {pb} and answer the question.",
-        reasoning=f"The count of {pa} is {na}. The count of {pb} is {nb}. {verdict}",
+        reasoning=f"Targets: {_phrase(*groups[0])} and {_phrase(*groups[1])}. {scan} So there are {na} {pa} and "
+        f"{nb} {pb}. {verdict}",
         cells=sorted((o.row, o.col) for o in ha + hb),
     )
 
@@ -277,19 +302,24 @@ def ask_compare(rng: random.Random, objects: list[Obj], grid: int) -> Question:
 ASK = {"count": ask_count, "exists": ask_exists, "colour": ask_colour, "compare": ask_compare}
 
 
-def caption(objects: list[Obj]) -> str:
-    parts = ["The image shows a grid of coloured shapes."]
-    parts += [f"There is a {o.colour} {o.shape} at {o.where()}." for o in objects]
+def caption(objects: list[Obj], grid: int = 3) -> str:
+    """Every cell in reading order, position first (``"row 1 column 1: red circle."``, ``"..: empty."``)."""
+    at = {(o.row, o.col): o for o in objects}
+    parts = []
+    for r in range(grid):
+        for c in range(grid):
+            o = at.get((r, c))
+            parts.append(f"row {r + 1} column {c + 1}: {f'{o.colour} {o.shape}' if o else EMPTY}.")
     return " ".join(parts)
 
 
-def staged_answer(q: Question, objects: list[Obj]) -> str:
+def staged_answer(q: Question, objects: list[Obj], grid: int = 3) -> str:
     summary, reasoning = q.summary, q.reasoning
     if q.mc:
         summary += " I will then answer with the letter of the correct option."
         reasoning += f" The answer {q.answer} is option {q.letter}."
     return (
-        f"<SUMMARY>{summary}</SUMMARY>\n\n<CAPTION>{caption(objects)}</CAPTION>\n\n"
+        f"<SUMMARY>{summary}</SUMMARY>\n\n<CAPTION>{caption(objects, grid)}</CAPTION>\n\n"
         f"<REASONING>{reasoning}</REASONING>\n\n<CONCLUSION>{q.final()}</CONCLUSION>"
     )
 
@@ -320,6 +350,7 @@ def make_shapes(
     test_fraction: float = 0.2,
     grid: int = 3,
     image_size: int = 96,
+    tint: bool = True,
 ) -> dict:
     """Generate ``n`` scenes (4 questions each) into ``out``; returns the summary (also ``out/summary.json``).
 
@@ -347,7 +378,7 @@ def make_shapes(
         split = "test" if i in test_ids else "train"
         objects = random_scene(rng, grid)
         image = f"images/shapes_{i:05d}.png"
-        data = png_bytes(draw_scene(objects, grid, image_size))
+        data = png_bytes(draw_scene(objects, grid, image_size, tint))
         (out / image).write_bytes(data)
         scenes[image] = {"split": split, "objects": [o.__dict__ for o in objects]}
         counts[split]["images"] += 1
@@ -361,9 +392,10 @@ def make_shapes(
                 {
                     "id": qid,
                     "image": image,
+                    "category": kind,
                     "conversations": [
                         {"from": "human", "value": f"<image>\n{prompt}"},
-                        {"from": "gpt", "value": staged_answer(q, objects)},
+                        {"from": "gpt", "value": staged_answer(q, objects, grid)},
                     ],
                 }
             )
@@ -398,6 +430,7 @@ def make_shapes(
         "test_fraction": test_fraction,
         "grid": grid,
         "image_size": image_size,
+        "tint": tint,
         "cell_px": image_size // grid,
         "kinds": list(KINDS),
         "colours": list(COLOURS),
@@ -425,6 +458,9 @@ def main(
     test_fraction: float = 0.2,
     grid: int = 3,
     image_size: int = 96,
+    tint: bool = True,
 ) -> dict:
     """Entry point for the ``make-shapes`` command: same as :func:`make_shapes`, with defaults."""
-    return make_shapes(n=n, seed=seed, out=Path(out), test_fraction=test_fraction, grid=grid, image_size=image_size)
+    return make_shapes(
+        n=n, seed=seed, out=Path(out), test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint
+    )

@@ -1,11 +1,12 @@
 """The ``heima`` evaluation method: greedy generation of a Heima model, with reasoning tokens counted.
 
-Registered as ``heima`` when this module is imported (``latent_apps.eval`` imports it). Prompts are the ``plain``
-ones (:func:`latent_apps.eval.methods.build_prompt_text`: question, options and the answer instruction), one user
-turn with the image, LEFT-padded and decoded greedily by :func:`heima.generate.generate`. Per sample the method
-reports ``generated_tokens`` (up to and including EOS), ``reasoning_tokens`` (generated tokens before the
-``<CONCLUSION>`` tag: thinking tokens, stage tags and any stage still written out) and the generated text with its
-``<CONCLUSION>`` block, which the extractor reads first.
+Registered as ``heima`` when this module is imported (``latent_apps.eval`` imports it). Prompts are the training
+ones (:func:`latent_apps.eval.methods.build_prompt_text` with no instruction for open questions, the builder the
+training collator uses), one user turn with the image, LEFT-padded and decoded greedily by
+:func:`heima.generate.generate`. Per sample the method reports ``generated_tokens`` (up to and including EOS),
+``reasoning_tokens`` (generated tokens before the ``<CONCLUSION>`` tag: thinking tokens, stage tags and any stage
+still written out), ``thinking_tokens``, ``truncated`` and the generated text; the answer is read from its closed
+``<CONCLUSION>`` block only (``staged``).
 
 ``--model`` may be an exported checkpoint (``heima export``; loads like any checkpoint) or a stage output directory
 (adapter + thinking tokens): :meth:`HeimaMethod.load` puts such a stage on its base model
@@ -30,6 +31,9 @@ class HeimaMethod:
     """
 
     name = "heima"
+    instruction = None
+    staged = True
+    default_max_new_tokens = 512
 
     def __init__(self, batch_size: int | None = None) -> None:
         self.batch_size = batch_size
@@ -46,12 +50,18 @@ class HeimaMethod:
     ) -> list[Generation]:
         from heima.generate import generate
 
-        prompts = [{**sample, "question": build_prompt_text(sample)} for sample in samples]
+        prompts = [{**sample, "question": build_prompt_text(sample, self.instruction)} for sample in samples]
         records = generate(
             model, processor, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size or len(prompts) or 1
         )
         return [
-            Generation(text=r["text"], generated_tokens=r["generated_tokens"], reasoning_tokens=r["reasoning_tokens"])
+            Generation(
+                text=r["text"],
+                generated_tokens=r["generated_tokens"],
+                reasoning_tokens=r["reasoning_tokens"],
+                thinking_tokens=r["thinking_tokens"],
+                truncated=r["truncated"],
+            )
             for r in records
         ]
 

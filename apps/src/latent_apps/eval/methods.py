@@ -2,21 +2,23 @@
 
 A *method* is a callable ``method(model, processor, samples, max_new_tokens) -> list[Generation]``, one
 :class:`Generation` per sample, in order. Methods are registered by name with a *factory* (a callable that
-takes keyword options and returns the method), so that ``get_method("heima", num_thoughts=3)`` can configure
-one. ``plain`` (registered here) is batched greedy ``generate``; Heima, LaViT and LaRe register theirs later.
+takes keyword options and returns the method), so that ``get_method("heima", batch_size=4)`` can configure
+one. ``plain`` and ``cot`` are registered here; Heima, LaViT and LaRe register theirs.
 
-The ``plain`` prompt, in the VLMEvalKit / LLaVA style, is one user turn of the family's chat template holding
-the image and this text::
+A method says how it is asked and read (class attributes the runner uses):
 
-    [<hint>\\n]<question>
-    A. <option A>
-    B. <option B>
-    Answer with the option's letter from the given choices directly.
-
-and, for samples without options (yes/no, numbers, short answers)::
-
-    [<hint>\\n]<question>
-    Answer the question using a single word or phrase.
+- ``instruction``: the last line of an open question's prompt. Prompts come from the one builder
+  :func:`latent_core.prompts.question_text` that training uses too: a multiple-choice question lists its options
+  after ``Options:`` and ends with "Please answer with the letter of the correct option."; ``plain`` (an untrained
+  chat model) adds "Answer the question using a single word or phrase." to open questions, the staged methods
+  (``cot``, ``heima``: models trained on LLaVA-CoT-style answers) add nothing, as in their training data. A sample
+  with a ``prompt`` (a LLaVA-CoT JSONL bench: the human turn as trained) is asked verbatim.
+- ``staged``: the output is a staged chain of thought; its answer is read **only** from a closed
+  ``<CONCLUSION>..</CONCLUSION>`` block, and an output without one is *unanswered* (never guessed from the caption or
+  reasoning text).
+- ``default_max_new_tokens``: the budget when the user gives none: 64 for ``plain``, 1024 for ``cot`` (a chain of
+  thought must reach its conclusion), 512 for ``heima``. A generation that stops at the budget without an
+  end-of-sequence token is flagged ``truncated`` and counted.
 
 Generation is greedy (``do_sample=False``; Heima's authors sample at T=0.6, which makes accuracy and token
 counts irreproducible) with the prompts of a batch padded on the LEFT.
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "MCQ_INSTRUCTION",
     "SHORT_INSTRUCTION",
+    "CotMethod",
     "EvalMethod",
     "Generation",
     "PlainMethod",
@@ -47,8 +49,7 @@ __all__ = [
     "registered_methods",
 ]
 
-MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+from latent_core.prompts import SHORT_INSTRUCTION
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Generation:
         latent_steps: latent reasoning steps (continuous thoughts); ``None`` for methods without them.
         latency_s: this sample's own latency when the method measures it; ``None`` lets the runner use
             batch wall time / batch size.
+        thinking_tokens: generated thinking tokens (Heima), ``None`` for methods without them.
+        truncated: the generation stopped at ``max_new_tokens`` without an end-of-sequence token.
     """
 
     text: str
@@ -71,6 +74,8 @@ class Generation:
     reasoning_tokens: int | None = None
     latent_steps: int | None = None
     latency_s: float | None = None
+    thinking_tokens: int | None = None
+    truncated: bool = False
 
 
 class EvalMethod(Protocol):
@@ -124,20 +129,15 @@ def get_method(name: str, **options: Any) -> EvalMethod:
     return _REGISTRY[name](**options)
 
 
-def build_prompt_text(sample: dict[str, Any]) -> str:
-    """The user text of the ``plain`` prompt (see the module docstring)."""
-    lines = []
-    hint = sample.get("hint")
-    if hint:
-        lines.append(str(hint).strip())
-    lines.append(str(sample["question"]).strip())
-    options = sample.get("options") or {}
-    if options:
-        lines.extend(f"{key}. {str(value).strip()}" for key, value in options.items())
-        lines.append(MCQ_INSTRUCTION)
-    else:
-        lines.append(SHORT_INSTRUCTION)
-    return "\n".join(lines)
+def build_prompt_text(sample: dict[str, Any], instruction: str | None = SHORT_INSTRUCTION) -> str:
+    """The user text for ``sample``: its ``prompt`` verbatim when it has one (a LLaVA-CoT bench row, asked as
+    trained), else :func:`latent_core.prompts.question_text` of its question, options and hint, with
+    ``instruction`` closing an open question (see the module docstring)."""
+    from latent_core.prompts import question_text
+
+    if sample.get("prompt"):
+        return str(sample["prompt"])
+    return question_text(sample["question"], sample.get("options") or None, sample.get("hint"), instruction)
 
 
 def _family(model: Any) -> str:
@@ -153,41 +153,19 @@ def _images_of(sample: dict[str, Any]) -> list[Any]:
 
 
 def build_inputs(model: Any, processor: Any, samples: Sequence[dict[str, Any]], texts: Sequence[str] | None = None):
-    """Batched, LEFT-padded model inputs: each sample's image(s) and user text in the family's chat template.
+    """Batched, LEFT-padded model inputs: each sample's image(s) and user text in the family's chat template
+    (:mod:`latent_core.prompts`, the builder training uses).
 
     ``texts`` replaces the :func:`build_prompt_text` user texts (other methods add their own instructions).
     Returns ``(inputs, prompt_length)``; text-only models (``causal_lm``) get the text alone.
     """
-    family = _family(model)
+    from latent_core.prompts import encode_chats, render_prompts
+
+    text_only = _family(model) == "causal_lm"
     texts = list(texts) if texts is not None else [build_prompt_text(s) for s in samples]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    chats = []
-    per_sample = [_images_of(s) for s in samples]
-    for images, text in zip(per_sample, texts, strict=True):
-        if family == "causal_lm" or not images:
-            content: Any = text if family == "causal_lm" else [{"type": "text", "text": text}]
-        else:
-            content = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
-        chats.append(
-            processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        )
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        if family == "causal_lm":
-            inputs = processor(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            if any(per_sample) and not all(per_sample):
-                raise ValueError("a batch mixes samples with and without images; batch them separately")
-            kwargs: dict[str, Any] = dict(text=chats, return_tensors="pt", padding=True, add_special_tokens=False)
-            if all(per_sample):
-                # mllama takes one list of images per sample; the others one flat list in prompt order.
-                kwargs["images"] = per_sample if family == "mllama" else [i for imgs in per_sample for i in imgs]
-            inputs = processor(**kwargs)
-    finally:
-        tokenizer.padding_side = side
+    per_sample = [[] if text_only else _images_of(s) for s in samples]
+    chats = render_prompts(processor, texts, [len(images) for images in per_sample], text_only)
+    inputs = encode_chats(processor, chats, None if text_only else per_sample, padding_side="left")
     return inputs, inputs["input_ids"].shape[1]
 
 
@@ -210,27 +188,61 @@ def count_generated(new_tokens: torch.Tensor, eos_ids: set[int]) -> int:
 class PlainMethod:
     """Batched greedy ``model.generate`` on the ``plain`` prompt (the baseline of every table)."""
 
+    name = "plain"
+    instruction: str | None = SHORT_INSTRUCTION
+    staged = False
+    default_max_new_tokens = 64
+
     def __call__(
         self, model: Any, processor: Any, samples: Sequence[dict[str, Any]], max_new_tokens: int
     ) -> list[Generation]:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        inputs, prompt_len = build_inputs(model, processor, samples)
-        inputs = inputs.to(model.device)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         import torch
 
+        tokenizer = getattr(processor, "tokenizer", processor)
+        texts = [build_prompt_text(s, self.instruction) for s in samples]
+        inputs, prompt_len = build_inputs(model, processor, samples, texts)
+        inputs = inputs.to(model.device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         eos_ids = eos_token_ids(model, processor)
         results = []
         for row in out[:, prompt_len:].cpu():
             n = count_generated(row, eos_ids)
+            ended = n > 0 and int(row[n - 1]) in eos_ids
             text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            results.append(Generation(text=text, generated_tokens=n))
+            results.append(self._generation(tokenizer, row[:n], text, ended))
         return results
+
+    def _generation(self, tokenizer: Any, kept: torch.Tensor, text: str, ended: bool) -> Generation:
+        return Generation(text=text, generated_tokens=len(kept), truncated=not ended)
+
+
+class CotMethod(PlainMethod):
+    """A model trained to answer with a staged chain of thought (LLaVA-CoT; Heima's stage 0; the shipped bases):
+    greedy generation until EOS on the training prompt, the answer read from ``<CONCLUSION>`` only;
+    ``reasoning_tokens`` are the tokens before the one where ``<CONCLUSION>`` starts."""
+
+    name = "cot"
+    instruction = None
+    staged = True
+    default_max_new_tokens = 1024
+
+    def _generation(self, tokenizer: Any, kept: torch.Tensor, text: str, ended: bool) -> Generation:
+        from latent_core.readers import reasoning_token_count
+
+        body = kept.tolist()[:-1] if ended else kept.tolist()
+        before = reasoning_token_count(tokenizer, body)
+        return Generation(
+            text=text,
+            generated_tokens=len(kept),
+            reasoning_tokens=before if before < len(body) else len(kept),
+            truncated=not ended,
+        )
 
 
 register_method("plain", PlainMethod)
+register_method("cot", CotMethod)
 
 # Method adapters of the method packages register themselves on import.
 from latent_apps.eval import heima_method  # noqa: E402, F401  (registers "heima")

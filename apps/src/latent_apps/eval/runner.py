@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from PIL import Image
 
 from latent_apps.eval.extract import extract_answer, infer_kind, is_correct
 from latent_apps.eval.methods import EvalMethod, Generation, get_method
@@ -81,7 +82,62 @@ def _read_mmvp(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
     return read_mmvp(path, report=report), report
 
 
-READERS: dict[str, Reader] = {".tsv": _read_vlmevalkit_tsv, ".parquet": _read_blink}
+def _find_image_root(path: Path, image: str) -> Path:
+    """The directory that LLaVA-CoT ``image`` paths of ``path`` are relative to: the file's folder or the nearest
+    ancestor where ``image`` exists (the shapes task keeps ``images/`` next to ``train/`` and ``test/``)."""
+    for parent in [path.parent, *path.parent.parents]:
+        if (parent / image).is_file():
+            return parent
+    return path.parent
+
+
+def _read_llava_cot_bench(path: Path, image_root: Path | None = None) -> tuple[Iterator[dict[str, Any]], Any]:
+    """A LLaVA-CoT JSONL as a benchmark: one sample per human/gpt turn, asked with the human turn verbatim (the
+    prompt the model was trained with), the gold answer its ``<CONCLUSION>``, options parsed from the prompt
+    (:func:`latent_core.prompts.parse_options`), category the row's ``category`` or the image path's first folder
+    (LLaVA-CoT's source: ``sqa``, ``chartqa``, ...). A turn without a conclusion is skipped and counted."""
+    from latent_core.prompts import parse_options
+    from latent_core.readers import ReadReport, parse_cot_stages, read_llava_cot
+
+    report = ReadReport()
+    if image_root is None:
+        first = next((json.loads(line) for line in path.open(encoding="utf-8") if line.strip()), {})
+        image_root = _find_image_root(path, str(first.get("image", ""))) if isinstance(first, dict) else path.parent
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for row in read_llava_cot(path, image_root, report):
+            conv = row["conversations"]
+            pairs = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+            with Image.open(row["image"]) as handle:
+                image = handle.convert("RGB")
+            relative = Path(row["image"]).relative_to(image_root)
+            category = row.get("category") or (relative.parts[0] if len(relative.parts) > 1 else None)
+            for turn, (human, gpt) in enumerate(pairs):
+                sid = row["id"] if len(pairs) == 1 else f"{row['id']}#{turn}"
+                conclusion = parse_cot_stages(gpt).get("conclusion")
+                if not conclusion:
+                    report.skip("missing_stage:conclusion", sid)
+                    continue
+                prompt = human.replace("<image>", "").strip()
+                yield {
+                    "id": sid,
+                    "index": sid,
+                    "prompt": prompt,
+                    "question": prompt,
+                    "options": parse_options(prompt),
+                    "answer": conclusion,
+                    "image": image,
+                    "category": category,
+                }
+
+    return samples(), report
+
+
+READERS: dict[str, Reader] = {
+    ".tsv": _read_vlmevalkit_tsv,
+    ".parquet": _read_blink,
+    ".jsonl": _read_llava_cot_bench,
+}
 """File suffix (lower case, with the dot) -> reader. Add formats with :func:`register_reader`."""
 
 
@@ -90,7 +146,7 @@ def register_reader(suffix: str, reader: Reader) -> None:
     READERS[suffix.lower() if suffix.startswith(".") else f".{suffix.lower()}"] = reader
 
 
-def _reader_for(path: Path) -> Reader:
+def _reader_for(path: Path, image_root: Path | None = None) -> Reader:
     # A folder: the MMVP layout (Questions.csv + "MMVP Images/") or BLINK's per-task parquet files.
     if path.is_dir() or not path.suffix:
         if (path / "Questions.csv").is_file():
@@ -100,6 +156,8 @@ def _reader_for(path: Path) -> Reader:
         if not path.exists():
             raise FileNotFoundError(f"benchmark {path} does not exist")
     reader = READERS.get(path.suffix.lower())
+    if reader is _read_llava_cot_bench and image_root is not None:
+        return lambda p: _read_llava_cot_bench(p, image_root)
     if reader is None:
         raise ValueError(
             f"no reader for {path} (suffix {path.suffix!r}); supported: {', '.join(sorted(READERS))}. "
@@ -170,7 +228,8 @@ def _mean(values: Iterable[float]) -> float | None:
 
 
 def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (overall and per category), token counts, latent steps and latency of per-sample records."""
+    """Accuracy (overall and per category), truncated and unanswered counts, token counts (generated, reasoning,
+    thinking), latent steps and latency of per-sample records."""
     n = len(records)
     correct = [r for r in records if r["correct"]]
     categories: dict[str, list[dict[str, Any]]] = {}
@@ -186,6 +245,8 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_correct": len(correct),
         "accuracy": len(correct) / n if n else None,
         "n_unextracted": sum(r["extracted"] is None for r in records),
+        "n_truncated": sum(bool(r.get("truncated")) for r in records),
+        "n_unanswered": sum(bool(r.get("unanswered")) for r in records),
         "kinds": dict(sorted(kinds.items())),
         "accuracy_per_category": {
             cat: {"n": len(rs), "accuracy": sum(bool(r["correct"]) for r in rs) / len(rs)}
@@ -194,35 +255,36 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_generated_tokens": _mean(tokens),
         "mean_generated_tokens_correct": _mean(r["generated_tokens"] for r in correct),
         "mean_reasoning_tokens": _mean(r["reasoning_tokens"] for r in records if r["reasoning_tokens"] is not None),
+        "mean_thinking_tokens": _mean(r["thinking_tokens"] for r in records if r.get("thinking_tokens") is not None),
         "mean_latent_steps": _mean(r["latent_steps"] for r in records if r["latent_steps"] is not None),
         "mean_latency_s": _mean(latencies),
         "tokens_per_s": sum(tokens) / sum(latencies) if latencies and sum(latencies) > 0 else None,
     }
 
 
+def majority_baseline(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The accuracy of always giving the most common gold answer of each category (of each answer kind when a
+    record has no category), computed on the evaluated records themselves: what a model that ignores the image
+    and reads only the question's type could reach at best. Ties go to the answer seen first."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        key = str(r["category"]) if r.get("category") is not None else str(r["kind"])
+        groups.setdefault(key, []).append(str(r["gold"]).strip().lower())
+    per = {}
+    hits = 0
+    for key, golds in sorted(groups.items()):
+        counts: dict[str, int] = {}
+        for gold in golds:
+            counts[gold] = counts.get(gold, 0) + 1
+        answer = max(counts, key=lambda g: counts[g])  # dicts keep first-seen order: ties go to the first
+        per[key] = {"n": len(golds), "answer": answer, "accuracy": counts[answer] / len(golds)}
+        hits += counts[answer]
+    n = len(records)
+    return {"accuracy": hits / n if n else None, "per_category": per}
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def write_summary_markdown(summary: dict[str, Any], path: Path) -> None:
-    """``summary.md``: one row per benchmark."""
-    lines = [
-        f"# {summary['method']} on {summary['model']}",
-        "",
-        f"max_new_tokens={summary['max_new_tokens']}, batch_size={summary['batch_size']}, device={summary['device']}, "
-        f"torch {summary['torch']}, transformers {summary['transformers']}. Latency = batch wall time / batch size.",
-        "",
-        "| bench | n | accuracy % | gen tok | gen tok (correct) | latent steps | latency s | tok/s | unextracted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, b in summary["benches"].items():
-        accuracy = None if b["accuracy"] is None else 100 * b["accuracy"]
-        lines.append(
-            f"| {name} | {b['n']} | {_fmt(accuracy, '.1f')} | {_fmt(b['mean_generated_tokens'], '.1f')} | "
-            f"{_fmt(b['mean_generated_tokens_correct'], '.1f')} | {_fmt(b['mean_latent_steps'], '.1f')} | "
-            f"{_fmt(b['mean_latency_s'], '.3f')} | {_fmt(b['tokens_per_s'], '.1f')} | {b['n_unextracted']} |"
-        )
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _device_name(model: Any) -> str:
@@ -249,12 +311,17 @@ def _check_run_config(path: Path, config: dict[str, Any], resume: bool, has_reco
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _record(sample: dict[str, Any], gen: Generation, latency_s: float) -> dict[str, Any]:
+def _record(sample: dict[str, Any], gen: Generation, latency_s: float, staged: bool = False) -> dict[str, Any]:
+    from latent_core.readers import conclusion_of
+
     options = {str(k): str(v) for k, v in (sample.get("options") or {}).items()}
     gold = sample.get("answer")
     gold = None if gold is None else str(gold).strip()
     kind = infer_kind(gold, options)
-    extracted = extract_answer(gen.text, kind, options or None)
+    # A staged output is read only from its closed <CONCLUSION> block; without one it is unanswered.
+    scope = gen.text if not staged else conclusion_of(gen.text)
+    unanswered = scope is None
+    extracted = None if unanswered else extract_answer(scope, kind, options or None)
     index = sample.get("index")
     return {
         "id": str(sample["id"]),
@@ -267,8 +334,11 @@ def _record(sample: dict[str, Any], gen: Generation, latency_s: float) -> dict[s
         "prediction": gen.text,
         "extracted": extracted,
         "correct": is_correct(extracted, gold, kind),
+        "unanswered": unanswered,
+        "truncated": bool(gen.truncated),
         "generated_tokens": int(gen.generated_tokens),
         "reasoning_tokens": gen.reasoning_tokens,
+        "thinking_tokens": gen.thinking_tokens,
         "latent_steps": gen.latent_steps,
         "latency_s": latency_s,
     }
@@ -280,11 +350,27 @@ def _run_batch(model, processor, method: EvalMethod, batch, max_new_tokens: int,
     wall = time.perf_counter() - start
     if len(generations) != len(batch):
         raise RuntimeError(f"the method returned {len(generations)} generations for a batch of {len(batch)}")
+    staged = bool(getattr(method, "staged", False))
     for sample, gen in zip(batch, generations, strict=True):
         latency = gen.latency_s if gen.latency_s is not None else wall / len(batch)
-        f.write(json.dumps(_record(sample, gen, latency), ensure_ascii=False) + "\n")
+        f.write(json.dumps(_record(sample, gen, latency, staged), ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def blank_images(sample: dict[str, Any]) -> dict[str, Any]:
+    """The ``--blank-images`` control: ``sample`` with each image replaced by a white one of the same size (for
+    the shapes task: an empty grid). A model that scores as well on these ignores the image."""
+
+    def blank(image: Any) -> Any:
+        return Image.new("RGB", image.size, (255, 255, 255)) if image is not None else None
+
+    out = dict(sample)
+    if sample.get("image") is not None:
+        out["image"] = blank(sample["image"])
+    if sample.get("images"):
+        out["images"] = [blank(image) for image in sample["images"]]
+    return out
 
 
 def _progress(show: bool):
@@ -310,9 +396,9 @@ def _progress(show: bool):
 
 def _eval_bench(
     model, processor, method: EvalMethod, path: Path, bench_dir: Path, config, batch_size, max_new_tokens, resume,
-    limit, progress,
+    limit, progress, image_root: Path | None = None, transform: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    reader = _reader_for(path)
+    reader = _reader_for(path, image_root)
     bench_dir.mkdir(parents=True, exist_ok=True)
     samples_path = bench_dir / "samples.jsonl"
     if resume:
@@ -326,7 +412,8 @@ def _eval_bench(
     total = _estimate_total(path)
     if limit is not None:
         total = limit if total is None else min(total, limit)
-    task = progress.add_task(path.stem, total=total) if progress is not None else None
+    label = path.stem if transform is None else f"{path.stem} ({bench_dir.name})"
+    task = progress.add_task(label, total=total) if progress is not None else None
 
     samples, report = reader(path)
     selected: list[str] = []
@@ -357,7 +444,7 @@ def _eval_bench(
                 continue
             if batch and (batch[0].get("image") is None) != (sample.get("image") is None):
                 flush()  # image and text-only samples are not batched together
-            batch.append(sample)
+            batch.append(sample if transform is None else transform(sample))
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -368,6 +455,7 @@ def _eval_bench(
         "bench": str(path),
         "samples": str(samples_path),
         **summarize_records(records),
+        "majority_baseline": majority_baseline(records),
         "skipped": _report_dict(report),
         "reader_complete": limit is None,
         "duplicate_ids": duplicates,
@@ -382,7 +470,7 @@ def run_eval(
     benches: Sequence[Path],
     out: Path,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     resume: bool = True,
     limit: int | None = None,
     *,
@@ -390,6 +478,8 @@ def run_eval(
     model_name: str | None = None,
     method_options: dict[str, Any] | None = None,
     show_progress: bool = True,
+    blank: bool = False,
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` with ``model`` on each benchmark file; write per-sample JSONL and summaries.
 
@@ -400,24 +490,31 @@ def run_eval(
         benches: benchmark files; the reader is chosen by suffix (:data:`READERS`). File stems must differ.
         out: output directory; ``out/<bench stem>/samples.jsonl`` and the summaries go there.
         batch_size: samples per ``method`` call.
-        max_new_tokens: generation budget per sample.
+        max_new_tokens: generation budget per sample; ``None`` = the method's ``default_max_new_tokens``.
         resume: skip ids already in ``samples.jsonl``; ``False`` starts each benchmark afresh.
         limit: evaluate only the first ``limit`` distinct samples of each file.
         processor: the processor of a loaded ``model``.
         model_name: the name recorded in the summary (default: the alias/path, or ``model.name_or_path``).
         method_options: keyword options for the method's factory (only with a method name).
         show_progress: draw a rich progress bar.
+        blank: also run the blank-image control (:func:`blank_images`) into ``out/<bench>/blank/``; its summary
+            is the bench summary's ``blank``.
+        image_root: the image root of LLaVA-CoT JSONL benches (default: found next to the file).
 
     Returns:
         The summary written to ``out/summary.json``: run settings and versions, and ``benches`` (bench stem ->
-        its summary).
+        its summary, with ``majority_baseline`` and, with ``blank``, ``blank``).
     """
     import torch
     import transformers
 
+    benches = [Path(b) for b in benches]
+    method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+    method_obj = get_method(method, **(method_options or {})) if isinstance(method, str) else method
+    if max_new_tokens is None:
+        max_new_tokens = int(getattr(method_obj, "default_max_new_tokens", 512))
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 0):
         raise ValueError("batch_size and max_new_tokens must be >= 1 and limit >= 0")
-    benches = [Path(b) for b in benches]
     stems = [b.stem for b in benches]
     if len(set(stems)) != len(stems):
         raise ValueError(f"benchmark files must have different names (outputs go to out/<name>): {stems}")
@@ -425,8 +522,6 @@ def run_eval(
         _reader_for(bench)  # an unknown format fails first, with the list of supported ones
         if not bench.exists():
             raise FileNotFoundError(f"benchmark {bench} does not exist")
-    method_name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
-    method_obj = get_method(method, **(method_options or {})) if isinstance(method, str) else method
     if isinstance(model, str | Path):
         model_name = model_name or str(model)
         loader = getattr(method_obj, "load", None)  # a method may know its own checkpoints (heima: stage dirs)
@@ -466,13 +561,71 @@ def run_eval(
             summary["benches"].update(old.get("benches", {}))
     with _progress(show_progress) as progress:
         for bench in benches:
-            summary["benches"][bench.stem] = _eval_bench(
-                model, processor, method_obj, bench, out / bench.stem, config, batch_size, max_new_tokens, resume,
-                limit, progress,
-            )  # fmt: skip
+            args = (batch_size, max_new_tokens, resume, limit, progress, image_root)
+            result = _eval_bench(model, processor, method_obj, bench, out / bench.stem, config, *args)
+            if blank:
+                blank_config = {**config, "images": "blank"}
+                result["blank"] = _eval_bench(
+                    model, processor, method_obj, bench, out / bench.stem / "blank", blank_config, *args,
+                    transform=blank_images,
+                )  # fmt: skip
+                (out / bench.stem / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            summary["benches"][bench.stem] = result
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     write_summary_markdown(summary, out / "summary.md")
     return summary
+
+
+def _table_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The columns of summary.md and the console table: one row per bench (and its blank-image control)."""
+    rows = []
+    for name, b in summary["benches"].items():
+        for label, part in ((name, b), (f"{name} (blank images)", b.get("blank"))):
+            if part is None:
+                continue
+            accuracy = None if part["accuracy"] is None else 100 * part["accuracy"]
+            majority = (part.get("majority_baseline") or {}).get("accuracy")
+            rows.append(
+                (
+                    label,
+                    str(part["n"]),
+                    _fmt(accuracy, ".1f"),
+                    _fmt(None if majority is None else 100 * majority, ".1f"),
+                    str(part.get("n_truncated", 0)),
+                    str(part.get("n_unanswered", 0)),
+                    _fmt(part["mean_generated_tokens"], ".1f"),
+                    _fmt(part["mean_reasoning_tokens"], ".1f"),
+                    _fmt(part.get("mean_thinking_tokens"), ".1f"),
+                    _fmt(part["mean_latent_steps"], ".1f"),
+                    _fmt(part["mean_latency_s"], ".3f"),
+                    _fmt(part["tokens_per_s"], ".1f"),
+                )
+            )
+    return rows
+
+
+TABLE_COLUMNS = (
+    "bench", "n", "accuracy %", "majority %", "truncated", "unanswered", "gen tok", "reasoning tok", "thinking tok",
+    "latent steps", "latency s", "tok/s",
+)  # fmt: skip
+
+
+def write_summary_markdown(summary: dict[str, Any], path: Path) -> None:
+    """``summary.md``: one row per benchmark (and per blank-image control), with the majority baseline."""
+    lines = [
+        f"# {summary['method']} on {summary['model']}",
+        "",
+        f"max_new_tokens={summary['max_new_tokens']}, batch_size={summary['batch_size']}, device={summary['device']}, "
+        f"torch {summary['torch']}, transformers {summary['transformers']}. Latency = batch wall time / batch size. "
+        "majority % = always the most common gold answer of each category (computed on the evaluated samples); "
+        "truncated = stopped at max_new_tokens without EOS; unanswered = no answer could be read (a staged output "
+        "without a closed <CONCLUSION>).",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in _table_rows(summary)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def eval_command(
@@ -481,22 +634,37 @@ def eval_command(
         list[Path],
         typer.Option(
             "--bench",
-            help="Benchmark: a VLMEvalKit .tsv, a BLINK folder or an MMVP folder (repeat --bench for several).",
+            help="Benchmark: a VLMEvalKit .tsv, a LLaVA-CoT .jsonl (gold = its <CONCLUSION>; asked with the training "
+            "prompt), a BLINK folder or an MMVP folder (repeat --bench for several).",
         ),
     ],
-    method: Annotated[str, typer.Option(help="Evaluation method (registered name), e.g. plain.")] = "plain",
+    method: Annotated[
+        str, typer.Option(help="Evaluation method: plain, cot (a model trained on staged CoT), heima, ...")
+    ] = "plain",
     out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
         "runs/eval"
     ),
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per generate call.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per sample (greedy).")] = 64,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Generation budget per sample (greedy); default: the method's (plain 64, cot 1024, heima 512)."
+        ),
+    ] = None,  # fmt: skip
     limit: Annotated[int | None, typer.Option(min=0, help="Only the first N samples of each benchmark.")] = None,
+    blank_images: Annotated[
+        bool, typer.Option("--blank-images", help="Also evaluate with every image blanked (control: is it used?).")
+    ] = False,
+    images: Annotated[
+        Path | None, typer.Option(help="Image root of LLaVA-CoT .jsonl benches (default: found next to the file).")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Skip samples already in samples.jsonl (default).")
     ] = True,
 ) -> None:
     """Evaluate a method on benchmark files: greedy decoding, answer extraction, per-sample JSONL (resumable)
-    and summary.json / summary.md with accuracy, generated tokens and latency per benchmark."""
+    and summary.json / summary.md with accuracy next to the majority baseline (and the blank-image control with
+    --blank-images), truncated and unanswered counts, generated / reasoning / thinking tokens and latency."""
     from rich.console import Console
     from rich.table import Table
 
@@ -507,25 +675,17 @@ def eval_command(
     except UnknownMethodError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
     try:
-        summary = run_eval(model, method, bench, out, batch_size, max_new_tokens, resume, limit)
+        summary = run_eval(
+            model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images
+        )
     except (ValueError, OSError) as err:  # bad alias/checkpoint/file, model not available, resume mismatch
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={max_new_tokens})")
-    for column in ("bench", "n", "accuracy %", "gen tok", "gen tok (correct)", "latent steps", "latency s", "tok/s"):
+    table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={summary['max_new_tokens']})")
+    for column in TABLE_COLUMNS:
         table.add_column(column, justify="left" if column == "bench" else "right")
-    for name, b in summary["benches"].items():
-        accuracy = None if b["accuracy"] is None else 100 * b["accuracy"]
-        table.add_row(
-            name,
-            str(b["n"]),
-            _fmt(accuracy, ".1f"),
-            _fmt(b["mean_generated_tokens"], ".1f"),
-            _fmt(b["mean_generated_tokens_correct"], ".1f"),
-            _fmt(b["mean_latent_steps"], ".1f"),
-            _fmt(b["mean_latency_s"], ".3f"),
-            _fmt(b["tokens_per_s"], ".1f"),
-        )
-    console = Console()
+    for row in _table_rows(summary):
+        table.add_row(*row)
+    console = Console(width=max(Console().width, 140))
     console.print(table)
     console.print(f"summary: {out / 'summary.json'}")

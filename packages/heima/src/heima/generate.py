@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import torch
+from latent_core.readers import CONCLUSION_TAG, reasoning_token_count
 from PIL import Image
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "thinking_token_ids",
 ]
 
-CONCLUSION_TAG = "<CONCLUSION>"
 HIDDEN_INDEX_NAME = "index.jsonl"
 _THINKING = re.compile(r"<THINKING_OF_([A-Za-z]+)(?:_(\d+))?>")
 _CONCLUSION = re.compile(r"<CONCLUSION>(.*?)(?:</CONCLUSION>|$)", re.DOTALL)
@@ -111,39 +111,28 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def _first_token_reaching(tokenizer: Any, ids: list[int], char_index: int) -> int:
-    """Smallest k such that the decoded text of ``ids[: k + 1]`` extends past ``char_index`` (binary search)."""
-    lo, hi = 0, len(ids) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=False)) > char_index:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def count_tokens(ids: Sequence[int], tokenizer: Any, thinking_ids: Iterable[int], eos_ids: Iterable[int]) -> dict:
     """Token counts of one sample's new tokens ``ids`` (anything after the first EOS is ignored).
 
-    Returns ``{"generated_tokens", "reasoning_tokens", "thinking_tokens", "kept"}``: tokens up to and including the
-    first EOS (all if none); tokens before the one where ``<CONCLUSION>`` starts (the tag is found in the decoded
-    text, so it may span several tokens or share one with what precedes it; without a conclusion every generated
-    token counts, EOS included); generated thinking-token ids; and the kept ids (``ids[:generated_tokens]``).
+    Returns ``{"generated_tokens", "reasoning_tokens", "thinking_tokens", "truncated", "kept"}``: tokens up to and
+    including the first EOS (all if none); tokens before the one where ``<CONCLUSION>`` starts
+    (:func:`latent_core.readers.reasoning_token_count`; without a conclusion every generated token counts, EOS
+    included); generated thinking-token ids; whether no EOS came (cut at the budget); and the kept ids
+    (``ids[:generated_tokens]``).
     """
     ids = [int(i) for i in ids]
     eos = set(eos_ids)
     n = next((k + 1 for k, token in enumerate(ids) if token in eos), len(ids))
     kept = ids[:n]
     thinking = set(thinking_ids)
-    body = kept[:-1] if kept and kept[-1] in eos else kept
-    text = tokenizer.decode(body, skip_special_tokens=False) if body else ""
-    start = text.find(CONCLUSION_TAG)
-    reasoning = n if start < 0 else _first_token_reaching(tokenizer, body, start)
+    ended = bool(kept) and kept[-1] in eos
+    body = kept[:-1] if ended else kept
+    before = reasoning_token_count(tokenizer, body)
     return {
         "generated_tokens": n,
-        "reasoning_tokens": reasoning,
+        "reasoning_tokens": before if before < len(body) else n,
         "thinking_tokens": sum(token in thinking for token in kept),
+        "truncated": not ended,
         "kept": kept,
     }
 
@@ -228,28 +217,18 @@ def _image(sample: dict[str, Any], image_root: Path | None) -> Image.Image | Non
 
 
 def _prompt_inputs(processor: Any, samples: Sequence[dict[str, Any]], image_root: Path | None) -> Any:
-    """Left-padded inputs: one user turn (image + question) in the chat template, as the training collator builds
-    it (``latent_core.collate.SupervisedCollator``), with the generation prompt."""
-    tokenizer = _tokenizer(processor)
+    """Left-padded inputs: one user turn (image + question) built by :mod:`latent_core.prompts`, the builder the
+    training collator (``latent_core.collate.SupervisedCollator``) uses, with the generation prompt."""
+    from latent_core.prompts import encode_chats, render_prompts
+
     images = [_image(s, image_root) for s in samples]
     if any(i is None for i in images) and not all(i is None for i in images):
         raise ValueError("a batch mixes samples with and without images; generate them separately")
-    texts = []
-    for sample, image in zip(samples, images, strict=True):
-        question = str(sample["question"])
-        content: Any = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
-        messages = [{"role": "user", "content": content}]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        if images[0] is None:
-            return processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        if "Mllama" in type(processor).__name__:
-            images = [[i] for i in images]
-        return processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    text_only = not hasattr(processor, "image_processor")
+    chats = render_prompts(processor, [str(s["question"]) for s in samples], [int(i is not None) for i in images],
+                           text_only)  # fmt: skip
+    groups = None if images[0] is None else [[image] for image in images]
+    return encode_chats(processor, chats, groups, padding_side="left")
 
 
 def generate(

@@ -82,6 +82,9 @@ _EXPORTS: dict[str, str] = {
     "merge_trainable_rows": "trainable_rows",
     # readers.py
     "COT_STAGES": "readers",
+    "CONCLUSION_TAG": "readers",
+    "conclusion_of": "readers",
+    "reasoning_token_count": "readers",
     "DataFormatError": "readers",
     "ReadReport": "readers",
     "parse_cot_stages": "readers",

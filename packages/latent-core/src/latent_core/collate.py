@@ -1,7 +1,8 @@
 """Batches for supervised fine-tuning: chat template, processor, labels on the answer only.
 
 A row is ``{"id": ..., "prompt": str, "answer": str, "image": path | PIL.Image | None}`` (method data builders
-produce these). The answer is the assistant turn; every prompt token and the padding get label ``-100``. A row
+produce these). The prompt goes through :mod:`latent_core.prompts` (the one builder that generation and evaluation
+use too). The answer is the assistant turn; every prompt token and the padding get label ``-100``. A row
 without an answer or whose image cannot be read raises an error naming the row's id, never a silent skip in the
 middle of training (data builders skip and count bad rows before training).
 """
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from latent_core.prompts import chat_messages, encode_chats, render_prompts
 
 __all__ = ["SupervisedCollator"]
 
@@ -32,6 +35,7 @@ class SupervisedCollator:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_root = Path(image_root) if image_root is not None else None
+        self.text_only = not hasattr(processor, "image_processor")
 
     def _image(self, row: dict[str, Any]) -> Image.Image | None:
         image = row.get("image")
@@ -46,19 +50,6 @@ class SupervisedCollator:
         except (OSError, ValueError) as err:
             raise ValueError(f"row {row.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
 
-    def _messages(self, row: dict[str, Any], image: Image.Image | None, answer: str | None) -> list[dict]:
-        content: list[dict[str, Any]] = [{"type": "image"}] if image is not None else []
-        content.append({"type": "text", "text": row["prompt"]})
-        messages = [{"role": "user", "content": content if image is not None else row["prompt"]}]
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-        return messages
-
-    def _encode(self, texts: list[str], images: list[Image.Image] | None) -> dict[str, torch.Tensor]:
-        if images is None:
-            return self.processor(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         for row in rows:
             if not row.get("answer") and row.get("labels") is None:
@@ -68,28 +59,20 @@ class SupervisedCollator:
         images = [self._image(row) for row in rows]
         if any(i is None for i in images) and not all(i is None for i in images):
             raise ValueError("a batch mixes rows with and without images: batch them separately")
-        images = None if images[0] is None else images
-        if images is not None and "Mllama" in type(self.processor).__name__:
-            images = [[i] for i in images]
+        groups = None if images[0] is None else [[image] for image in images]
+        n_images = [0 if groups is None else 1 for _ in rows]
         apply = self.tokenizer.apply_chat_template
-        full = [apply(self._messages(r, images and images[i], r["answer"]), tokenize=False) for i, r in enumerate(rows)]
-        prompts = [
-            apply(self._messages(r, images and images[i], None), tokenize=False, add_generation_prompt=True)
-            for i, r in enumerate(rows)
+        full = [
+            apply(chat_messages(r["prompt"], n, r["answer"], text_only=self.text_only), tokenize=False)
+            for r, n in zip(rows, n_images, strict=True)
         ]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
-            batch = self._encode(full, images)
-            prompt_lengths = [
-                int(self._encode([p], None if images is None else [images[i]])["attention_mask"].sum())
-                for i, p in enumerate(prompts)
-            ]
-        finally:
-            self.tokenizer.padding_side = side
+        prompts = render_prompts(self.processor, [r["prompt"] for r in rows], n_images, self.text_only)
+        batch = encode_chats(self.processor, full, groups, padding_side="right")
+        # Prompt lengths (image tokens expanded) from one batched call on the prompts alone.
+        prompt_lengths = encode_chats(self.processor, prompts, groups, padding_side="right")["attention_mask"].sum(1)
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-        for i, length in enumerate(prompt_lengths):
+        for i, length in enumerate(prompt_lengths.tolist()):
             labels[i, :length] = IGNORE_INDEX
         batch["labels"] = labels
         return dict(batch)

@@ -37,8 +37,10 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "CONCLUSION_TAG",
     "COT_STAGES",
     "DataFormatError",
+    "conclusion_of",
     "ReadReport",
     "parse_cot_stages",
     "read_blink",
@@ -47,6 +49,7 @@ __all__ = [
     "read_reasoning",
     "read_visual_cot",
     "read_vlmevalkit_tsv",
+    "reasoning_token_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,12 +249,42 @@ def parse_cot_stages(answer: str) -> dict[str, str]:
     return {k: stages[k] for k in COT_STAGES if k in stages}
 
 
+CONCLUSION_TAG = "<CONCLUSION>"
+_CONCLUSION_BLOCK = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", flags=re.DOTALL)
+
+
+def conclusion_of(text: str) -> str | None:
+    """The answer of a staged output: the content of its first closed ``<CONCLUSION>..</CONCLUSION>`` block
+    (stripped), or ``None`` when it has none (an output cut before its conclusion is unanswered)."""
+    match = _CONCLUSION_BLOCK.search(text or "")
+    return match.group(1).strip() if match else None
+
+
+def reasoning_token_count(tokenizer: Any, ids: list[int]) -> int:
+    """Tokens of a generated staged output ``ids`` (no EOS) before the one where ``<CONCLUSION>`` starts: the
+    tokens spent reasoning (stages, tags, thinking tokens). The tag is found in the decoded text, so it may span
+    several tokens or share one with what precedes it; without a conclusion every token counts."""
+    text = tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+    start = text.find(CONCLUSION_TAG)
+    if start < 0:
+        return len(ids)
+    lo, hi = 0, len(ids) - 1  # smallest k such that decode(ids[: k + 1]) extends past ``start``
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=False)) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def read_llava_cot(
     path: str | Path, image_root: str | Path, report: ReadReport | None = None
 ) -> Iterator[dict[str, Any]]:
     """LLaVA-CoT-100k rows (METHODS.md section 1): ``{"id", "image": Path, "conversations": [...]}``.
 
-    ``path`` is JSONL (streamed) or a ``.json`` list; ``image`` is resolved against ``image_root``. The gpt
+    ``path`` is JSONL (streamed) or a ``.json`` list; ``image`` is resolved against ``image_root``; a string
+    ``category`` (not in the released file; the shapes task writes the question kind there) is passed through. The gpt
     answers are returned as is (tags kept: see :func:`parse_cot_stages`); the reader does not check the stages,
     since one multi-turn row gives one sample per turn. Skipped and counted: ``malformed_json``,
     ``not_an_object``, ``missing_field:{id,image,conversations}``, ``missing_image`` (no such file),
@@ -279,6 +312,7 @@ def read_llava_cot(
             "id": row_id,
             "image": image,
             "conversations": [{"from": t["from"], "value": t["value"]} for t in obj["conversations"]],
+            **({"category": obj["category"]} if isinstance(obj.get("category"), str) else {}),
         }
     _finish(report, owned)
 

@@ -46,6 +46,9 @@ red green blue yellow purple orange black white circle square triangle star shap
 left right top bottom above below count counts more fewer than same colour color image picture photo question
 answer reasoning summary caption conclusion therefore so because first then finally step think explain.
 According to question: can you explain the thinking progress? The latent thoughts refocus on the region.
+row 1 column 1: empty. row 2 column 3: red circle, 1 0. So the count is 2, and the answer is yes. I will look at the
+shape. So there are 3 yellow shapes and 2 blue shapes. 3 is more than 2. The answer yes is option B.
+Target: any circle. Targets: red shape and blue shape.
 """
 
 

@@ -7,11 +7,12 @@
   optionally, ``aux_losses``: a dict of named scalar losses. The optimised loss is
   ``loss + sum_name weight(name) * aux_losses[name]``; every term is logged by name (``ntp_loss``,
   ``<name>_loss``) next to HF's total ``loss``.
-- **What is saved**: the PEFT adapter (``adapter_model.safetensors``), and every other *trainable* parameter
-  (new-token rows, projection heads, extractors, projectors: anything registered in the model with
-  ``requires_grad``) in ``extra_modules.safetensors``, keyed by parameter name, plus ``latent_stage.json`` (what the
-  stage added: tokens, extra keys, base model). Under ZeRO-3 only the trainable parameters are gathered for saving.
-  Resuming a checkpoint restores both (single process here; DeepSpeed restores its own engine checkpoint).
+- **What is saved**: for full fine-tuning (a transformers model without adapter: the bases of ``make-base``), a
+  standard ``save_pretrained`` checkpoint; otherwise the PEFT adapter (``adapter_model.safetensors``), and every
+  other *trainable* parameter (new-token rows, projection heads, extractors, projectors: anything registered in the
+  model with ``requires_grad``) in ``extra_modules.safetensors``, keyed by parameter name, plus ``latent_stage.json``
+  (what the stage added: tokens, extra keys, base model). Under ZeRO-3 only the trainable parameters are gathered
+  for saving. Resuming a checkpoint restores both (single process here; DeepSpeed restores its own engine checkpoint).
 - **Stage chaining**: :func:`load_stage` continues from a previous stage's output directory (adapter + extra modules
   + tokens), for Heima's progressive stages and LaRe's four stages; a missing or incompatible stage fails with a
   message naming what is missing.
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 __all__ = [
     "DEEPSPEED_CONFIGS",
@@ -349,7 +350,8 @@ class LatentTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         peft_model, prefix = _peft_model(model)
         if peft_model is None:
-            raise ValueError("LatentTrainer saves PEFT adapters: wrap the model with latent_core.prepare_lora_model")
+            self._save_full(model, output_dir, state_dict)
+            return
         # Values: the gathered state dict under ZeRO-3, else the live parameters.
         values = state_dict if state_dict else dict(model.state_dict())
         adapter_state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
@@ -368,6 +370,21 @@ class LatentTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_full(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
+        """Full fine-tuning (no PEFT adapter): a standard ``save_pretrained`` checkpoint (safetensors) that
+        ``latent_core.load_model`` / ``from_pretrained`` load, plus the processor and ``latent_stage.json``."""
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                "LatentTrainer saves PEFT adapters or whole transformers models: wrap the model with "
+                "latent_core.prepare_lora_model, or train a PreTrainedModel"
+            )
+        model.save_pretrained(output_dir, state_dict=state_dict or None, safe_serialization=True)
+        info = {**self.stage_info, "full_model": True, "embedding_rows": int(_rows(model.get_input_embeddings()))}
+        Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_deepspeed_enabled:  # DeepSpeed restores the whole engine from its own checkpoint
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -375,6 +392,8 @@ class LatentTrainer(Trainer):
 
         model = model if model is not None else self.model
         peft_model, _ = _peft_model(model)
+        if peft_model is None and isinstance(model, PreTrainedModel):  # a full fine-tuning checkpoint
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         adapter = Path(resume_from_checkpoint) / "adapter_model.safetensors"
         if peft_model is None or not adapter.is_file():
             raise StageError(f"checkpoint {resume_from_checkpoint} has no PEFT adapter to resume from")

@@ -1,0 +1,6 @@
+"""Reproductions of the papers' claims at CPU scale, on the synthetic shapes task, from the shipped bases
+(``data/base``): one command per method, each writing ``results.json``, a markdown table, a plot, and one JSON
+record on its last stdout line.
+
+- :mod:`latent_apps.reproduce.heima`: ``latent reproduce heima``.
+"""

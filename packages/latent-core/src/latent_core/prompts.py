@@ -1,0 +1,140 @@
+"""The one prompt builder: the user turn every method trains on, generates with and is evaluated with.
+
+Training (:class:`latent_core.collate.SupervisedCollator`), generation (``heima.generate``) and evaluation
+(``latent eval``) all build their inputs here, so a model is always asked in the form it was trained with:
+
+- :func:`question_text` writes the user text of a question with its options::
+
+      [<hint>\\n]<question>
+      Options:
+      A. <option A>
+      B. <option B>
+      Please answer with the letter of the correct option.
+
+  and a question without options as ``[<hint>\\n]<question>`` (plus ``instruction`` when given: the ``plain``
+  evaluation of an untrained chat model adds :data:`SHORT_INSTRUCTION`). The synthetic shapes task writes its
+  multiple-choice questions with this function, so its training data and its VLMEvalKit TSV ask the same thing.
+- :func:`chat_messages` puts the images (first, as in LLaVA-CoT and the chat templates of every family) and the
+  text in one user turn, optionally followed by the assistant's answer.
+- :func:`encode_chats` runs the processor on rendered chats with the family's image nesting (mllama takes one list
+  of images per sample) and the padding side asked for (left for generation, right for training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "MC_INSTRUCTION",
+    "OPTIONS_HEADER",
+    "SHORT_INSTRUCTION",
+    "chat_messages",
+    "encode_chats",
+    "parse_options",
+    "question_text",
+    "render_prompts",
+]
+
+OPTIONS_HEADER = "Options:"
+MC_INSTRUCTION = "Please answer with the letter of the correct option."
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+def question_text(
+    question: str,
+    options: Mapping[str, Any] | Sequence[Any] | None = None,
+    hint: str | None = None,
+    instruction: str | None = None,
+) -> str:
+    """The user text of ``question`` (see the module docstring).
+
+    Args:
+        question: the bare question.
+        options: letter -> option text, or a list of option texts (lettered A, B, ...); empty or ``None`` for an
+            open question.
+        hint: context written before the question (VLMEvalKit's ``hint`` column).
+        instruction: a last line for open questions (multiple-choice questions always end with
+            :data:`MC_INSTRUCTION`).
+    """
+    if options is not None and not isinstance(options, Mapping):
+        options = {chr(ord("A") + i): value for i, value in enumerate(options)}
+    lines = [str(hint).strip()] if hint else []
+    lines.append(str(question).strip())
+    if options:
+        lines.append(OPTIONS_HEADER)
+        lines.extend(f"{key}. {str(value).strip()}" for key, value in options.items())
+        lines.append(MC_INSTRUCTION)
+    elif instruction:
+        lines.append(instruction)
+    return "\n".join(lines)
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """The options written in a user text by :func:`question_text` (``"A. red"`` lines after ``Options:``), as
+    ``{letter: text}``; ``{}`` when it has none."""
+    lines = text.split("\n")
+    if OPTIONS_HEADER not in lines:
+        return {}
+    options = {}
+    for line in lines[lines.index(OPTIONS_HEADER) + 1 :]:
+        key, dot, value = line.partition(". ")
+        if not dot or len(key) != 1 or not key.isalpha():
+            break
+        options[key] = value
+    return options
+
+
+def chat_messages(text: str, num_images: int = 1, answer: str | None = None, *, text_only: bool = False) -> list:
+    """One user turn holding ``num_images`` images then ``text``, and the assistant's ``answer`` when given.
+
+    ``text_only`` (a text LLM's chat template) writes the user content as a plain string.
+    """
+    if text_only or num_images == 0:
+        content: Any = text if text_only else [{"type": "text", "text": text}]
+    else:
+        content = [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def render_prompts(processor: Any, texts: Sequence[str], num_images: Sequence[int], text_only: bool = False) -> list:
+    """The chat-template strings of user turns ``texts`` with the generation prompt (what the model continues)."""
+    apply = _tokenizer(processor).apply_chat_template
+    return [
+        apply(chat_messages(text, n, text_only=text_only), tokenize=False, add_generation_prompt=True)
+        for text, n in zip(texts, num_images, strict=True)
+    ]
+
+
+def encode_chats(
+    processor: Any, chats: Sequence[str], images: Sequence[Sequence[Any]] | None, padding_side: str = "left"
+) -> Any:
+    """Run ``processor`` on rendered ``chats`` (one list of PIL images per chat, or ``None`` for text only), padded
+    on ``padding_side``. Mllama's processor takes the nested lists; the others one flat list in prompt order.
+
+    Raises:
+        ValueError: some chats have images and others not (batch them separately).
+    """
+    tokenizer = _tokenizer(processor)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, add_special_tokens=False)
+        if images is None or not any(images):
+            if images is not None and hasattr(processor, "image_processor"):
+                return processor(text=list(chats), **kwargs)
+            return processor(list(chats), **kwargs)
+        if not all(images):
+            raise ValueError("a batch mixes samples with and without images; batch them separately")
+        nested = "Mllama" in type(processor).__name__
+        flat = [list(group) for group in images] if nested else [image for group in images for image in group]
+        return processor(images=flat, text=list(chats), **kwargs)
+    finally:
+        tokenizer.padding_side = side

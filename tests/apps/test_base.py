@@ -1,0 +1,151 @@
+"""make-base: a few dozen steps on a handful of questions lower the loss and save a checkpoint that the loaders and
+the method CLIs take; a killed run resumes to the same weights; the shipped bases answer fresh questions right and
+fall to chance with blank images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from latent_apps.base import BASE_FAMILIES, MAKE_BASE_NAME, build_base, make_base
+from latent_apps.shapes import make_shapes
+from latent_core import family_of, load_model, load_processor
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ["mllama", "qwen2_5_vl", "llava", "qwen2_5_vl-small"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(6, 1, out, test_fraction=0.34)
+    return out
+
+
+@pytest.mark.parametrize("family", BASE_FAMILIES)
+def test_build_base_is_the_real_class(family):
+    model, processor = build_base(family)
+    assert family_of(model).name == family
+    if family != "causal_lm":
+        assert type(processor).__name__.endswith("Processor")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "causal_lm"])
+def test_make_base_lowers_the_loss_and_saves_a_loadable_model(family, shapes, tmp_path):
+    out = tmp_path / family
+    summary = make_base(
+        family, shapes, out, steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2, threads=1, eval_samples=4,
+        eval_batch_size=4, show_progress=False,
+    )  # fmt: skip
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert summary["steps"] == 30 and losses[-1] < 0.5 * losses[0]
+    assert json.loads((out / MAKE_BASE_NAME).read_text())["shapes_args"]["n"] == 6
+    assert not (out / "checkpoints").exists()
+    model = load_model(str(out))
+    processor = load_processor(str(out))
+    assert family_of(model).name == family
+    assert getattr(processor, "tokenizer", processor).chat_template
+    assert summary["eval"]["n"] == 4 and "blank_accuracy" in summary["eval"]
+
+
+@pytest.mark.slow
+def test_heima_and_interpreter_clis_take_the_made_bases(shapes, tmp_path):
+    """A made VLM base trains a Heima stage through the heima CLI; a made text base is an interpreter LM."""
+    from heima.cli import app as heima_app
+    from typer.testing import CliRunner
+
+    vlm = tmp_path / "vlm"
+    make_base("mllama", shapes, vlm, steps=2, batch_size=4, threads=1, eval_samples=0, show_progress=False)
+    runner = CliRunner()
+    prepared = tmp_path / "prepared"
+    result = runner.invoke(
+        heima_app,
+        ["prepare", "--data", str(shapes / "train" / "llava_cot.jsonl"), "--images", str(shapes), "--out", str(prepared)],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        heima_app,
+        ["train", "--stage", "0", "--prepared", str(prepared), "--model", str(vlm), "--run-dir", str(tmp_path / "run"),
+         "--max-steps", "1", "--batch-size", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "stage-0" / "adapter_model.safetensors").is_file()
+
+    from interpreters.model import build_interpreter
+
+    text = tmp_path / "text"
+    make_base("causal_lm", shapes, text, steps=2, batch_size=4, threads=1, eval_samples=0, show_progress=False)
+    model, tokenizer = load_model(str(text)), load_processor(str(text))
+    interpreter = build_interpreter(model, tokenizer, hidden_size=64, r=4, alpha=8)
+    assert interpreter.placeholder_id == tokenizer.convert_tokens_to_ids("<THOUGHT>")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(shapes, tmp_path, monkeypatch):
+    from latent_core.trainer import LatentTrainer
+
+    common = dict(steps=8, batch_size=4, learning_rate=3e-3, warmup_steps=1, threads=1, eval_samples=0)
+    make_base("qwen2_5_vl", shapes, tmp_path / "straight", show_progress=False, **common)
+
+    original = LatentTrainer.training_step
+    calls = {"n": 0}
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")  # after the checkpoint of step 5
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentTrainer, "training_step", dying)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        make_base("qwen2_5_vl", shapes, out, save_steps=5, show_progress=False, **common)
+    assert (out / "checkpoints" / "checkpoint-5").is_dir()
+    monkeypatch.setattr(LatentTrainer, "training_step", original)
+    summary = make_base("qwen2_5_vl", shapes, out, save_steps=5, show_progress=False, **common)
+    assert summary["resumed_from"].endswith("checkpoint-5") and summary["steps"] == 8
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_make_base_refuses_a_folder_that_is_not_shapes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make-shapes"):
+        make_base("qwen2_5_vl", tmp_path, tmp_path / "out", steps=1)
+    with pytest.raises(ValueError, match="make-base builds"):
+        build_base("gemma3")
+
+
+def _fresh_questions(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Questions on scenes no base was trained on (another seed), with their staged answers."""
+    out = tmp_path / "fresh"
+    make_shapes(10, 987, out, test_fraction=1.0)
+    rows = [json.loads(line) for line in (out / "test" / "llava_cot.jsonl").read_text().splitlines()]
+    return out, rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_base_answers_fresh_questions(name, tmp_path):
+    """Each shipped base (data/base/<name>) answers questions on unseen scenes right, asked with the training
+    prompt, and falls to the majority level with blank images (so it reads the image)."""
+    from latent_apps.eval.runner import run_eval
+
+    base = ROOT / "data" / "base" / name
+    if not (base / "config.json").is_file():
+        pytest.skip(f"{base} is not shipped in this checkout")
+    torch.set_num_threads(1)
+    shapes, rows = _fresh_questions(tmp_path)
+    summary = run_eval(
+        str(base), "cot", [shapes / "test" / "llava_cot.jsonl"], tmp_path / "eval", batch_size=40, max_new_tokens=400,
+        blank=True, show_progress=False,
+    )["benches"]["llava_cot"]  # fmt: skip
+    assert summary["n"] == len(rows) == 40
+    assert summary["n_truncated"] == 0 and summary["n_unanswered"] == 0
+    assert summary["accuracy"] >= 0.85, summary["accuracy_per_category"]
+    assert summary["blank"]["accuracy"] <= summary["majority_baseline"]["accuracy"] + 0.15
