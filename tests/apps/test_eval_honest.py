@@ -106,7 +106,8 @@ def test_methods_flag_a_generation_without_eos_as_truncated(qwen, method_class, 
     budget = len(words) + 1
     new = [words + [eos], (filler * budget)[:budget]]  # ends with EOS; cut at the budget
     monkeypatch.setattr(model, "generate", _FixedGenerate(model, new))
-    samples = [{"id": str(i), "question": "Is there a red circle?", "image": Image.new("RGB", (56, 56))} for i in (0, 1)]
+    image = Image.new("RGB", (56, 56))
+    samples = [{"id": str(i), "question": "Is there a red circle?", "image": image} for i in (0, 1)]
     first, second = method_class()(model, processor, samples, budget)
     assert (first.truncated, first.generated_tokens) == (False, len(words) + 1)
     assert (second.truncated, second.generated_tokens) == (True, budget)
@@ -150,11 +151,12 @@ def test_blank_image_control_and_majority_baseline(shapes, qwen, tmp_path):
     assert b["accuracy"] == 1.0
     assert b["blank"]["accuracy"] == 0.0 and b["blank"]["n"] == n
     assert (tmp_path / "llava_cot" / "blank" / "samples.jsonl").is_file()
-    # the majority baseline, by hand: per category, the share of its most common gold answer
+    # the majority baseline, by hand: per category and answer form (letter / open), the share of its most common
+    # gold answer
     records = read_samples_jsonl(tmp_path / "llava_cot" / "samples.jsonl")
     hits = 0
-    for cat in {r["category"] for r in records}:
-        golds = [r["gold"].lower() for r in records if r["category"] == cat]
+    for group in {(r["category"], r["kind"]) for r in records}:
+        golds = [r["gold"].lower() for r in records if (r["category"], r["kind"]) == group]
         hits += max(golds.count(g) for g in set(golds))
     assert b["majority_baseline"]["accuracy"] == pytest.approx(hits / n)
     assert set(b["majority_baseline"]["per_category"]) == {"count", "exists", "colour", "compare"}
@@ -167,10 +169,13 @@ def test_majority_baseline_by_hand():
         {"category": "a", "kind": "text", "gold": "y"},
         {"category": None, "kind": "yes_no", "gold": "Yes"},
         {"category": None, "kind": "yes_no", "gold": "no"},
+        {"category": "a", "kind": "choice", "gold": "B"},  # the same category asked as multiple choice
+        {"category": "a", "kind": "choice", "gold": "B"},
+        {"category": "a", "kind": "choice", "gold": "A"},
     ]
     result = majority_baseline(records)
-    assert result["accuracy"] == pytest.approx((2 + 1) / 5)
-    assert result["per_category"]["a"] == {"n": 3, "answer": "x", "accuracy": pytest.approx(2 / 3)}
+    assert result["accuracy"] == pytest.approx((2 + 1 + 2) / 8)
+    assert result["per_category"]["a"] == {"n": 6, "answers": {"choice": "b", "text": "x"}, "accuracy": 4 / 6}
     assert result["per_category"]["yes_no"]["accuracy"] == 0.5
 
 

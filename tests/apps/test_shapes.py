@@ -199,21 +199,21 @@ def _target(words: str) -> tuple[str | None, str | None]:
     return (colour[0] if colour else None), shape
 
 
-def _expected_scan(objects: list[dict], targets: list[tuple[str | None, str | None]]) -> str:
+def _expected_scan(objects: list[dict], targets: list[tuple[str | None, str | None]], against: str) -> str:
     counts = [0] * len(targets)
     parts = []
     for r, c, what in _cells(objects):
         colour, _, shape = what.partition(" ")
         hits = [what != "no shape" and tc in (None, colour) and ts in (None, shape) for tc, ts in targets]
-        counts = [n + hit for n, hit in zip(counts, hits)]
+        counts = [n + hit for n, hit in zip(counts, hits, strict=True)]
         verdicts = " ".join("yes" if hit else "no" for hit in hits)
-        parts.append(f"row {r} column {c}: {what}, {verdicts}, {' '.join(map(str, counts))}.")
+        parts.append(f"row {r} column {c}: {what} vs {against}, {verdicts}, {' '.join(map(str, counts))}.")
     return " ".join(parts)
 
 
 def test_caption_lists_every_cell_and_reasoning_scans_them(built):
     """Written out independently from the scene: the caption names every cell in reading order, position first; the
-    count / exists / compare reasoning restates the target, then scans every cell with running counts."""
+    count / exists / compare reasoning restates the target, then scans every cell against it with running counts."""
     scenes = json.loads((built / "scenes.json").read_text())
     kinds = set()
     for row in _split(built, "train")["llava_cot"][:80]:
@@ -227,18 +227,19 @@ def test_caption_lists_every_cell_and_reasoning_scans_them(built):
             target = _target(q[1])
             phrase = f"{target[0] or 'any'} {target[1] or 'shape'}"
             answer = _solve(question, objects)[0]
-            assert reasoning.startswith(f"Target: {phrase}. {_expected_scan(objects, [target])} So the count is {answer}.")
+            scan = _expected_scan(objects, [target], phrase)
+            assert reasoning.startswith(f"Target: {phrase}. {scan} So the count is {answer}.")
         elif q := re.fullmatch(r"Is there a (\w+ \w+)\?", question):
             kinds.add("exists")
             target = _target(q[1])
-            scan = _expected_scan(objects, [target])
+            scan = _expected_scan(objects, [target], q[1])
             assert reasoning.startswith(f"Target: {q[1]}. {scan} So the count is ")
             assert f"and the answer is {_solve(question, objects)[0]}." in reasoning
         elif q := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
             kinds.add("compare")
             targets = [_target(q[1]), _target(q[2])]
-            phrases = [f"{t[0] or 'any'} {t[1] or 'shape'}" for t in targets]
-            assert reasoning.startswith(f"Targets: {phrases[0]} and {phrases[1]}. {_expected_scan(objects, targets)}")
+            against = f"{targets[0][0] or targets[0][1]} and {targets[1][0] or targets[1][1]}"  # "red and blue"
+            assert reasoning.startswith(f"Targets: {against}. {_expected_scan(objects, targets, against)}")
         else:
             kinds.add("colour")
             r, c = re.fullmatch(r"What colour is the shape at row (\d) column (\d)\?", question).groups()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "build_base", "default_threads", "make_base"]
+__all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "base_shapes", "build_base", "default_threads", "make_base"]
 
 BASE_FAMILIES: tuple[str, ...] = ("mllama", "qwen2_5_vl", "llava", "llava_next", "causal_lm")
 IMAGE_PX = 84  # processor input side: 3 cells of 28 px = 2x2 patches of 14 px each
@@ -52,7 +52,7 @@ class BaseSize:
 
 
 SIZES: dict[str, BaseSize] = {
-    "tiny": BaseSize(hidden=64, layers=2, heads=4, vision_hidden=32, vision_layers=2),
+    "tiny": BaseSize(hidden=64, layers=4, heads=4, vision_hidden=32, vision_layers=2),
     "small": BaseSize(hidden=128, layers=4, heads=4, vision_hidden=64, vision_layers=2),
 }
 """``tiny``: the bases every method starts from; ``small``: a larger one (LaViT's teacher)."""
@@ -439,6 +439,35 @@ def shapes_args(shapes: Path) -> dict[str, Any]:
     return {k: summary[k] for k in SHAPES_ARGS if k in summary}
 
 
+def base_shapes(base: Path, out: Path) -> Path:
+    """The shapes data set a base was trained on, written to ``out`` from the base's ``make_base.json`` (same
+    arguments, same bytes) unless ``out`` already holds it: the base's own test split, for its evaluation.
+
+    Raises:
+        FileNotFoundError: ``base`` was not made by :func:`make_base`.
+        ValueError: ``out`` holds another shapes data set.
+    """
+    from latent_apps.shapes import make_shapes
+
+    base, out = Path(base), Path(out)
+    info = base / MAKE_BASE_NAME
+    if not info.is_file():
+        raise FileNotFoundError(
+            f"{base} is not a base made by make-base (no {MAKE_BASE_NAME}): pass a make-base output directory, or "
+            "train one with `uv run apps/cli make-base --family FAMILY`"
+        )
+    args = json.loads(info.read_text(encoding="utf-8"))["shapes_args"]
+    summary = out / "summary.json"
+    if summary.is_file():
+        have = json.loads(summary.read_text(encoding="utf-8"))
+        if all(have.get(k) == v for k, v in args.items()):
+            return out
+    if (out / "train").exists():
+        raise ValueError(f"{out} holds another shapes data set than the base's ({args}): choose another folder")
+    make_shapes(out=out, **args)
+    return out
+
+
 def _check_shapes(shapes: Path) -> None:
     needed = ("summary.json", "train/llava_cot.jsonl", "test/llava_cot.jsonl", "images")
     missing = [p for p in needed if not (shapes / p).exists()]
@@ -460,10 +489,10 @@ def make_base(
     shapes: str | Path,
     out: str | Path,
     size: str = "tiny",
-    steps: int = 3000,
+    steps: int = 2500,
     seed: int = 0,
     batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    learning_rate: float = 3e-3,
     warmup_steps: int = 100,
     vision_warmup_steps: int = 150,
     vision_freeze_steps: int = 600,
@@ -556,6 +585,7 @@ def make_base(
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; make_base.json records the settings
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(checkpoints, ignore_errors=True)
 
@@ -589,7 +619,50 @@ def make_base(
         summary["eval"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
                                         show_progress=show_progress)  # fmt: skip
     (out / MAKE_BASE_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(base_readme(summary), encoding="utf-8")
     return summary
+
+
+def base_readme(summary: dict[str, Any]) -> str:
+    """The README of a made base: what it is, the command and seed that made it, and its evaluation."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines = [
+        f"# {summary['family']} base ({summary['size']}): {summary['model_class']}, {summary['params']:,} parameters",
+        "",
+        "Trained from scratch on the synthetic shapes task by `latent make-base` (every weight trainable). Load it "
+        "with `latent_core.load_model(path)` / `load_processor(path)` or pass the path to any method's `--model`.",
+        "",
+        f"- command: `{summary['command']}`",
+        f"- shapes data: `make_shapes({', '.join(f'{k}={v!r}' for k, v in summary['shapes_args'].items())})` "
+        f"({summary['train_questions']} train questions)",
+        f"- dims: {summary['dims']}; processor input {summary['image_px']} px",
+        f"- {summary['steps']} steps of batch {summary['batch_size']}, lr {summary['learning_rate']}, vision warm-up "
+        f"{summary['vision_warmup_steps']} steps, vision frozen for {summary['vision_freeze_steps']} steps; "
+        f"{summary['train_seconds']:.0f} s on {summary['threads']} threads (torch {summary['torch']}, transformers "
+        f"{summary['transformers']})",
+    ]
+    ev = summary.get("eval")
+    if ev:
+        lines += [
+            "",
+            f"Test split ({ev['n']} questions, `latent eval --method cot`, greedy, answer read from `<CONCLUSION>`):",
+            "",
+            "| accuracy | blank images | majority baseline | exact captions | truncated | unanswered | tokens |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {pct(ev['accuracy'])} | {pct(ev['blank_accuracy'])} | {pct(ev['majority_baseline'])} | "
+            f"{pct(ev['exact_captions'])} | {ev['truncated']} | {ev['unanswered']} | "
+            f"{ev['mean_generated_tokens']:.1f} |",
+            "",
+            "Per question kind: "
+            + ", ".join(
+                f"{k} {pct(v)} (blank {pct(ev['blank_accuracy_per_kind'].get(k))})"
+                for k, v in ev["accuracy_per_kind"].items()
+            ),  # fmt: skip
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_base(

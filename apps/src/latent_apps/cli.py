@@ -22,11 +22,16 @@ def demo(
     ] = None,
     out: Annotated[Path, typer.Option(help="Where summary.json is written.")] = Path("runs/demo"),
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy generation length.")] = 16,
-    heima: Annotated[bool, typer.Option(help="Also run Heima end to end on the fixtures (tiny mllama).")] = True,
+    heima: Annotated[
+        bool, typer.Option(help="Also evaluate the shipped base (CoT) against the shipped Heima on shapes questions.")
+    ] = True,
+    questions_n: Annotated[
+        int, typer.Option("--questions", min=1, help="Shapes test questions for the shipped-model comparison.")
+    ] = 48,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
-    the demo image and question; then Heima end to end on the fixtures (prepare, stages 0-3 and recover for a few
-    steps each, generate with hidden-state capture). Prints tables and writes summary.json."""
+    the demo image and question; then the shipped base (CoT) against the shipped Heima (from `reproduce heima`) on
+    shapes test questions, with the blank-image and majority controls. Prints tables and writes summary.json."""
     from latent_core.testing import TINY_FAMILIES
     from rich.console import Console
     from rich.progress import track
@@ -68,31 +73,32 @@ def demo(
     if heima:
         import tempfile
 
-        from latent_apps.demo import run_heima
+        from latent_apps.demo import SHIPPED_FAMILY, run_shipped
 
-        with tempfile.TemporaryDirectory(prefix="latent-demo-heima-") as work:
-            extra["heima"] = run_heima(Path(work))
-        h = extra["heima"]
-        table = Table(title="heima on data/fixtures/llava_cot (tiny mllama)")
-        for column in ("records", "stages", "last losses", "train s", "generated tok", "thinking tok", "states"):
-            table.add_column(column)
-        table.add_row(
-            str(h["records"]),
-            " -> ".join(h["stages"]),
-            " ".join(f"{v:.2f}" for v in h["final_losses"].values()),
-            f"{h['train_seconds']:.1f}",
-            str(h["generated_tokens"]),
-            str(h["thinking_tokens"]),
-            str(h["captured_states"]),
+        with tempfile.TemporaryDirectory(prefix="latent-demo-shipped-") as work:
+            try:
+                extra["heima"] = h = run_shipped(Path(work), n=questions_n)
+            except FileNotFoundError as err:
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(2) from None
+        table = Table(
+            title=f"shipped {SHIPPED_FAMILY} base (CoT) vs shipped Heima: first {h['n']} shapes test questions; "
+            "blank = images blanked, majority = most common answer per question kind"
         )
-        console.print(table)
-        interp = h["interpreters"]
-        table = Table(title="interpreters on the tiny Heima's thinking tokens (unified tiny interpreter)")
-        for column in ("stage", "condition", *interp["metrics"]):
-            table.add_column(column)
-        for stage, conditions in interp["scores"].items():
-            for condition, values in conditions.items():
-                table.add_row(stage, condition, *(f"{values.get(m, float('nan')):.1f}" for m in interp["metrics"]))
+        columns = ("model", "accuracy", "blank", "majority", "gen tok", "thinking tok", "truncated", "unanswered")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for label, r in h["rows"].items():
+            table.add_row(
+                label,
+                f"{100 * r['accuracy']:.1f}%",
+                f"{100 * r['blank_accuracy']:.1f}%",
+                f"{100 * r['majority_baseline']:.1f}%",
+                f"{r['generated_tokens']:.1f}",
+                f"{r['thinking_tokens'] or 0:.1f}",
+                str(r["truncated"]),
+                str(r["unanswered"]),
+            )
         console.print(table)
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
@@ -137,10 +143,10 @@ def make_base_command(
     size: Annotated[
         str, typer.Option(help="tiny (the shipped bases) or small (a larger one: LaViT's teacher).")
     ] = "tiny",
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (batches of --batch-size questions).")] = 3000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (batches of --batch-size questions).")] = 2500,
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine to 0).")] = 2e-3,
+    learning_rate: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine to 0).")] = 3e-3,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: the usable cores, <= 8).")] = None,
     eval_samples: Annotated[
         int, typer.Option(min=0, help="Test questions evaluated at the end (0: none), with the blank-image control.")

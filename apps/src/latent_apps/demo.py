@@ -1,15 +1,17 @@
-"""`latent demo`: every tiny model family through the real loading path, processor, forward and greedy generate.
+"""`latent demo`: every tiny model family through the real loading path, then the shipped models on the shapes task.
 
 For each family of the tiny model zoo (`latent_core.testing`): build the model, ``save_pretrained`` it with its
 processor, load both back through `latent_core.load_model` / `load_processor` (the code path a real checkpoint
 takes), apply the chat template to the demo image and question from ``data/demo``, run one forward and one
 greedy ``generate``, and report parameters, tokens and milliseconds.
+
+Then the evidence that the methods work (:func:`run_shipped`): the shipped base trained from scratch with CoT
+answers (``data/base/mllama``) and the shipped Heima made from it by ``reproduce heima``
+(``data/reproduced/heima-mllama``) answer the same shapes test questions, each also with blank images.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 import time
@@ -130,113 +132,39 @@ def write_summary(records: list[DemoRecord], out_dir: Path, seconds: float, extr
     return path
 
 
-def run_heima(work: Path, steps: int = 2, max_new_tokens: int = 24) -> dict:
-    """Heima end to end on the LLaVA-CoT fixtures with the tiny mllama: prepare, the progressive stages 0..3 and
-    the recovering stage (``steps`` optimizer steps each, each stage starting from the previous one), then
-    greedy generation with the thinking tokens' hidden states captured on the KV cache."""
-    from heima.config import HeimaConfig
-    from heima.data import prepare
-    from heima.generate import generate, load_for_inference
-    from heima.trainer import train_stage
-    from latent_core.testing import tiny_model
+SHIPPED_FAMILY = "mllama"
 
-    fixtures = find_demo_data().parents[1] / "fixtures" / "llava_cot"
-    start = time.perf_counter()
-    base = work / "tiny-mllama"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
-    dataset, report = prepare(fixtures / "train.jsonl", fixtures, work / "prepared", progress=False)
-    config = HeimaConfig(
-        output_dir=str(work / "run"),
-        model=str(base),
-        run_dir=str(work / "run"),
-        prepared=str(work / "prepared"),
-        max_steps=steps,
-        per_device_train_batch_size=2,
-        recover_batch_size=2,
-        learning_rate=1e-3,
-        recover_learning_rate=1e-3,
-        warmup_steps=0,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    stages: list[int | str] = [0, 1, 2, 3, "recover"]
-    losses = {}
-    for stage in stages:
-        with contextlib.redirect_stdout(io.StringIO()):  # HF prints every log line when its progress bar is off
-            out = train_stage(config, stage)
-        summary = json.loads((out / "heima_train.json").read_text())
-        losses[str(stage)] = summary["last_loss"]
-    train_seconds = time.perf_counter() - start
-    model, processor = load_for_inference(work / "run" / "recover")
-    image_path = find_demo_data().parent / "shapes.png"
-    samples = [{"id": "demo", "question": "How many red circles are there?", "image": image_path}]
-    records = generate(model, processor, samples, max_new_tokens=max_new_tokens, capture=True)
-    record = records[0]
-    interpreters = run_interpreters(work, steps=60)
+
+def shipped_paths(family: str = SHIPPED_FAMILY) -> dict[str, Path]:
+    """The checkout's shipped models of ``family``: the base (``data/base/<family>``, made by ``make-base``) and the
+    recovered Heima exported by ``reproduce heima`` (``data/reproduced/heima-<family>/model``)."""
+    root = find_demo_data().parents[2]
     return {
-        "interpreters": interpreters,
-        "records": len(dataset),
-        "skipped": dict(report.skipped),
-        "stages": [str(s) for s in stages],
-        "final_losses": losses,
-        "train_seconds": round(train_seconds, 2),
-        "generated_tokens": record["generated_tokens"],
-        "reasoning_tokens": record["reasoning_tokens"],
-        "thinking_tokens": record["thinking_tokens"],
-        "captured_states": len(record.get("hidden_states", [])),
-        "latency_s": round(record["latency_s"], 4),
+        "base": root / "data" / "base" / family,
+        "heima": root / "data" / "reproduced" / f"heima-{family}" / "model",
     }
 
 
-def run_interpreters(work: Path, steps: int = 10) -> dict:
-    """The interpreter pipeline on the demo's tiny Heima (``work/run/recover``): capture the thinking tokens'
-    states teacher-forced on the prepared data, train one unified tiny interpreter (causal_lm) for ``steps``
-    steps, decode with the zero / shuffled controls, and score BLEU-4, ROUGE-L and (when WordNet is installed)
-    METEOR. BERTScore and the LLM judge are left to `interpreters score` (model download / API key)."""
-    from interpreters.capture import capture
-    from interpreters.config import InterpreterConfig
-    from interpreters.decode import decode
-    from interpreters.metrics import MeteorDataError, ensure_wordnet
-    from interpreters.score import score
-    from interpreters.trainer import train_interpreter
-    from latent_core.testing import tiny_model
+def run_shipped(work: Path, family: str = SHIPPED_FAMILY, n: int = 48, batch_size: int = 48) -> dict:
+    """The shipped base (CoT) and the shipped recovered Heima on the first ``n`` questions of the base's own shapes
+    test split (regenerated from its ``make_base.json``), through ``latent eval`` with the training prompt: accuracy,
+    the blank-image control, the majority baseline, generated / thinking tokens, truncated and unanswered counts."""
+    from latent_apps.base import base_shapes
+    from latent_apps.eval.runner import run_eval
+    from latent_apps.reproduce.heima import eval_row
 
+    paths = shipped_paths(family)
+    for name, path in paths.items():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the shipped {name} model {path} is missing: run from a full checkout")
     start = time.perf_counter()
-    summary = capture(work / "run" / "recover", work / "prepared", work / "capture", show_progress=False)
-    base = work / "tiny-interpreter"
-    model, tokenizer = tiny_model("causal_lm")
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    config = InterpreterConfig(
-        output_dir=str(work / "interpreters"),
-        run_dir=str(work / "interpreters"),
-        model=str(base),
-        max_steps=steps,
-        learning_rate=3e-3,
-        warmup_steps=0,
-        per_device_train_batch_size=8,
-        logging_steps=1,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        trained = train_interpreter(config, work / "capture", stage="all", unified=True)
-    decoded = decode(trained, work / "capture", work / "decoded", max_new_tokens=16, show_progress=False)
-    metrics = ["bleu", "rouge"]
-    try:
-        ensure_wordnet()
-        metrics.append("meteor")
-    except MeteorDataError:
-        pass
-    result = score(decoded, work / "scores", metrics=tuple(metrics))
-    return {
-        "states": summary.get("states"),
-        "metrics": metrics,
-        "scores": result["scores"],
-        "gap": result["gap"],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    shapes = base_shapes(paths["base"], work / "shapes")
+    bench = shapes / "test" / "llava_cot.jsonl"
+    rows = {}
+    for label, method in (("base", "cot"), ("heima", "heima")):
+        summary = run_eval(
+            str(paths[label]), method, [bench], work / "eval" / label, batch_size=batch_size, limit=n, blank=True,
+            show_progress=False,
+        )["benches"][bench.stem]  # fmt: skip
+        rows[label] = eval_row(summary)
+    return {"family": family, "n": n, "rows": rows, "seconds": round(time.perf_counter() - start, 2)}

@@ -263,22 +263,28 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def majority_baseline(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The accuracy of always giving the most common gold answer of each category (of each answer kind when a
-    record has no category), computed on the evaluated records themselves: what a model that ignores the image
-    and reads only the question's type could reach at best. Ties go to the answer seen first."""
-    groups: dict[str, list[str]] = {}
+    """The accuracy of always giving the most common gold answer of each category and answer kind (a category
+    asked both as multiple choice and open counts its letter and its open questions apart; a record without a
+    category goes by its answer kind), computed on the evaluated records themselves: what a model that ignores the
+    image and reads only the question's type and options could reach at best. Ties go to the answer seen first."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for r in records:
-        key = str(r["category"]) if r.get("category") is not None else str(r["kind"])
-        groups.setdefault(key, []).append(str(r["gold"]).strip().lower())
-    per = {}
+        category = str(r["category"]) if r.get("category") is not None else str(r["kind"])
+        groups.setdefault((category, str(r["kind"])), []).append(str(r["gold"]).strip().lower())
+    per: dict[str, dict[str, Any]] = {}
     hits = 0
-    for key, golds in sorted(groups.items()):
+    for (category, kind), golds in sorted(groups.items()):
         counts: dict[str, int] = {}
         for gold in golds:
             counts[gold] = counts.get(gold, 0) + 1
         answer = max(counts, key=lambda g: counts[g])  # dicts keep first-seen order: ties go to the first
-        per[key] = {"n": len(golds), "answer": answer, "accuracy": counts[answer] / len(golds)}
+        entry = per.setdefault(category, {"n": 0, "hits": 0, "answers": {}})
+        entry["n"] += len(golds)
+        entry["hits"] += counts[answer]
+        entry["answers"][kind] = answer
         hits += counts[answer]
+    for entry in per.values():
+        entry["accuracy"] = entry.pop("hits") / entry["n"]
     n = len(records)
     return {"accuracy": hits / n if n else None, "per_category": per}
 

@@ -22,8 +22,9 @@ On the synthetic shapes task, starting from a shipped base that really solves it
    the test states with the zero and shuffled controls, scored with BLEU-4 and ROUGE-L (and METEOR with WordNet).
 
 Outputs in ``--out``: ``results.json``, ``results.md`` (tables shaped like the paper's), ``accuracy_vs_tokens.png``,
-and every intermediate directory (resumable: a finished stage, evaluation or capture is reused on a re-run). The last
-stdout line is one JSON record (accuracies and ROUGE-L as fractions in 0..1).
+``model/`` (the recovered Heima merged into a standalone checkpoint, as ``heima export`` writes it), and every
+intermediate directory (resumable: a finished stage, evaluation or capture is reused on a re-run). The last stdout line
+is one JSON record (accuracies and ROUGE-L as fractions in 0..1).
 
 Where the CPU-scale recipe departs from the paper's defaults (Tables A1-A3), it says so in ``results.json``
 (``settings``): learning rates suited to a from-scratch 64-wide model and step budgets that fit ~20 minutes.
@@ -106,26 +107,11 @@ def _say(run: HeimaRun, message: str) -> None:
 
 def _shapes_for(run: HeimaRun) -> Path:
     """The base's shapes data set, regenerated under ``run.shapes`` unless it is already there."""
-    from latent_apps.base import MAKE_BASE_NAME
-    from latent_apps.shapes import make_shapes
+    from latent_apps.base import base_shapes
 
-    info_path = run.base / MAKE_BASE_NAME
-    if not info_path.is_file():
-        raise FileNotFoundError(
-            f"{run.base} is not a base made by make-base (no {MAKE_BASE_NAME}): pass --base DIR, or train one with "
-            f"`uv run apps/cli make-base --family {run.family}`"
-        )
-    args = json.loads(info_path.read_text())["shapes_args"]
-    summary = run.shapes / "summary.json"
-    if summary.is_file():
-        have = json.loads(summary.read_text())
-        if all(have.get(k) == v for k, v in args.items()):
-            return run.shapes
-        if (run.shapes / "train").exists():
-            raise ValueError(f"{run.shapes} holds another shapes data set than the base's ({args}): pass --shapes")
-    _say(run, f"writing the base's shapes data ({args}) to {run.shapes}")
-    make_shapes(out=run.shapes, **args)
-    return run.shapes
+    if not (run.shapes / "summary.json").is_file():
+        _say(run, f"writing the base's shapes data to {run.shapes}")
+    return base_shapes(run.base, run.shapes)
 
 
 def _prepare(run: HeimaRun, shapes: Path) -> dict[str, Path]:
@@ -204,6 +190,17 @@ def _train_stages(run: HeimaRun, prepared: Path) -> dict[str, dict[str, Any]]:
     return trained
 
 
+def _export(run: HeimaRun, recover_dir: str) -> Path:
+    """The recovered Heima merged into a standalone checkpoint (``heima export``): ``<out>/model``."""
+    from heima.generate import export
+
+    out = run.out / "model"
+    if not (out / "config.json").is_file():
+        _say(run, f"exporting the recovered Heima to {out}")
+        export(recover_dir, out)
+    return out
+
+
 def _evaluate(run: HeimaRun, shapes: Path, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``latent eval`` of the base (cot) and of every stage (heima) on the test split."""
     from latent_apps.eval.runner import run_eval
@@ -219,11 +216,12 @@ def _evaluate(run: HeimaRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
             model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=run.max_new_tokens,
             limit=run.eval_samples, blank=blank, show_progress=run.show_progress,
         )["benches"][bench.stem]  # fmt: skip
-        results[label] = _eval_row(summary)
+        results[label] = eval_row(summary)
     return results
 
 
-def _eval_row(summary: dict[str, Any]) -> dict[str, Any]:
+def eval_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The row of one evaluation summary in the reproduction's tables."""
     row = {
         "n": summary["n"],
         "accuracy": summary["accuracy"],
@@ -388,6 +386,7 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
     shapes = _shapes_for(run)
     prepared = _prepare(run, shapes)
     trained = _train_stages(run, prepared["train"])
+    model_dir = _export(run, trained["recover"]["dir"])
     evaluation = _evaluate(run, shapes, trained)
     interp = _interpreters(run, prepared, trained["recover"]["dir"])
 
@@ -426,6 +425,7 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
         "command": command,
         "settings": settings,
         "stages": trained,
+        "model": str(model_dir),
         "eval": evaluation,
         "interpreters": interp,
         "record": record,

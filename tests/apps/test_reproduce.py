@@ -1,0 +1,75 @@
+"""`latent reproduce heima` in a reduced form (a few steps, a handful of samples): it runs end to end from a made
+base and writes every file; the numbers are checked against the records it wrote. The thresholds of the paper's
+claim belong to the full run (README), not to this test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from latent_apps.base import make_base
+from latent_apps.reproduce.heima import HeimaRun, reproduce_heima
+from latent_apps.shapes import make_shapes
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    shapes = root / "shapes"
+    make_shapes(8, 2, shapes, test_fraction=0.25)
+    out = {"shapes": shapes}
+    for family in ("mllama", "causal_lm"):
+        out[family] = root / family
+        make_base(family, shapes, out[family], steps=3, batch_size=4, threads=1, eval_samples=0, show_progress=False,
+                  vision_warmup_steps=2, vision_freeze_steps=1)  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_reduced_reproduction_writes_every_file(bases, tmp_path):
+    out = tmp_path / "run"
+    run = HeimaRun(
+        family="mllama", out=out, base=bases["mllama"], interpreter_base=bases["causal_lm"], stage_steps=2,
+        recover_steps=1, batch_size=4, eval_samples=4, eval_batch_size=4, max_new_tokens=24, capture_records=8,
+        interpreter_steps=2, interpreter_batch_size=4, decode_samples=4, decode_max_new_tokens=8, threads=1,
+        show_progress=False,
+    )  # fmt: skip
+    results = reproduce_heima(run, command="test")
+    for name in ("results.json", "results.md", "accuracy_vs_tokens.png", "shapes/summary.json", "model/config.json"):
+        assert (out / name).is_file(), name
+    for stage in ("stage-0", "stage-1", "stage-2", "stage-3", "recover", "one-shot", "one-shot-recover"):
+        assert (out / "heima" / stage / "adapter_model.safetensors").is_file(), stage
+        assert results["stages"][stage]["steps"] == (1 if "recover" in stage else 6 if stage == "one-shot" else 2)
+    for stage in ("summary", "caption", "reasoning"):
+        assert (out / "interpreters" / stage / "adapter_model.safetensors").is_file()
+    # the shapes data were regenerated from the base's make_base.json: the same bytes as the base's own
+    assert (out / "shapes" / "test" / "llava_cot.jsonl").read_bytes() == (
+        bases["shapes"] / "test" / "llava_cot.jsonl"
+    ).read_bytes()
+
+    on_disk = json.loads((out / "results.json").read_text())
+    record = on_disk["record"]
+    assert set(record) >= {
+        "cot_accuracy", "heima_accuracy", "cot_generated_tokens", "heima_generated_tokens", "oneshot_accuracy",
+        "caption_rougeL_gap_shuffled", "reasoning_rougeL_gap_shuffled", "wall_s",
+    }  # fmt: skip
+    # every number comes from the per-sample records the evaluation wrote
+    for label, directory in (("cot (base)", "cot"), ("recover", "recover"), ("one-shot-recover", "one-shot-recover")):
+        samples = [json.loads(line) for line in (out / "eval" / directory / "llava_cot" / "samples.jsonl").open()]
+        assert len(samples) == 4
+        assert on_disk["eval"][label]["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 4)
+        assert on_disk["eval"][label]["generated_tokens"] == pytest.approx(
+            sum(s["generated_tokens"] for s in samples) / 4
+        )
+    assert record["cot_accuracy"] == on_disk["eval"]["cot (base)"]["accuracy"]
+    assert record["heima_accuracy"] == on_disk["eval"]["recover"]["accuracy"]
+    scores = json.loads((out / "scores" / "scores.json").read_text())
+    gap = scores["gap"]["caption"]["shuffled"]["rouge"]
+    assert record["caption_rougeL_gap_shuffled"] == pytest.approx(gap / 100)
+    assert "blank_accuracy" in on_disk["eval"]["cot (base)"] and "blank_accuracy" in on_disk["eval"]["recover"]
+
+    # a re-run reuses every finished stage, evaluation and capture
+    again = reproduce_heima(run, command="test")
+    assert again["eval"] == results["eval"]
+    assert again["record"]["wall_s"] < results["record"]["wall_s"]
