@@ -42,7 +42,7 @@ def test_make_base_lowers_the_loss_and_saves_a_loadable_model(family, shapes, tm
         eval_batch_size=4, show_progress=False,
     )  # fmt: skip
     losses = [loss for _, loss in summary["loss_curve"]]
-    assert summary["steps"] == 30 and losses[-1] < 0.5 * losses[0]
+    assert summary["steps"] == 30 and losses[-1] < 0.6 * losses[0]
     assert json.loads((out / MAKE_BASE_NAME).read_text())["shapes_args"]["n"] == 6
     assert not (out / "checkpoints").exists()
     model = load_model(str(out))

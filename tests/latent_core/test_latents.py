@@ -21,7 +21,7 @@ from latent_core.latents import (
 )
 from latent_core.testing import TINY_FAMILIES, tiny_image, tiny_model
 
-QUESTIONS = ["How many red circles are there?", "Is there a yellow star?", "What colour is the shape at row 3?"]
+QUESTIONS = ["How many red circles are there?", "Is there a small yellow star?", "What colour is the shape at row 3?"]
 START, END = [5, 9], [6, 7]  # arbitrary vocabulary ids standing in for <bot> / <eot>
 NEW = 5
 

@@ -393,7 +393,16 @@ class LatentTrainer(Trainer):
         model = model if model is not None else self.model
         peft_model, _ = _peft_model(model)
         if peft_model is None and isinstance(model, PreTrainedModel):  # a full fine-tuning checkpoint
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # Through from_pretrained: it maps the saved keys (checkpoint layout) back to the live module names. The
+            # Trainer's own load_state_dict(strict=False) silently skips every renamed key (Qwen2.5-VL's and
+            # mllama's `model.language_model.*` are saved as `model.*` in transformers 5) and resumes from scratch.
+            dtype = next(model.parameters()).dtype
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+            try:
+                model.load_state_dict(loaded.state_dict(), strict=True)
+            except RuntimeError as err:
+                raise StageError(f"checkpoint {resume_from_checkpoint} does not fit the model: {err}") from None
+            return None
         adapter = Path(resume_from_checkpoint) / "adapter_model.safetensors"
         if peft_model is None or not adapter.is_file():
             raise StageError(f"checkpoint {resume_from_checkpoint} has no PEFT adapter to resume from")
