@@ -100,6 +100,10 @@ def demo(
                 str(r["unanswered"]),
             )
         console.print(table)
+        console.print(
+            f"every Heima stage, the one-shot ablation and the interpreters: "
+            f"data/reproduced/heima-{SHIPPED_FAMILY}/results.md (README: Results at CPU scale)"
+        )
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
     console.print(f"{len(records)} families{' + heima' if heima else ''} in {seconds:.1f} s; summary: {path}")
@@ -217,14 +221,17 @@ def reproduce_heima_command(
     shapes: Annotated[
         Path | None, typer.Option(help="The base's shapes data (default: regenerated into <out>/shapes).")
     ] = None,
-    stage_steps: Annotated[int, typer.Option(min=1, help="Steps of each progressive stage 0..K.")] = 250,
+    stage_steps: Annotated[int, typer.Option(min=1, help="Steps of each progressive stage 0..K-1.")] = 400,
+    last_stage_steps: Annotated[
+        int | None, typer.Option(min=1, help="Steps of the last stage K (default: --stage-steps).")
+    ] = None,
     recover_steps: Annotated[int, typer.Option(min=1, help="Steps of the recovering stage.")] = 150,
     one_shot_steps: Annotated[
-        int | None, typer.Option(min=1, help="Steps of the one-shot ablation (default: K x --stage-steps).")
+        int | None, typer.Option(min=1, help="Steps of the one-shot ablation (default: those of stages 1..K).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 16,
-    learning_rate: Annotated[float, typer.Option(help="Progressive stages' learning rate.")] = 1e-3,
-    recover_learning_rate: Annotated[float, typer.Option(help="Recovering stage's learning rate.")] = 1e-4,
+    learning_rate: Annotated[float, typer.Option(help="Progressive stages' learning rate.")] = 3e-3,
+    recover_learning_rate: Annotated[float, typer.Option(help="Recovering stage's learning rate.")] = 3e-4,
     eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 200,
     capture_records: Annotated[int, typer.Option(min=1, help="Train answers whose states train interpreters.")] = 2000,
     interpreter_steps: Annotated[int, typer.Option(min=1, help="Steps per interpreter.")] = 400,
@@ -241,12 +248,16 @@ def reproduce_heima_command(
 
     run = HeimaRun(
         family=family, out=out, base=base, interpreter_base=interpreter_base, shapes=shapes, stage_steps=stage_steps,
-        recover_steps=recover_steps, one_shot_steps=one_shot_steps, batch_size=batch_size,
-        learning_rate=learning_rate, recover_learning_rate=recover_learning_rate, eval_samples=eval_samples,
-        capture_records=capture_records, interpreter_steps=interpreter_steps, decode_samples=decode_samples,
-        threads=threads, seed=seed,
+        last_stage_steps=last_stage_steps, recover_steps=recover_steps, one_shot_steps=one_shot_steps,
+        batch_size=batch_size, learning_rate=learning_rate, recover_learning_rate=recover_learning_rate,
+        eval_samples=eval_samples, capture_records=capture_records, interpreter_steps=interpreter_steps,
+        decode_samples=decode_samples, threads=threads, seed=seed,
     )  # fmt: skip
-    command = f"uv run apps/cli reproduce heima --family {family} --out {out}"
+    command = (
+        f"uv run apps/cli reproduce heima --family {family} --out {out} --stage-steps {stage_steps} "
+        f"--last-stage-steps {last_stage_steps or stage_steps} --recover-steps {recover_steps} "
+        f"--learning-rate {learning_rate} --recover-learning-rate {recover_learning_rate} --seed {seed}"
+    )
     try:
         results = reproduce_heima(run, command=command)
     except (FileNotFoundError, ValueError) as err:

@@ -53,12 +53,13 @@ class HeimaRun:
     base: Path | None = None
     interpreter_base: Path | None = None
     shapes: Path | None = None
-    stage_steps: int = 250
+    stage_steps: int = 400
+    last_stage_steps: int | None = None
     one_shot_steps: int | None = None
     recover_steps: int = 150
     batch_size: int = 16
-    learning_rate: float = 1e-3
-    recover_learning_rate: float = 1e-4
+    learning_rate: float = 3e-3
+    recover_learning_rate: float = 3e-4
     warmup_steps: int = 20
     lora_r: int = 16
     lora_alpha: int = 32
@@ -164,8 +165,10 @@ def _train_stages(run: HeimaRun, prepared: Path) -> dict[str, dict[str, Any]]:
 
     _, meta = load_prepared(prepared)
     k = int(meta["num_stages"])
-    one_shot_steps = run.one_shot_steps or k * run.stage_steps
-    plan: list[tuple[str, int | str, dict[str, Any]]] = [(f"stage-{s}", s, {}) for s in range(k + 1)]
+    last = run.last_stage_steps or run.stage_steps
+    one_shot_steps = run.one_shot_steps or (k - 1) * run.stage_steps + last  # the steps of stages 1..K together
+    plan: list[tuple[str, int | str, dict[str, Any]]] = [(f"stage-{s}", s, {}) for s in range(k)]
+    plan.append((f"stage-{k}", k, {"max_steps": last}))
     plan.append(("recover", "recover", {"max_steps": run.recover_steps}))
     plan.append(("one-shot", k, {"one_shot": True, "max_steps": one_shot_steps}))
     plan.append(("one-shot-recover", "recover", {"one_shot": True, "max_steps": run.recover_steps}))
@@ -417,7 +420,8 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
         "learning_rate": f"{run.learning_rate} (Table A2: 1e-4; a from-scratch 64-wide base needs larger LoRA steps)",
         "recover_learning_rate": f"{run.recover_learning_rate} (Table A2: 1e-5; the same 10x ratio)",
         "batch_size": f"{run.batch_size} (Table A2: 6 progressive / 8 recover)",
-        "steps": f"{run.stage_steps} per stage, {run.recover_steps} recover (paper: 1 epoch of 100k samples each)",
+        "steps": f"{run.stage_steps} per stage ({run.last_stage_steps or run.stage_steps} for the last), "
+        f"{run.recover_steps} recover (paper: 1 epoch of 100k samples each)",
         "interpreter": f"LoRA r{run.lora_r} on the shipped text LM base, lr {run.interpreter_learning_rate} "
         "(Table A3: 5e-4 on Llama-3.1-8B)",
     }
