@@ -187,27 +187,42 @@ def _clip(size: BaseSize) -> dict[str, Any]:
     )
 
 
-def _build_llava(tokenizer: Any, size: BaseSize):
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    config = LlavaConfig(
-        text_config=dict(model_type="qwen2", **_text_config(size), **_text_ids(tokenizer), tie_word_embeddings=True),
+def _llava_config_args(tokenizer: Any, size: BaseSize) -> dict[str, Any]:
+    """The config arguments LLaVA and LLaVA-NeXT bases share: a CLIP tower, the last layer's patch features, one
+    token per 14 px patch of the 84 px input."""
+    return dict(
         vision_config=_clip(size),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         image_seq_length=(IMAGE_PX // PATCH) ** 2,
+    )
+
+
+def _llava_processor_args(tokenizer: Any) -> dict[str, Any]:
+    """The processor arguments LLaVA and LLaVA-NeXT bases share (CLIP's class token counted as an extra token)."""
+    return dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _build_llava(tokenizer: Any, size: BaseSize):
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    config = LlavaConfig(
+        text_config=dict(model_type="qwen2", **_text_config(size), **_text_ids(tokenizer), tie_word_embeddings=True),
+        **_llava_config_args(tokenizer, size),
         tie_word_embeddings=True,
     )
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX}
         ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        **_llava_processor_args(tokenizer),
     )
     return LlavaForConditionalGeneration(config), processor
 
@@ -223,12 +238,8 @@ def _build_llava_next(tokenizer: Any, size: BaseSize):
     pinpoints = [[IMAGE_PX, IMAGE_PX]]  # AnyRes with one tile: the base view plus one 84 px crop
     config = LlavaNextConfig(
         text_config=dict(model_type="llama", **_text_config(size), **_text_ids(tokenizer), tie_word_embeddings=False),
-        vision_config=_clip(size),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        **_llava_config_args(tokenizer, size),
         image_grid_pinpoints=pinpoints,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_seq_length=(IMAGE_PX // PATCH) ** 2,
         tie_word_embeddings=False,
     )
     processor = LlavaNextProcessor(
@@ -237,11 +248,7 @@ def _build_llava_next(tokenizer: Any, size: BaseSize):
             crop_size={"height": IMAGE_PX, "width": IMAGE_PX},
             image_grid_pinpoints=pinpoints,
         ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        **_llava_processor_args(tokenizer),
     )
     return LlavaNextForConditionalGeneration(config), processor
 
