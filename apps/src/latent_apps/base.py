@@ -693,7 +693,7 @@ def evaluate_base(
         str(model_dir), "cot", [bench], out, batch_size=batch_size, max_new_tokens=max_new_tokens, resume=False,
         limit=limit, blank=True, show_progress=show_progress,
     )["benches"][bench.stem]  # fmt: skip
-    gold = {r["id"]: parse_cot_stages(r["conversations"][1]["value"])["caption"] for r in _jsonl(bench)}
+    gold = {r["id"]: parse_cot_stages(r["conversations"][1]["value"])["caption"] for r in read_samples_jsonl(bench)}
     records = read_samples_jsonl(out / bench.stem / "samples.jsonl")
     exact = [parse_cot_stages(r["prediction"]).get("caption") == gold[r["id"]] for r in records]
     blank = summary["blank"]
@@ -710,7 +710,3 @@ def evaluate_base(
         "mean_generated_tokens": summary["mean_generated_tokens"],
         "mean_reasoning_tokens": summary["mean_reasoning_tokens"],
     }
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
