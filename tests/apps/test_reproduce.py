@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from latent_apps.base import make_base
-from latent_apps.reproduce.heima import HeimaRun, reproduce_heima
+from latent_apps.reproduce.heima import HeimaRun, direct_rows, reproduce_heima
 from latent_apps.shapes import make_shapes
 
 
@@ -41,6 +41,7 @@ def test_reduced_reproduction_writes_every_file(bases, tmp_path):
     for stage in ("stage-0", "stage-1", "stage-2", "stage-3", "recover", "one-shot", "one-shot-recover"):
         assert (out / "heima" / stage / "adapter_model.safetensors").is_file(), stage
         assert results["stages"][stage]["steps"] == (1 if "recover" in stage else 6 if stage == "one-shot" else 2)
+    assert (out / "direct" / "model" / "config.json").is_file() and results["stages"]["direct"]["steps"] == 6
     for stage in ("summary", "caption", "reasoning"):
         assert (out / "interpreters" / stage / "adapter_model.safetensors").is_file()
     # the shapes data were regenerated from the base's make_base.json: the same bytes as the base's own
@@ -52,10 +53,16 @@ def test_reduced_reproduction_writes_every_file(bases, tmp_path):
     record = on_disk["record"]
     assert set(record) >= {
         "cot_accuracy", "heima_accuracy", "cot_generated_tokens", "heima_generated_tokens", "oneshot_accuracy",
-        "caption_rougeL_gap_shuffled", "reasoning_rougeL_gap_shuffled", "wall_s",
+        "caption_rougeL_gap_shuffled", "reasoning_rougeL_gap_shuffled", "wall_s", "direct_accuracy",
     }  # fmt: skip
     # every number comes from the per-sample records the evaluation wrote
-    for label, directory in (("cot (base)", "cot"), ("recover", "recover"), ("one-shot-recover", "one-shot-recover")):
+    runs = {
+        "cot (base)": "cot",
+        "recover": "recover",
+        "one-shot-recover": "one-shot-recover",
+        "direct (no CoT)": "direct",
+    }
+    for label, directory in runs.items():
         samples = [json.loads(line) for line in (out / "eval" / directory / "llava_cot" / "samples.jsonl").open()]
         assert len(samples) == 4
         assert on_disk["eval"][label]["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 4)
@@ -72,4 +79,18 @@ def test_reduced_reproduction_writes_every_file(bases, tmp_path):
     # a re-run reuses every finished stage, evaluation and capture
     again = reproduce_heima(run, command="test")
     assert again["eval"] == results["eval"]
+    assert not results["resumed"] and again["resumed"] and "resumed" in (out / "results.md").read_text()
     assert again["record"]["wall_s"] < results["record"]["wall_s"]
+
+
+def test_direct_rows_keep_only_the_conclusion():
+    row = {
+        "id": "a",
+        "prompt": "How many?",
+        "image": "x.png",
+        "answer": "<SUMMARY>s</SUMMARY>\n\n<CAPTION>c</CAPTION>\n\n<REASONING>r</REASONING>\n\n"
+        "<CONCLUSION> B </CONCLUSION>",
+    }
+    assert direct_rows([row]) == [
+        {"id": "a", "prompt": "How many?", "image": "x.png", "answer": "<CONCLUSION>B</CONCLUSION>"}
+    ]

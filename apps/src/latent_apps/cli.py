@@ -229,6 +229,10 @@ def reproduce_heima_command(
     one_shot_steps: Annotated[
         int | None, typer.Option(min=1, help="Steps of the one-shot ablation (default: those of stages 1..K).")
     ] = None,
+    direct_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Steps of the direct-answer control (no CoT; default: the one-shot ablation's)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per step.")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Progressive stages' learning rate.")] = 3e-3,
     recover_learning_rate: Annotated[float, typer.Option(help="Recovering stage's learning rate.")] = 3e-4,
@@ -249,6 +253,7 @@ def reproduce_heima_command(
     run = HeimaRun(
         family=family, out=out, base=base, interpreter_base=interpreter_base, shapes=shapes, stage_steps=stage_steps,
         last_stage_steps=last_stage_steps, recover_steps=recover_steps, one_shot_steps=one_shot_steps,
+        direct_steps=direct_steps,
         batch_size=batch_size, learning_rate=learning_rate, recover_learning_rate=recover_learning_rate,
         eval_samples=eval_samples, capture_records=capture_records, interpreter_steps=interpreter_steps,
         decode_samples=decode_samples, threads=threads, seed=seed,
@@ -257,6 +262,8 @@ def reproduce_heima_command(
         f"uv run apps/cli reproduce heima --family {family} --out {out} --stage-steps {stage_steps} "
         f"--last-stage-steps {last_stage_steps or stage_steps} --recover-steps {recover_steps} "
         f"--learning-rate {learning_rate} --recover-learning-rate {recover_learning_rate} --seed {seed}"
+        + (f" --one-shot-steps {one_shot_steps}" if one_shot_steps else "")
+        + (f" --direct-steps {direct_steps}" if direct_steps else "")
     )
     try:
         results = reproduce_heima(run, command=command)

@@ -13,10 +13,14 @@ On the synthetic shapes task, starting from a shipped base that really solves it
 2. progressive distillation: stage 0 (plain CoT fine-tuning), stages 1..K (the first s stages replaced by their
    thinking tokens), the recovering stage (Eq. 3, lower learning rate); and the ablation "w/o progressive" (stage K
    straight from the base, given the same number of steps as stages 1..K together, then recover);
+   the *direct-answer* control: the same LoRA recipe and step budget as the ablation, trained to answer with the
+   ``<CONCLUSION>`` block alone (no chain of thought, no thinking tokens), merged into ``direct/model``. Heima's
+   fully latent answer does its reasoning inside the forward passes of its few thinking tokens, so this is what the
+   base can do with no written reasoning at all: the reference that tells whether the thinking tokens carry anything;
 3. evaluation on the test split (``latent eval`` on the LLaVA-CoT JSONL, asked with the training prompt): the base with
-   the ``cot`` method, every stage and the ablation with ``heima``; accuracy, generated tokens (all, and before
-   ``<CONCLUSION>``), thinking tokens, truncated and unanswered counts; the blank-image control for the base and the
-   final Heima; the majority baseline;
+   the ``cot`` method, every stage and the ablation with ``heima``, the direct control with ``cot``; accuracy,
+   generated tokens (all, and before ``<CONCLUSION>``), thinking tokens, truncated and unanswered counts; the
+   blank-image control for the base, the final Heima and the direct control; the majority baseline;
 4. interpreters: the recovered Heima's thinking-token states captured teacher-forced on train and test answers, one
    interpreter per stage trained on the train states (LoRA on a text LM base, ``data/base/causal_lm``), decoded on
    the test states with the zero and shuffled controls, scored with BLEU-4 and ROUGE-L (and METEOR with WordNet).
@@ -39,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HeimaRun", "reproduce_heima"]
+__all__ = ["HeimaRun", "direct_rows", "reproduce_heima"]
 
 BASE_ROOT = Path("data") / "base"
+DIRECT = "direct (no CoT)"
 
 
 @dataclass
@@ -56,6 +61,7 @@ class HeimaRun:
     stage_steps: int = 400
     last_stage_steps: int | None = None
     one_shot_steps: int | None = None
+    direct_steps: int | None = None
     recover_steps: int = 150
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -166,7 +172,7 @@ def _train_stages(run: HeimaRun, prepared: Path) -> dict[str, dict[str, Any]]:
     _, meta = load_prepared(prepared)
     k = int(meta["num_stages"])
     last = run.last_stage_steps or run.stage_steps
-    one_shot_steps = run.one_shot_steps or (k - 1) * run.stage_steps + last  # the steps of stages 1..K together
+    one_shot_steps = _one_shot_steps(run, k)
     plan: list[tuple[str, int | str, dict[str, Any]]] = [(f"stage-{s}", s, {}) for s in range(k)]
     plan.append((f"stage-{k}", k, {"max_steps": last}))
     plan.append(("recover", "recover", {"max_steps": run.recover_steps}))
@@ -193,6 +199,61 @@ def _train_stages(run: HeimaRun, prepared: Path) -> dict[str, dict[str, Any]]:
     return trained
 
 
+def _one_shot_steps(run: HeimaRun, num_stages: int) -> int:
+    """The ablation's budget (and the direct control's): the steps of stages 1..K together, unless given."""
+    return run.one_shot_steps or (num_stages - 1) * run.stage_steps + (run.last_stage_steps or run.stage_steps)
+
+
+def direct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The direct control's training rows: each CoT row with its answer cut to the ``<CONCLUSION>`` block."""
+    from latent_core.readers import CONCLUSION_TAG, conclusion_of
+
+    return [{**row, "answer": f"{CONCLUSION_TAG}{conclusion_of(row['answer'])}</CONCLUSION>"} for row in rows]
+
+
+def _train_direct(run: HeimaRun, prepared: Path) -> dict[str, Any]:
+    """The direct-answer control (module docstring, step 2): Heima's LoRA recipe on ``<CONCLUSION>a</CONCLUSION>``
+    answers, merged into ``<out>/direct/model``; reused when it exists."""
+    import contextlib
+    import io
+
+    import transformers
+    from datasets import Dataset
+    from heima.data import load_prepared, samples_for_stage
+    from heima.model import head_is_tied
+    from latent_core.collate import SupervisedCollator
+    from latent_core.lora import export_merged, prepare_lora_model
+    from latent_core.trainer import LatentTrainer, load_base
+
+    out = run.out / "direct"
+    summary_path = out / "train_summary.json"
+    if not summary_path.is_file():
+        dataset, meta = load_prepared(prepared)
+        steps = run.direct_steps or _one_shot_steps(run, int(meta["num_stages"]))
+        config = _heima_config(run, prepared, max_steps=steps)
+        _say(run, f"training the direct-answer control ({steps} steps)")
+        transformers.set_seed(run.seed)
+        base, processor = load_base(str(run.base))
+        model = prepare_lora_model(
+            base, new_token_ids=[], r=run.lora_r, alpha=run.lora_alpha, dropout=config.lora_dropout,
+            include_lm_head=config.lora_include_lm_head and not head_is_tied(base),
+        )  # fmt: skip
+        rows = direct_rows(samples_for_stage(dataset, 0))
+        args = dataclasses.replace(config, output_dir=str(out / "train"), remove_unused_columns=False)
+        trainer = LatentTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows),
+            data_collator=SupervisedCollator(processor, image_root=dataset[0]["images_root"]),
+            processing_class=processor, stage_info={"method": "direct-answer control", "base": str(run.base)},
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train_and_save(out / "train", "train_summary.json", samples=len(rows))
+        export_merged(model, processor, out / "model", copy_model=False)
+        (out / "train" / "train_summary.json").replace(summary_path)
+    summary = json.loads(summary_path.read_text())
+    facts = ("steps", "learning_rate", "first_loss", "last_loss", "seconds")
+    return {"dir": str(out / "model"), **{k: summary.get(k) for k in facts}}
+
+
 def _export(run: HeimaRun, recover_dir: str) -> Path:
     """The recovered Heima merged into a standalone checkpoint (``heima export``): ``<out>/model``."""
     from heima.generate import export
@@ -204,13 +265,16 @@ def _export(run: HeimaRun, recover_dir: str) -> Path:
     return out
 
 
-def _evaluate(run: HeimaRun, shapes: Path, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``latent eval`` of the base (cot) and of every stage (heima) on the test split."""
+def _evaluate(
+    run: HeimaRun, shapes: Path, trained: dict[str, dict[str, Any]], direct: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``latent eval`` of the base (cot), of every stage (heima) and of the direct control (cot) on the test split."""
     from latent_apps.eval.runner import run_eval
 
     bench = shapes / "test" / "llava_cot.jsonl"
     jobs: list[tuple[str, str, str, bool]] = [("cot (base)", str(run.base), "cot", True)]
     jobs += [(name, info["dir"], "heima", name == "recover") for name, info in trained.items()]
+    jobs.append((DIRECT, direct["dir"], "cot", True))
     results = {}
     for label, model, method, blank in jobs:
         _say(run, f"evaluating {label}")
@@ -309,7 +373,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         "Accuracy (%) on the test questions; generated tokens per answer (all / before `<CONCLUSION>`); thinking "
         "tokens generated; truncated = cut at the token budget; unanswered = no closed `<CONCLUSION>`. Blank = the "
-        "same model with every image blanked; majority = always the most common answer of each question kind.",
+        "same model with every image blanked; majority = always the most common answer of each question kind. "
+        f"{DIRECT} = the base given the one-shot ablation's LoRA budget to answer with `<CONCLUSION>` alone: what it "
+        "can do with no written reasoning.",
         "",
         "| model | accuracy | blank | majority | gen tok | reasoning tok | thinking tok | truncated | unanswered |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -341,7 +407,10 @@ def _markdown(results: dict[str, Any]) -> str:
             for condition, values in conditions.items():
                 cells = " | ".join(num(values.get(m)) for m in interp["metrics"])
                 lines.append(f"| {stage} | {condition} | {cells} |")
-    lines += ["", f"Wall time: {results['wall_s']:.0f} s. Command: `{results['command']}`."]
+    resumed = " (this invocation, which resumed an earlier run and reused what it had finished)" * bool(
+        results.get("resumed")
+    )
+    lines += ["", f"Wall time: {results['wall_s']:.0f} s{resumed}. Command: `{results['command']}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -385,12 +454,14 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
             f"`uv run apps/cli make-base --family {run.family}`"
         )
     torch.set_num_threads(run.threads or default_threads())
+    resumed = (run.out / "results.json").is_file() or (run.out / "heima").is_dir()
     run.out.mkdir(parents=True, exist_ok=True)
     shapes = _shapes_for(run)
     prepared = _prepare(run, shapes)
     trained = _train_stages(run, prepared["train"])
+    direct = _train_direct(run, prepared["train"])
     model_dir = _export(run, trained["recover"]["dir"])
-    evaluation = _evaluate(run, shapes, trained)
+    evaluation = _evaluate(run, shapes, trained, direct)
     interp = _interpreters(run, prepared, trained["recover"]["dir"])
 
     cot, heima, one_shot = evaluation["cot (base)"], evaluation["recover"], evaluation["one-shot-recover"]
@@ -406,6 +477,7 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
         "cot_generated_tokens": cot["generated_tokens"],
         "heima_generated_tokens": heima["generated_tokens"],
         "oneshot_accuracy": one_shot["accuracy"],
+        "direct_accuracy": evaluation[DIRECT]["accuracy"],
         "cot_blank_accuracy": cot.get("blank_accuracy"),
         "heima_blank_accuracy": heima.get("blank_accuracy"),
         "majority_accuracy": cot["majority_baseline"],
@@ -428,12 +500,13 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
     results = {
         "command": command,
         "settings": settings,
-        "stages": trained,
+        "stages": {**trained, "direct": direct},
         "model": str(model_dir),
         "eval": evaluation,
         "interpreters": interp,
         "record": record,
         "wall_s": record["wall_s"],
+        "resumed": resumed,
         "torch": torch.__version__,
     }
     (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
