@@ -15,7 +15,7 @@ from latent_core import family_of, load_model, load_processor
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["mllama", "qwen2_5_vl"]  # the shipped VLM bases (data/base/README.md)
+SHIPPED = ["mllama", "qwen2_5_vl", "llava"]  # the shipped VLM bases (data/base/README.md)
 
 
 @pytest.fixture(scope="module")
