@@ -220,9 +220,9 @@ def _train_direct(run: HeimaRun, prepared: Path) -> dict[str, Any]:
     import transformers
     from datasets import Dataset
     from heima.data import load_prepared, samples_for_stage
-    from heima.model import head_is_tied
+    from heima.model import prepare_model
     from latent_core.collate import SupervisedCollator
-    from latent_core.lora import export_merged, prepare_lora_model
+    from latent_core.lora import export_merged
     from latent_core.trainer import LatentTrainer, load_base
 
     out = run.out / "direct"
@@ -234,10 +234,7 @@ def _train_direct(run: HeimaRun, prepared: Path) -> dict[str, Any]:
         _say(run, f"training the direct-answer control ({steps} steps)")
         transformers.set_seed(run.seed)
         base, processor = load_base(str(run.base))
-        model = prepare_lora_model(
-            base, new_token_ids=[], r=run.lora_r, alpha=run.lora_alpha, dropout=config.lora_dropout,
-            include_lm_head=config.lora_include_lm_head and not head_is_tied(base),
-        )  # fmt: skip
+        model = prepare_model(config, base, processor, tokens=[])  # Heima's LoRA setting, no thinking tokens
         rows = direct_rows(samples_for_stage(dataset, 0))
         args = dataclasses.replace(config, output_dir=str(out / "train"), remove_unused_columns=False)
         trainer = LatentTrainer(
