@@ -10,6 +10,8 @@ import base64
 import csv
 import io
 import json
+import statistics
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -67,38 +69,79 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _mean(values) -> float | None:
+    values = list(values)
+    return statistics.fmean(values) if values else None
+
+
 def _recompute(records: list[dict]) -> dict:
-    """The summary numbers, recomputed here independently of the runner's code."""
+    """Every number of a bench summary, recomputed here from the written records with plain Python (none of the
+    runner's helpers): accuracy overall and per category, counts, kinds, token and latency means, majority baseline."""
     n = len(records)
-    n_correct = sum(1 for r in records if r["correct"] is True)
-    cats: dict[str, list[bool]] = {}
+    right = [r for r in records if r["correct"] is True]
+    by_category: dict[str, list[dict]] = {}
     for r in records:
-        cats.setdefault(r["category"], []).append(r["correct"] is True)
-    correct_tokens = [r["generated_tokens"] for r in records if r["correct"] is True]
-    steps = [r["latent_steps"] for r in records if r["latent_steps"] is not None]
-    total_latency = sum(r["latency_s"] for r in records)
+        by_category.setdefault(r["category"], []).append(r)
+    latency = sum(r["latency_s"] for r in records)
+    # majority baseline: the most common gold of each (category, kind), first seen on ties
+    groups: dict[tuple[str, str], Counter] = {}
+    for r in records:
+        groups.setdefault((r["category"], r["kind"]), Counter())[r["gold"].lower()] += 1
+    majority: dict[str, dict] = {}
+    for (category, kind), golds in groups.items():
+        answer, hits = golds.most_common(1)[0]
+        entry = majority.setdefault(category, {"n": 0, "hits": 0, "answers": {}})
+        entry["n"] += sum(golds.values())
+        entry["hits"] += hits
+        entry["answers"][kind] = answer
+    hits = sum(entry["hits"] for entry in majority.values())
     return {
         "n": n,
-        "n_correct": n_correct,
-        "accuracy": n_correct / n,
-        "accuracy_per_category": {c: {"n": len(v), "accuracy": sum(v) / len(v)} for c, v in cats.items()},
-        "mean_generated_tokens": sum(r["generated_tokens"] for r in records) / n,
-        "mean_generated_tokens_correct": sum(correct_tokens) / len(correct_tokens) if correct_tokens else None,
-        "mean_latent_steps": sum(steps) / len(steps) if steps else None,
-        "mean_latency_s": total_latency / n,
-        "tokens_per_s": sum(r["generated_tokens"] for r in records) / total_latency,
+        "n_correct": len(right),
+        "accuracy": len(right) / n,
         "n_unextracted": sum(r["extracted"] is None for r in records),
+        "n_truncated": sum(r["truncated"] is True for r in records),
+        "n_unanswered": sum(r["unanswered"] is True for r in records),
+        "kinds": dict(Counter(r["kind"] for r in records)),
+        "accuracy_per_category": {
+            c: {"n": len(rs), "accuracy": sum(r["correct"] is True for r in rs) / len(rs)}
+            for c, rs in by_category.items()
+        },
+        "mean_generated_tokens": _mean(r["generated_tokens"] for r in records),
+        "mean_generated_tokens_correct": _mean(r["generated_tokens"] for r in right),
+        "mean_reasoning_tokens": _mean(r["reasoning_tokens"] for r in records if r["reasoning_tokens"] is not None),
+        "mean_thinking_tokens": _mean(r["thinking_tokens"] for r in records if r["thinking_tokens"] is not None),
+        "mean_latent_steps": _mean(r["latent_steps"] for r in records if r["latent_steps"] is not None),
+        "mean_latency_s": latency / n,
+        "tokens_per_s": sum(r["generated_tokens"] for r in records) / latency,
+        "majority_baseline": {
+            "accuracy": hits / n,
+            "per_category": {
+                c: {"n": e["n"], "accuracy": e["hits"] / e["n"], "answers": e["answers"]} for c, e in majority.items()
+            },
+        },
     }
 
 
-def _assert_matches(summary: dict, expected: dict) -> None:
+def _assert_matches(summary: dict, expected: dict, path: str = "") -> None:
+    """``summary`` has ``expected``'s keys (nested dicts: exactly its keys) with equal values (floats approx)."""
     for key, value in expected.items():
-        if isinstance(value, dict):  # per category
-            assert summary[key].keys() == value.keys(), key
-            for cat, numbers in value.items():
-                assert summary[key][cat] == pytest.approx(numbers), (key, cat)
+        where = f"{path}.{key}"
+        if isinstance(value, dict):
+            assert isinstance(summary[key], dict) and summary[key].keys() == value.keys(), where
+            _assert_matches(summary[key], value, where)
+        elif isinstance(value, float):
+            assert summary[key] == pytest.approx(value), where
         else:
-            assert summary[key] == pytest.approx(value), key
+            assert summary[key] == value, where
+
+
+SUMMARY_NUMBERS = {
+    "n", "n_correct", "accuracy", "n_unextracted", "n_truncated", "n_unanswered", "kinds", "accuracy_per_category",
+    "mean_generated_tokens", "mean_generated_tokens_correct", "mean_reasoning_tokens", "mean_thinking_tokens",
+    "mean_latent_steps", "mean_latency_s", "tokens_per_s", "majority_baseline",
+}  # fmt: skip
+"""The summary fields :func:`_recompute` checks; the rest are settings and paths."""
 
 
 def test_plain_run_accounts_every_sample(bench, model_dir, tmp_path):
@@ -111,7 +154,10 @@ def test_plain_run_accounts_every_sample(bench, model_dir, tmp_path):
     assert {r["kind"] for r in records} == {"choice", "yes_no", "number"}
     for r in records:
         assert 1 <= r["generated_tokens"] <= 5
-        assert r["reasoning_tokens"] is None and r["latent_steps"] is None
+        assert r["reasoning_tokens"] is None and r["latent_steps"] is None and r["thinking_tokens"] is None
+        assert r["unanswered"] is False  # plain is not staged: every output is read
+        if r["generated_tokens"] < 5:
+            assert r["truncated"] is False  # it stopped before the budget: at an EOS
         assert r["correct"] == (r["extracted"] is not None and str(r["extracted"]).lower() == r["gold"].lower())
     # latency = batch wall time / batch size: 9 samples in batches of 4, 4, 1 (file order).
     by_id = {r["id"]: r for r in records}
@@ -120,7 +166,13 @@ def test_plain_run_accounts_every_sample(bench, model_dir, tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     bench_summary = on_disk["benches"]["shapes_mini"]
-    _assert_matches(bench_summary, _recompute(records))
+    expected = _recompute(records)
+    assert expected.keys() == SUMMARY_NUMBERS
+    _assert_matches(bench_summary, expected)
+    assert set(bench_summary) - SUMMARY_NUMBERS == {
+        "bench", "samples", "skipped", "reader_complete", "duplicate_ids"
+    }  # fmt: skip
+    assert bench_summary["duplicate_ids"] == 0 and bench_summary["reader_complete"] is True
     assert bench_summary["skipped"]["skipped"] == {"undecodable_image": 1}
     assert on_disk["method"] == "plain" and on_disk["max_new_tokens"] == 5 and on_disk["model"] == str(model_dir)
     assert {"torch", "transformers", "device"} <= on_disk.keys()
@@ -129,7 +181,7 @@ def test_plain_run_accounts_every_sample(bench, model_dir, tmp_path):
 
 
 class Scripted:
-    """Known answers, token counts, latent steps and self-reported latencies, by sample id."""
+    """Known answers, token counts, latent steps, truncation and self-reported latencies, by sample id."""
 
     name = "scripted"
     TEXT = {
@@ -143,13 +195,18 @@ class Scripted:
         "8": "There are three.",  # right
         "9": "yes",  # wrong
     }
+    REASONING = {"2": 2, "8": 4}
+    THINKING = {"2": 3, "7": 0}
+    TRUNCATED = {"4", "9"}
 
     def __call__(self, model, processor, samples, max_new_tokens):
         return [
             Generation(
                 text=self.TEXT[s["id"]],
                 generated_tokens=int(s["id"]) + 1,
-                reasoning_tokens=int(s["id"]) if s["id"] == "2" else None,
+                reasoning_tokens=self.REASONING.get(s["id"]),
+                thinking_tokens=self.THINKING.get(s["id"]),
+                truncated=s["id"] in self.TRUNCATED,
                 latent_steps=int(s["id"]) % 3 if int(s["id"]) % 2 else None,
                 latency_s=0.01 * int(s["id"]),
             )
@@ -157,25 +214,80 @@ class Scripted:
         ]
 
 
-def test_summary_numbers_from_scripted_answers(bench, model_dir, tmp_path):
+class StagedScripted(Scripted):
+    """The same outputs read as staged chains of thought: only id 2 has a closed <CONCLUSION>."""
+
+    name = "staged-scripted"
+    staged = True
+
+
+def test_summary_numbers_from_scripted_answers(bench, tmp_path):
     model, processor = tiny_model("qwen2_5_vl")
     out = tmp_path / "scripted"
     summary = run_eval(model, Scripted(), [bench], out, batch_size=4, processor=processor, show_progress=False)
     records = _jsonl(out / "shapes_mini" / "samples.jsonl")
-    b = json.loads((out / "summary.json").read_text())["benches"]["shapes_mini"]
-    assert b == summary["benches"]["shapes_mini"]
-    _assert_matches(b, _recompute(records))
-    # and by hand: right = 1, 2, 5, 7, 8; colour = 1, 3, 5, 7 (3 right); count = 2, 4, 6, 8, 9 (2 right).
-    assert b["n"] == 9 and b["n_correct"] == 5 and b["n_unextracted"] == 1
-    assert b["accuracy_per_category"] == {
-        "colour": {"n": 4, "accuracy": 0.75},
-        "count": {"n": 5, "accuracy": 0.4},
+    by_id = {r["id"]: r for r in records}
+    assert sorted(by_id, key=int) == [str(i) for i in range(1, 10)]  # id 10's image does not decode
+    assert {i: (r["kind"], r["extracted"], r["correct"]) for i, r in by_id.items()} == {
+        "1": ("choice", "A", True),
+        "2": ("choice", "B", True),
+        "3": ("choice", "A", False),
+        "4": ("choice", None, False),
+        "5": ("choice", "A", True),
+        "6": ("choice", "B", False),
+        "7": ("yes_no", "yes", True),
+        "8": ("number", 3, True),
+        "9": ("yes_no", "yes", False),
     }
-    assert b["mean_generated_tokens_correct"] == pytest.approx((2 + 3 + 6 + 8 + 9) / 5)
-    assert b["mean_latent_steps"] == pytest.approx((1 + 0 + 2 + 1 + 0) / 5)  # odd ids 1, 3, 5, 7, 9
-    assert b["mean_reasoning_tokens"] == 2
-    assert b["mean_latency_s"] == pytest.approx(0.01 * 45 / 9)
-    assert b["tokens_per_s"] == pytest.approx(sum(range(2, 11)) / 0.45)
+    assert [i for i, r in by_id.items() if r["truncated"]] == ["4", "9"]
+    assert not any(r["unanswered"] for r in records)
+    b = json.loads((out / "summary.json").read_text())["benches"]["shapes_mini"]
+    assert b == json.loads(json.dumps(summary["benches"]["shapes_mini"]))
+    # by hand: right = 1, 2, 5, 7, 8; colour = 1, 3, 5, 7 (3 right); count = 2, 4, 6, 8, 9 (2 right);
+    # generated tokens = id + 1; latency = 0.01 * id; latent steps = id % 3 for odd ids.
+    expected = {
+        "n": 9,
+        "n_correct": 5,
+        "accuracy": 5 / 9,
+        "n_unextracted": 1,
+        "n_truncated": 2,
+        "n_unanswered": 0,
+        "kinds": {"choice": 6, "number": 1, "yes_no": 2},
+        "accuracy_per_category": {"colour": {"n": 4, "accuracy": 0.75}, "count": {"n": 5, "accuracy": 0.4}},
+        "mean_generated_tokens": 6.0,  # (2 + ... + 10) / 9
+        "mean_generated_tokens_correct": 5.6,  # (2 + 3 + 6 + 8 + 9) / 5
+        "mean_reasoning_tokens": 3.0,  # ids 2 and 8
+        "mean_thinking_tokens": 1.5,  # ids 2 and 7
+        "mean_latent_steps": 0.8,  # ids 1, 3, 5, 7, 9: 1, 0, 2, 1, 0
+        "mean_latency_s": 0.05,
+        "tokens_per_s": 120.0,  # 54 tokens in 0.45 s
+        # the most common gold per (category, kind): colour choice "a" (1, 5 of 1, 3, 5), colour yes_no "yes";
+        # count choice "b" (a three-way tie: the first seen), count number "3", count yes_no "no": 2+1+1+1+1 hits
+        "majority_baseline": {
+            "accuracy": 6 / 9,
+            "per_category": {
+                "colour": {"n": 4, "accuracy": 0.75, "answers": {"choice": "a", "yes_no": "yes"}},
+                "count": {"n": 5, "accuracy": 0.6, "answers": {"choice": "b", "number": "3", "yes_no": "no"}},
+            },
+        },
+    }
+    assert expected.keys() == SUMMARY_NUMBERS
+    _assert_matches(b, expected)
+    _assert_matches(b, _recompute(records))  # the test's own recomputation agrees with the hand-written numbers
+    table = (out / "summary.md").read_text()
+    assert "| shapes_mini | 9 | 55.6 | 66.7 | 2 | 0 | 6.0 | 3.0 | 1.5 | 0.8 | 0.050 | 120.0 |" in table
+
+    # read as staged outputs: only the closed <CONCLUSION>B</CONCLUSION> of id 2 is an answer
+    out = tmp_path / "staged"
+    summary = run_eval(model, StagedScripted(), [bench], out, batch_size=4, processor=processor, show_progress=False)
+    records = _jsonl(out / "shapes_mini" / "samples.jsonl")
+    assert sorted(r["id"] for r in records if not r["unanswered"]) == ["2"]
+    assert all(r["extracted"] is None and r["correct"] is False for r in records if r["id"] != "2")
+    b = summary["benches"]["shapes_mini"]
+    assert (b["n"], b["n_correct"], b["n_unanswered"], b["n_unextracted"], b["n_truncated"]) == (9, 1, 8, 8, 2)
+    assert b["accuracy_per_category"] == {"colour": {"n": 4, "accuracy": 0.0}, "count": {"n": 5, "accuracy": 0.2}}
+    assert b["mean_generated_tokens_correct"] == 3
+    _assert_matches(b, _recompute(records))
 
 
 def _stable(summary: dict) -> dict:
@@ -264,8 +376,14 @@ def test_blink_and_mmvp_folders(tmp_path):
     model, processor = tiny_model("qwen2_5_vl")
     fixtures = Path(__file__).resolve().parents[2] / "data" / "fixtures"
     summary = run_eval(
-        model, "plain", [fixtures / "blink", fixtures / "mmvp"], tmp_path / "out", batch_size=2, max_new_tokens=2,
-        processor=processor, show_progress=False,
+        model,
+        "plain",
+        [fixtures / "blink", fixtures / "mmvp"],
+        tmp_path / "out",
+        batch_size=2,
+        max_new_tokens=2,
+        processor=processor,
+        show_progress=False,
     )
     records = [json.loads(line) for line in (tmp_path / "out" / "blink" / "samples.jsonl").read_text().splitlines()]
     assert {r["category"] for r in records} == {"Relative_Depth", "IQ_Test"}

@@ -107,7 +107,7 @@ def test_trained_interpreter_beats_the_shuffled_control(tmp_path):
     )
     rows = [json.loads(line) for line in decoded.read_text().splitlines()]
     assert len(rows) == 3 * PER_TARGET * len(TARGETS)
-    assert set(rows[0]) == {"id", "stage", "question", "target", "prediction", "condition"}
+    assert set(rows[0]) == {"id", "stage", "token", "question", "target", "prediction", "condition"}
     by = {c: [r for r in rows if r["condition"] == c] for c in ("real", "zero", "shuffled")}
     scores = {c: _scores(r) for c, r in by.items()}
     print("BLEU / ROUGE-L per condition:", scores)

@@ -22,7 +22,6 @@ every method CLI load, plus ``make_base.json`` (the command, seed, sizes, loss c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -30,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latent_core.cli import default_threads
 
-__all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "base_shapes", "build_base", "default_threads", "make_base"]
+__all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "base_shapes", "build_base", "make_base"]
 
 BASE_FAMILIES: tuple[str, ...] = ("mllama", "qwen2_5_vl", "llava", "llava_next", "causal_lm")
 IMAGE_PX = 84  # processor input side: 3 cells of 28 px = 2x2 patches of 14 px each
@@ -56,16 +56,6 @@ SIZES: dict[str, BaseSize] = {
     "small": BaseSize(hidden=128, layers=4, heads=4, vision_hidden=64, vision_layers=2),
 }
 """``tiny``: the bases every method starts from; ``small``: a larger one (LaViT's teacher)."""
-
-
-def default_threads() -> int:
-    """Torch intra-op threads for training: the cores this process may use, at most 8 (on a small shared CPU,
-    torch's default can oversubscribe and run many times slower)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
 
 
 def _text_ids(tokenizer: Any) -> dict[str, Any]:

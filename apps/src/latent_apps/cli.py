@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from latent_core.cli import method_app
+from latent_core.cli import MethodTyper, method_app
 
 app = method_app("latent-apps", "Latent reasoning for VLMs: demo, dataset builders, evaluation and benchmarks.")
 
@@ -46,10 +46,7 @@ def demo(
     if unknown:
         raise typer.BadParameter(f"unknown family {', '.join(unknown)}; choose from {', '.join(TINY_FAMILIES)}")
     start = time.perf_counter()
-    try:
-        questions = find_demo_data(data)
-    except FileNotFoundError as err:
-        raise typer.BadParameter(str(err), param_hint="--data") from None
+    questions = find_demo_data(data)
     image, question = load_demo_question(questions)
     records = [run_family(f, image, question, max_new_tokens) for f in track(families, description="families")]
     seconds = time.perf_counter() - start
@@ -76,11 +73,7 @@ def demo(
         from latent_apps.demo import SHIPPED_FAMILY, run_shipped
 
         with tempfile.TemporaryDirectory(prefix="latent-demo-shipped-") as work:
-            try:
-                extra["heima"] = h = run_shipped(Path(work), n=questions_n)
-            except FileNotFoundError as err:
-                typer.echo(f"error: {err}", err=True)
-                raise typer.Exit(2) from None
+            extra["heima"] = h = run_shipped(Path(work), n=questions_n)
         table = Table(
             title=f"shipped {SHIPPED_FAMILY} base (CoT) vs shipped Heima: first {h['n']} shapes test questions; "
             "blank = images blanked, majority = most common answer per question kind"
@@ -173,14 +166,10 @@ def make_base_command(
         f"uv run apps/cli make-base --family {family} --shapes {shapes} --out {out} --size {size} --steps {steps} "
         f"--seed {seed} --batch-size {batch_size} --learning-rate {learning_rate}"
     )
-    try:
-        summary = make_base(
-            family, shapes, out, size=size, steps=steps, seed=seed, batch_size=batch_size,
-            learning_rate=learning_rate, threads=threads, eval_samples=eval_samples, resume=resume, command=command,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    summary = make_base(
+        family, shapes, out, size=size, steps=steps, seed=seed, batch_size=batch_size,
+        learning_rate=learning_rate, threads=threads, eval_samples=eval_samples, resume=resume, command=command,
+    )  # fmt: skip
     shown = {k: summary[k] for k in ("family", "size", "params", "steps", "train_seconds", "train_loss")}
     typer.echo(json.dumps({**shown, "eval": summary.get("eval")}, indent=2))
     typer.echo(f"saved to {out}")
@@ -200,7 +189,7 @@ def _register_eval() -> None:
 _register_eval()
 
 
-reproduce_app = typer.Typer(
+reproduce_app = MethodTyper(
     help="Reproductions of the papers' claims at CPU scale on the shapes task, from the shipped bases: results.json, "
     "a markdown table, a plot, and one JSON record on the last stdout line.",
     no_args_is_help=True,
@@ -265,16 +254,12 @@ def reproduce_heima_command(
         + (f" --one-shot-steps {one_shot_steps}" if one_shot_steps else "")
         + (f" --direct-steps {direct_steps}" if direct_steps else "")
     )
-    try:
-        results = reproduce_heima(run, command=command)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    results = reproduce_heima(run, command=command)
     typer.echo((out / "results.md").read_text())
     typer.echo(json.dumps(results["record"]))
 
 
-bench_app = typer.Typer(
+bench_app = MethodTyper(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",
     no_args_is_help=True,

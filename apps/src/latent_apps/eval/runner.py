@@ -680,13 +680,10 @@ def eval_command(
         get_method(method)
     except UnknownMethodError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
-    try:
-        summary = run_eval(
-            model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images
-        )
-    except (ValueError, OSError) as err:  # bad alias/checkpoint/file, model not available, resume mismatch
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    # A bad alias / checkpoint / file, a model that is not available, a resume mismatch: one line (latent_core.cli).
+    summary = run_eval(
+        model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images
+    )
     table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={summary['max_new_tokens']})")
     for column in TABLE_COLUMNS:
         table.add_column(column, justify="left" if column == "bench" else "right")

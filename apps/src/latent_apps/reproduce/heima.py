@@ -310,7 +310,7 @@ def _interpreters(run: HeimaRun, prepared: dict[str, Path], recover_dir: str) ->
 
     import torch
     from interpreters.capture import capture
-    from interpreters.config import InterpreterConfig
+    from interpreters.config import STAGES, InterpreterConfig
     from interpreters.decode import decode
     from interpreters.metrics import MeteorDataError, ensure_wordnet
     from interpreters.score import score
@@ -342,8 +342,7 @@ def _interpreters(run: HeimaRun, prepared: dict[str, Path], recover_dir: str) ->
         disable_tqdm=not run.show_progress,
         use_cpu=not torch.cuda.is_available(),
     )
-    stages = ("summary", "caption", "reasoning")
-    for stage in stages:
+    for stage in STAGES:
         if not (run.out / "interpreters" / stage / TRAIN_SUMMARY_NAME).is_file():
             _say(run, f"training the {stage} interpreter ({run.interpreter_steps} steps)")
             with contextlib.redirect_stdout(io.StringIO()):
@@ -440,8 +439,7 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
     """Run the whole reproduction (see the module docstring); returns ``results.json``'s content, whose ``record``
     is the one-line JSON summary."""
     import torch
-
-    from latent_apps.base import default_threads
+    from latent_core.cli import default_threads
 
     started = time.perf_counter()
     run = run.resolved()

@@ -9,7 +9,7 @@ heima export --stage-dir runs/heima/recover --out runs/heima/merged
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from latent_core.cli import method_app
@@ -63,13 +63,38 @@ def prepare(
 def train(
     stage: Annotated[str, typer.Option(help="0 (plain CoT), 1..K (first N stages replaced) or recover.")],
     prepared: Annotated[Path, typer.Option(help="Output of `heima prepare`.")] = Path("data/heima"),
-    model: Annotated[str, typer.Option(help="Base model: alias or path.")] = "llava-cot-11b",
+    model: Annotated[str, typer.Option(help="Base model: alias or path (a model that takes images).")] = (
+        "llava-cot-11b"
+    ),
     run_dir: Annotated[Path, typer.Option(help="Stages are written (and chained) here.")] = Path("runs/heima"),
     one_shot: Annotated[bool, typer.Option(help="The 'w/o progressive' ablation: straight to all replaced.")] = False,
     deepspeed: Annotated[str | None, typer.Option(help="zero2 | zero3 | zero3_offload | a JSON config.")] = None,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: the configured epochs).")] = -1,
-    learning_rate: Annotated[float | None, typer.Option(help="Override the stage's paper learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override the per-device batch size.")] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Progressive stages' learning rate (Table A2: 1e-4).")
+    ] = None,
+    recover_learning_rate: Annotated[
+        float | None,
+        typer.Option(help="Recovering stage's learning rate (Table A2: 1e-5; default: --learning-rate / 10)."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Per-device batch size of every stage.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Warm-up steps (Table A1: 100).")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0, help="Epochs per stage (Table A1: 1).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")] = 42,
+    save_total_limit: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Intermediate checkpoint-N folders kept while training (default 2); the stage "
+            "deletes them once its final save is written (they hold optimizer state, only for resuming).",
+        ),
+    ] = None,
+    report_to: Annotated[
+        str, typer.Option(help="Trainer loggers: none, tensorboard, trackio, wandb, ... (comma list).")
+    ] = "none",
+    train_projector: Annotated[
+        bool, typer.Option(help="Also train the multi_modal_projector in full (a choice; off as in Table A1).")
+    ] = False,
 ) -> None:
     """Train one Heima stage; stage N starts from stage N-1's output in --run-dir (Tables A1/A2 defaults)."""
     from heima.config import HeimaConfig
@@ -77,11 +102,20 @@ def train(
 
     _say_progress()
     parsed: int | str = stage if stage == "recover" else _stage_number(stage)
-    overrides = {}
+    overrides: dict = {}
     if learning_rate is not None:
-        overrides["learning_rate"] = overrides["recover_learning_rate"] = learning_rate
+        overrides["learning_rate"] = learning_rate
+        overrides["recover_learning_rate"] = learning_rate / 10  # Table A2's ratio (1e-4 -> 1e-5)
+    if recover_learning_rate is not None:
+        overrides["recover_learning_rate"] = recover_learning_rate
     if batch_size is not None:
         overrides["per_device_train_batch_size"] = overrides["recover_batch_size"] = batch_size
+    if warmup_steps is not None:
+        overrides["warmup_steps"] = warmup_steps
+    if epochs is not None:
+        overrides["num_train_epochs"] = epochs
+    if save_total_limit is not None:
+        overrides["save_total_limit"] = save_total_limit
     config = HeimaConfig(
         output_dir=str(run_dir),
         model=model,
@@ -91,6 +125,9 @@ def train(
         one_shot=one_shot,
         deepspeed=deepspeed,
         max_steps=max_steps,
+        seed=seed,
+        report_to=[r.strip() for r in report_to.split(",") if r.strip()],
+        train_projector=train_projector,
         **overrides,
     )
     out = train_stage(config, parsed)
@@ -123,8 +160,17 @@ def generate(
     base_model: Annotated[str | None, typer.Option(help="Base model if the stage does not name one.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    capture: Annotated[bool, typer.Option(help="Save each thinking token's hidden state (safetensors).")] = False,
-    position: Annotated[str, typer.Option(help="predictor (t-1, default) or token (t).")] = "predictor",
+    capture: Annotated[
+        bool,
+        typer.Option(
+            help="Save each generated thinking token's hidden state to <out>/hidden_states (the format "
+            "`interpreters decode --capture` reads)."
+        ),
+    ] = False,
+    position: Annotated[
+        Literal["predictor", "token"],
+        typer.Option(help="Which state --capture keeps: predictor (t-1, as released) or token (t)."),
+    ] = "predictor",
 ) -> None:
     """Batched greedy generation: text, generated / reasoning tokens, answer, latency per sample."""
     from heima.generate import generate as run_generate

@@ -17,36 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latent_core.families import VISION_FAMILIES
+from latent_core.thinking import THINKING_STAGES, thinking_token, thinking_tokens
 from latent_core.trainer import LatentTrainingArguments
 
-__all__ = ["RECOVER", "STAGES", "HeimaConfig", "stage_name", "thinking_token", "thinking_tokens"]
+__all__ = ["RECOVER", "STAGES", "SUPPORTED_FAMILIES", "HeimaConfig", "stage_name", "thinking_token", "thinking_tokens"]
 
-STAGES: tuple[str, ...] = ("summary", "caption", "reasoning")
-"""The CoT stages that Heima replaces by thinking tokens, in answer order (METHODS.md §1); the conclusion stays."""
+STAGES: tuple[str, ...] = THINKING_STAGES
+"""The CoT stages that Heima replaces by thinking tokens, in answer order (METHODS.md §1); the conclusion stays.
+Defined once in :data:`latent_core.thinking.THINKING_STAGES`, like the token names (:func:`thinking_token`)."""
+
+SUPPORTED_FAMILIES: tuple[str, ...] = VISION_FAMILIES
+"""The model families Heima trains and generates with: every family that takes images (the paper: mllama, as
+LLaVA-CoT). A text-only model is refused with a message naming its family (:func:`latent_core.require_family`)."""
 
 RECOVER = "recover"
 """Name of the recovering stage (METHODS.md §1 "Progressive distillation", paper Eq. 3)."""
-
-
-def thinking_token(stage: str, i: int | None = None) -> str:
-    """The thinking token of ``stage``: ``<THINKING_OF_SUMMARY>`` (one token per stage, the default) or the
-    ``i``-th (1-based) numbered token ``<THINKING_OF_SUMMARY_1>``.. when a stage has several (METHODS.md §1)."""
-    name = stage.upper()
-    if i is None:
-        return f"<THINKING_OF_{name}>"
-    if i < 1:
-        raise ValueError(f"thinking token index must be >= 1 (1-based), got {i}")
-    return f"<THINKING_OF_{name}_{i}>"
-
-
-def thinking_tokens(stage: str, n: int) -> list[str]:
-    """The ``n`` thinking tokens of ``stage``: ``[<THINKING_OF_X>]`` for ``n == 1``, else the numbered
-    ``<THINKING_OF_X_1>..<THINKING_OF_X_n>`` (the ablations' "n tokens per stage", METHODS.md §1)."""
-    if n < 1:
-        raise ValueError(f"a stage needs at least one thinking token, got n={n}")
-    if n == 1:
-        return [thinking_token(stage)]
-    return [thinking_token(stage, i) for i in range(1, n + 1)]
 
 
 def stage_name(stage: int | str) -> str:
@@ -123,6 +109,14 @@ class HeimaConfig(LatentTrainingArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (Table A1 / METHODS.md §1: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (Table A1 / METHODS.md §1: 32)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (Table A1 / METHODS.md §1: 0)."})
+    train_projector: bool = field(
+        default=False,
+        metadata={
+            "help": "A choice: also train the vision-to-text multi_modal_projector in full (mllama, llava, "
+            "llava_next; saved with the adapter). Off by default: METHODS.md §1 / Table A1 adapt the cross-attention "
+            "(fusion) layers with LoRA and name no projector; the vision tower is always frozen."
+        },
+    )
     lora_include_lm_head: bool = field(
         default=True,
         metadata={"help": "Also adapt the output projection lm_head (Table A1 / METHODS.md §1: yes)."},

@@ -148,9 +148,9 @@ def prepare(
         FileNotFoundError / latent_core.readers.DataFormatError: the data file is missing or not LLaVA-CoT.
     """
     stages = tuple(s.lower() for s in stages)
-    unknown = [s for s in stages if s not in ("summary", "caption", "reasoning")]
+    unknown = [s for s in stages if s not in STAGES]
     if not stages or unknown:
-        raise ValueError(f"stages must be a non-empty subset of summary/caption/reasoning, got {list(stages)}")
+        raise ValueError(f"stages must be a non-empty subset of {'/'.join(STAGES)}, got {list(stages)}")
     if tokens_per_stage < 1:
         raise ValueError(f"tokens_per_stage must be >= 1, got {tokens_per_stage}")
     if retention_ratio is not None:

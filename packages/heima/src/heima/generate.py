@@ -27,6 +27,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 from latent_core.readers import CONCLUSION_TAG, reasoning_token_count
+from latent_core.thinking import STATES_INDEX_NAME, load_states, parse_thinking_token, write_states_shard
 from PIL import Image
 
 __all__ = [
@@ -43,8 +44,7 @@ __all__ = [
     "thinking_token_ids",
 ]
 
-HIDDEN_INDEX_NAME = "index.jsonl"
-_THINKING = re.compile(r"<THINKING_OF_([A-Za-z]+)(?:_(\d+))?>")
+HIDDEN_INDEX_NAME = STATES_INDEX_NAME
 _CONCLUSION = re.compile(r"<CONCLUSION>(.*?)(?:</CONCLUSION>|$)", re.DOTALL)
 _EXPORT_INFO_NAME = "heima_export.json"
 
@@ -79,6 +79,7 @@ class HeimaGeneration(TypedDict, total=False):
     answer: str
     latency_s: float
     token_ids: list[int]
+    image: str
     hidden_states: list[ThinkingState]
 
 
@@ -95,13 +96,13 @@ def thinking_token_ids(processor: Any) -> dict[str, int]:
     """The thinking tokens the tokenizer knows (``<THINKING_OF_SUMMARY>``, ``<THINKING_OF_CAPTION_2>``, ...) -> id,
     in id order."""
     tokenizer = _tokenizer(processor)
-    found = {tok: int(i) for tok, i in tokenizer.get_added_vocab().items() if _THINKING.fullmatch(tok)}
+    found = {tok: int(i) for tok, i in tokenizer.get_added_vocab().items() if parse_thinking_token(tok)}
     return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
 def _stage_of(token: str) -> str | None:
-    match = _THINKING.fullmatch(token)
-    return match.group(1).lower() if match else None
+    parsed = parse_thinking_token(token)
+    return parsed[0] if parsed else None
 
 
 def _eos_ids(model: Any, processor: Any) -> set[int]:
@@ -168,12 +169,16 @@ def load_for_inference(
     Raises:
         FileNotFoundError: ``stage_dir`` is neither a stage output nor a checkpoint.
         latent_core.StageError: the adapter or extra modules do not fit the base model.
+        latent_core.FamilyError: the model cannot take images (Heima's :data:`~heima.config.SUPPORTED_FAMILIES`).
     """
     from latent_core.inference import load_trained
 
+    from heima.config import SUPPORTED_FAMILIES
+
     return load_trained(
-        stage_dir, base_model, dtype=dtype, device=device, default_tokens=lambda p: list(thinking_token_ids(p))
-    )
+        stage_dir, base_model, dtype=dtype, device=device, default_tokens=lambda p: list(thinking_token_ids(p)),
+        families=SUPPORTED_FAMILIES, method="heima",
+    )  # fmt: skip
 
 
 def export(
@@ -214,6 +219,16 @@ def _image(sample: dict[str, Any], image_root: Path | None) -> Image.Image | Non
             return handle.convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"sample {sample.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
+
+
+def _image_path(sample: dict[str, Any], image_root: Path | None) -> str | None:
+    """The sample's image as a path string (resolved against the root), ``None`` for PIL images or no image."""
+    image = sample.get("image")
+    if not isinstance(image, str | Path):
+        return None
+    root = image_root or (Path(sample["images_root"]) if sample.get("images_root") else None)
+    path = Path(image)
+    return str(root / path if root is not None and not path.is_absolute() else path)
 
 
 def _prompt_inputs(processor: Any, samples: Sequence[dict[str, Any]], image_root: Path | None) -> Any:
@@ -262,7 +277,8 @@ def generate(
         EOS and padding not), ``generated_tokens`` (up to and including EOS), ``reasoning_tokens`` (before the token
         where ``<CONCLUSION>`` starts; all generated tokens when there is none), ``thinking_tokens`` (thinking ids
         generated), ``answer`` (the conclusion text, stripped; the whole text without special tokens when there is
-        no conclusion), ``latency_s`` (batch wall time / batch size), ``token_ids`` (the kept new ids) and, with
+        no conclusion), ``latency_s`` (batch wall time / batch size), ``token_ids`` (the kept new ids), ``image`` (the
+        image path, when the sample gave one) and, with
         ``capture``, ``hidden_states``: a list of :class:`ThinkingState`.
     """
     from latent_core.capture import capture_hidden_states, select_predictors, select_tokens
@@ -318,6 +334,9 @@ def generate(
                 "latency_s": latency,
                 "token_ids": kept,
             }
+            image = _image_path(sample, root)
+            if image is not None:
+                record["image"] = image
             if capture:
                 record["hidden_states"] = _states(recorder, b, prompt_len, len(kept), position, by_id)
             results.append(record)
@@ -344,66 +363,49 @@ def _states(recorder: Any, b: int, prompt_len: int, n_kept: int, mode: str, by_i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_hidden_states(records: Sequence[HeimaGeneration], out_dir: str | Path, shard_bytes: int = 1 << 30) -> Path:
-    """Write the captured thinking states of ``records`` (from ``generate(capture=True)``) for the interpreters.
-
-    ``out_dir/hidden-00000.safetensors``, ... (shards of at most ``shard_bytes``; keys ``h00000000``...) and
-    ``out_dir/index.jsonl``: one line per state, ``{"id", "stage", "token", "position", "mode", "question",
-    "file", "key"}``, in record order. Returns the index path.
+def save_hidden_states(
+    records: Sequence[HeimaGeneration], out_dir: str | Path, shard_size: int = 256, *, overwrite: bool = True
+) -> Path:
+    """Write the thinking states of ``records`` (from ``generate(capture=True)``) in the one states format of
+    :mod:`latent_core.thinking` (the format ``interpreters capture`` writes and ``interpreters decode`` reads):
+    ``shard-00000.safetensors``.. (``shard_size`` records each) and ``index.jsonl``, one line per state with ``id``,
+    ``stage``, ``token``, ``question``, ``position`` (the recorded column), ``mode``, ``generated_index`` (the
+    thinking token's index among the generated tokens), ``image`` (when the sample's image was a path) and no
+    ``target``: these are the states the model produced while answering. Returns the index path.
 
     Raises:
         ValueError: a record has no ``hidden_states`` (generated without ``capture=True``).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines, shard, size, n_shards = [], {}, 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, n_shards
-        if shard:
-            save_file(shard, str(out / f"hidden-{n_shards:05d}.safetensors"), metadata={"format": "pt"})
-            shard, size, n_shards = {}, 0, n_shards + 1
-
     for record in records:
         if "hidden_states" not in record:
             raise ValueError(f"record {record.get('id')!r} has no hidden_states: generate with capture=True")
-        for state in record["hidden_states"]:
-            tensor = state["hidden"].detach().to("cpu").contiguous()
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard and size + nbytes > shard_bytes:
-                flush()
-            key = f"h{len(lines):08d}"
-            shard[key] = tensor
-            size += nbytes
-            lines.append(
-                {
+    if overwrite:
+        for old in [*out.glob("shard-*.safetensors"), out / HIDDEN_INDEX_NAME]:
+            old.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for j, first in enumerate(range(0, len(records), shard_size)):
+        entries, tensors = [], []
+        for record in records[first : first + shard_size]:
+            for state in record["hidden_states"]:
+                entry = {
                     "id": record["id"],
                     "stage": state["stage"],
                     "token": state["token"],
-                    "position": state["position"],
-                    "mode": state["mode"],
                     "question": record.get("question", ""),
-                    "file": f"hidden-{n_shards:05d}.safetensors",
-                    "key": key,
+                    "position": state["column"],
+                    "generated_index": state["position"],
+                    "mode": state["mode"],
                 }
-            )
-    flush()
-    index = out / HIDDEN_INDEX_NAME
-    index.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    return index
+                if record.get("image") is not None:
+                    entry["image"] = record["image"]
+                entries.append(entry)
+                tensors.append(state["hidden"])
+        write_states_shard(out, j, entries, tensors)
+    return out / HIDDEN_INDEX_NAME
 
 
 def load_hidden_states(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Read what :func:`save_hidden_states` wrote: the index lines, each with its tensor under ``"hidden"``."""
-    from safetensors.torch import load_file
-
-    out = Path(out_dir)
-    lines = [json.loads(line) for line in (out / HIDDEN_INDEX_NAME).read_text(encoding="utf-8").splitlines() if line]
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for line in lines:
-        if line["file"] not in shards:
-            shards[line["file"]] = load_file(str(out / line["file"]))
-        line["hidden"] = shards[line["file"]][line["key"]]
-    return lines
+    """Read a states directory (:func:`latent_core.thinking.load_states`): the index lines, each with its tensor
+    under ``"hidden"``."""
+    return load_states(out_dir)

@@ -12,38 +12,41 @@
   would adapt only one of the two tables (see :mod:`latent_core.lora`). The thinking-token rows train through
   PEFT's ``trainable_token_indices`` (METHODS.md §1), or latent_core's ZeRO-3-safe ``TrainableRows`` under ZeRO-3
   without CUDA (``rows_route="auto"``).
+- The vision-to-text projector (``multi_modal_projector``) is a **choice**: the paper fine-tunes "the fusion
+  components", which METHODS.md §1 / Table A1 read as mllama's cross-attention layers (adapted by LoRA above) and no
+  projector, so it stays frozen by default; ``HeimaConfig.train_projector`` trains it in full (PEFT
+  ``modules_to_save``: saved with the adapter, merged by export).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from latent_core.families import _unwrap_peft
 from latent_core.lora import prepare_lora_model
+from latent_core.thinking import stage_of_token as _stage_of_token
 from latent_core.tokens import add_special_tokens
 from peft import PeftModel
 from torch import nn
 
-__all__ = ["add_thinking_tokens", "head_is_tied", "prepare_model", "stage_of_token"]
+__all__ = ["PROJECTOR", "add_thinking_tokens", "head_is_tied", "prepare_model", "projector_name", "stage_of_token"]
 
-_TOKEN = re.compile(r"^<THINKING_OF_([A-Z][A-Z0-9]*?)(?:_(\d+))?>$")
+PROJECTOR = "multi_modal_projector"
+"""The vision-to-text projector of mllama / llava / llava_next (:attr:`heima.config.HeimaConfig.train_projector`)."""
 
 
 def stage_of_token(token: str) -> str:
-    """The stage a thinking token belongs to: ``"<THINKING_OF_SUMMARY_2>"`` -> ``"summary"``.
+    """The stage a thinking token belongs to: ``"<THINKING_OF_SUMMARY_2>"`` -> ``"summary"``
+    (:func:`latent_core.thinking.stage_of_token`).
 
     Raises:
         ValueError: ``token`` is not of the form ``<THINKING_OF_NAME>`` or ``<THINKING_OF_NAME_i>``.
     """
-    match = _TOKEN.match(token)
-    if match is None:
-        raise ValueError(
-            f"{token!r} is not a thinking token (<THINKING_OF_STAGE> or <THINKING_OF_STAGE_i>); "
-            "initialise other tokens with init='mean' or init='random'"
-        )
-    return match.group(1).lower()
+    try:
+        return _stage_of_token(token)
+    except ValueError as err:
+        raise ValueError(f"{err}; initialise other tokens with init='mean' or init='random'") from None
 
 
 def add_thinking_tokens(
@@ -112,6 +115,9 @@ def prepare_model(config: Any, model: nn.Module, processor: Any, tokens: Sequenc
         The ``PeftModel`` to train (or to load a previous stage's adapter into: use the base model then, see
         :func:`heima.trainer.train_stage`).
     """
+    extra = {}
+    if getattr(config, "train_projector", False):
+        extra["modules_to_save"] = [projector_name(model)]
     ids = add_thinking_tokens(model, processor, tokens)
     include_head = bool(getattr(config, "lora_include_lm_head", True)) and not head_is_tied(model)
     return prepare_lora_model(
@@ -121,4 +127,22 @@ def prepare_model(config: Any, model: nn.Module, processor: Any, tokens: Sequenc
         alpha=int(getattr(config, "lora_alpha", 32)),
         dropout=float(getattr(config, "lora_dropout", 0.0)),
         include_lm_head=include_head,
+        **extra,
     )
+
+
+def projector_name(model: nn.Module) -> str:
+    """The name of ``model``'s vision-to-text projector, trained in full with ``HeimaConfig.train_projector``:
+    ``multi_modal_projector`` (mllama, llava, llava_next).
+
+    Raises:
+        ValueError: the model has none outside its vision tower (Qwen2.5-VL's merger is part of ``model.visual``,
+            which stays frozen).
+    """
+    names = [name for name, _ in _unwrap_peft(model).named_modules() if name.rsplit(".", 1)[-1] == PROJECTOR]
+    if not names:
+        raise ValueError(
+            f"train_projector: {type(_unwrap_peft(model)).__name__} has no {PROJECTOR} outside its vision tower "
+            "(Qwen2.5-VL's merger belongs to the frozen vision tower); leave train_projector off for this family"
+        )
+    return PROJECTOR

@@ -45,7 +45,7 @@ from latent_core.trainable_rows import attach_trainable_rows
 from latent_core.trainer import LatentTrainer, StageError, load_base, load_extra_modules, load_stage, stage_info
 from torch import nn
 
-from heima.config import RECOVER, HeimaConfig
+from heima.config import RECOVER, SUPPORTED_FAMILIES, HeimaConfig
 from heima.data import load_prepared, samples_for_stage
 from heima.model import add_thinking_tokens, prepare_model
 
@@ -175,7 +175,9 @@ def train_stage(
             )
 
     transformers.set_seed(config.seed)
-    base, processor = load_base(config.model, model, processor, bf16=bool(config.bf16))
+    base, processor = load_base(
+        config.model, model, processor, bf16=bool(config.bf16), families=SUPPORTED_FAMILIES, method="heima train"
+    )
     if previous is None:
         logger.info("heima stage %s starts from the base model %s (fresh LoRA adapter)", stage, config.model)
         peft_model = prepare_model(config, base, processor, tokens)

@@ -7,9 +7,10 @@ answer with every CoT stage replaced by its thinking tokens; batches built by ``
 position is a choice: ``position="predictor"`` (default, as the authors released) keeps the state at t-1 that
 *predicts* the thinking token at t; ``position="token"`` keeps the state at the thinking token t (the paper's text).
 
-Output (the agreed format): ``shard-00000.safetensors``, ... (tensor key ``"<id>/<token>"``, a float32 ``[d]``),
-``index.jsonl`` (one line per state: ``id, stage, token, question, target`` = the stage's original text,
-``position`` = the captured column, ``mode``, ``file``, ``key``) and ``capture.json`` (options and counts).
+Output: the one states format of :mod:`latent_core.thinking` (``heima generate --capture`` writes it too):
+``shard-00000.safetensors``, ... (tensor key ``"<id>/<token>"``, a float32 ``[d]``), ``index.jsonl`` (one line per
+state: ``id, stage, token, question, target`` = the stage's original text, ``position`` = the captured column,
+``mode``, ``image``, ``file``, ``key``), plus ``capture.json`` (options and counts).
 
 Resumable after a kill: shard ``j`` always holds records ``[j * shard_size, (j + 1) * shard_size)`` in dataset
 order, batched from its own first record, so its bytes do not depend on earlier runs. A shard is written to a
@@ -21,8 +22,6 @@ Records without an expected state (e.g. a thinking token truncated away) are cou
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,38 +30,23 @@ from typing import Any, Literal
 import torch
 from latent_core.capture import capture_hidden_states, select_predictors, select_tokens
 from latent_core.collate import SupervisedCollator
-from safetensors.torch import save_file
+from latent_core.families import VISION_FAMILIES  # Heima's families (heima.config.SUPPORTED_FAMILIES)
+from latent_core.thinking import (
+    STATES_INDEX_NAME,
+    indexed_files,
+    parse_thinking_token,
+    read_index,
+    shard_name,
+    write_states_shard,
+)
 from tqdm.auto import tqdm
 
-__all__ = ["CAPTURE_SUMMARY_NAME", "INDEX_NAME", "capture", "shard_name"]
+__all__ = ["CAPTURE_SUMMARY_NAME", "INDEX_NAME", "capture", "shard_name"]  # shard_name: latent_core.thinking
 
-INDEX_NAME = "index.jsonl"
+INDEX_NAME = STATES_INDEX_NAME
 CAPTURE_SUMMARY_NAME = "capture.json"
 PREPARE_SUMMARY_NAME = "heima_prepare.json"  # heima's prepared-data summary (read as a data file)
-_THINKING = re.compile(r"<THINKING_OF_([A-Za-z]+)(?:_(\d+))?>")
 _RESUME_KEYS = ("heima", "prepared", "position", "shard_size")
-
-
-def shard_name(j: int) -> str:
-    """File name of shard ``j``."""
-    return f"shard-{j:05d}.safetensors"
-
-
-def _read_index(path: Path) -> list[dict[str, Any]]:
-    """Index lines; a torn last line (a kill during the append) is dropped and the file rewritten without it."""
-    if not path.is_file():
-        return []
-    entries, torn = [], False
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("incomplete line")
-            entries.append(json.loads(line))
-        except ValueError:
-            torn = True
-    if torn:
-        path.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
-    return entries
 
 
 def _load_prepared(prepared_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -76,11 +60,14 @@ def _load_prepared(prepared_dir: Path) -> tuple[Any, dict[str, Any]]:
     return datasets.load_from_disk(str(prepared_dir)), json.loads(meta_path.read_text())
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
+def _image_path(record: dict[str, Any]) -> str | None:
     image = record.get("image")
-    if image:
-        image = str(Path(record.get("images_root") or ".") / image)
-    return {"id": record["id"], "prompt": record["question"], "answer": record["answers"][-1], "image": image or None}
+    return str(Path(record.get("images_root") or ".") / image) if image else None
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    answer = record["answers"][-1]
+    return {"id": record["id"], "prompt": record["question"], "answer": answer, "image": _image_path(record)}
 
 
 def _capture_shard(
@@ -90,14 +77,13 @@ def _capture_shard(
     thinking: dict[int, str],
     position: str,
     batch_size: int,
-    file: str,
     problems: Counter,
     bar: Any,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The states and index lines of one shard's records."""
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The states and index entries of one shard's records."""
     device = next(model.parameters()).device
     select = (select_predictors if position == "predictor" else select_tokens)(sorted(thinking))
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: list[torch.Tensor] = []
     entries: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         batch_records = records[start : start + batch_size]
@@ -113,8 +99,8 @@ def _capture_shard(
                 recorder.states[b], recorder.positions[b], recorder.token_ids[b], strict=True
             ):
                 token = thinking[int(token_id)]
-                match = _THINKING.fullmatch(token)
-                stage = match.group(1).lower() if match else None
+                parsed = parse_thinking_token(token)
+                stage = parsed[0] if parsed else None
                 if stage is None or stage not in record["stage_texts"]:
                     problems["unknown_stage"] += 1
                     continue
@@ -122,38 +108,22 @@ def _capture_shard(
                     problems["duplicate_token"] += 1
                     continue
                 seen.add(token)
-                key = f"{record['id']}/{token}"
-                tensors[key] = state.float().contiguous()
-                entries.append(
-                    {
-                        "id": str(record["id"]),
-                        "stage": stage,
-                        "token": token,
-                        "question": record["question"],
-                        "target": record["stage_texts"][stage],
-                        "position": int(column),
-                        "mode": position,
-                        "file": file,
-                        "key": key,
-                    }
-                )
+                tensors.append(state.float())
+                entry = {
+                    "id": str(record["id"]),
+                    "stage": stage,
+                    "token": token,
+                    "question": record["question"],
+                    "target": record["stage_texts"][stage],
+                    "position": int(column),
+                    "mode": position,
+                }
+                if _image_path(record) is not None:
+                    entry["image"] = _image_path(record)
+                entries.append(entry)
             problems["missing_state"] += sum(t not in seen for t in expected)
         bar.update(len(batch_records))
     return tensors, entries
-
-
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a shard atomically: a temporary file renamed over the final name."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(sorted(tensors.items())), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _append_index(path: Path, entries: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def capture(
@@ -203,7 +173,7 @@ def capture(
         "records": n,
     }
     out.mkdir(parents=True, exist_ok=True)
-    summary_path, index_path = out / CAPTURE_SUMMARY_NAME, out / INDEX_NAME
+    summary_path = out / CAPTURE_SUMMARY_NAME
     if summary_path.is_file():
         previous = json.loads(summary_path.read_text()).get("options", {})
         changed = [k for k in _RESUME_KEYS if k in previous and previous[k] != options[k]]
@@ -213,11 +183,12 @@ def capture(
                 " resume with the same options or write to a new directory"
             )
     summary_path.write_text(json.dumps({"options": options, "complete": False}, indent=2) + "\n")
-    done = {e["file"] for e in _read_index(index_path)}
+    done = indexed_files(out)
 
     model, processor = load_trained(
-        heima_dir, base_model, dtype=dtype, device=device, default_tokens=lambda _: list(meta.get("tokens", []))
-    )
+        heima_dir, base_model, dtype=dtype, device=device, default_tokens=lambda _: list(meta.get("tokens", [])),
+        families=VISION_FAMILIES, method="interpreters capture (the Heima model)",
+    )  # fmt: skip
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = list(meta.get("tokens", []))
     ids = tokenizer.convert_tokens_to_ids(tokens)
@@ -243,12 +214,11 @@ def capture(
             bar.update(last - first)
             continue
         records = [dataset[i] for i in range(first, last)]
-        tensors, entries = _capture_shard(model, collator, records, thinking, position, batch_size, name, problems, bar)
-        _write_shard(out / name, tensors)
-        _append_index(index_path, entries)
+        tensors, entries = _capture_shard(model, collator, records, thinking, position, batch_size, problems, bar)
+        write_states_shard(out, j, entries, tensors)
     bar.close()
 
-    entries = _read_index(index_path)
+    entries = read_index(out)
     hidden_size = int(model.config.get_text_config().hidden_size)
     summary = {
         "options": options,

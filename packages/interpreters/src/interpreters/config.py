@@ -6,10 +6,12 @@ cosine schedule, 100 warm-up steps), as summarised in METHODS.md §1.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from latent_core.thinking import THINKING_STAGES
 from latent_core.trainer import LatentTrainingArguments
 
 __all__ = [
@@ -18,18 +20,37 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "PROJECTORS",
     "STAGES",
+    "SUPPORTED_FAMILIES",
     "UNIFIED",
     "InterpreterConfig",
+    "placeholder_for",
 ]
 
-STAGES: tuple[str, ...] = ("summary", "caption", "reasoning")
-"""Heima's CoT stages, one interpreter each (METHODS.md §1)."""
+STAGES: tuple[str, ...] = THINKING_STAGES
+"""Heima's CoT stages, one interpreter each (METHODS.md §1; defined once in :mod:`latent_core.thinking`)."""
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("causal_lm",)
+"""Interpreters are text-only LLMs (paper 000 section 3.3: Llama-3.1-8B-Instruct); a VLM is refused with a message."""
 
 UNIFIED = "unified"
 """Output directory name of the one interpreter for all stages (Table A9 ablation)."""
 
 DEFAULT_PLACEHOLDER = "<THOUGHT>"
-"""The added token whose input embedding is replaced by the (projected) hidden state."""
+"""The token added as placeholder when the interpreter's tokenizer has no reserved token (:func:`placeholder_for`)."""
+
+_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+
+
+def placeholder_for(tokenizer: Any, placeholder: str | None = None) -> str:
+    """The placeholder token: ``placeholder`` when given, else the tokenizer's first reserved token
+    (``<|reserved_special_token_0|>`` on Llama-3.x: it is in the vocabulary already, so nothing is resized and the
+    adapter stays small, as the paper reuses Llama-3's reserved tokens), else :data:`DEFAULT_PLACEHOLDER`, added as
+    a new token (which resizes the vocabulary: PEFT then saves the whole embedding with every adapter, ~2 GB on
+    Llama-3.1-8B)."""
+    if placeholder:
+        return placeholder
+    reserved = sorted((int(m.group(1)), token) for token in tokenizer.get_vocab() if (m := _RESERVED.fullmatch(token)))
+    return reserved[0][1] if reserved else DEFAULT_PLACEHOLDER
 
 DEFAULT_TEMPLATE = "According to question: {question}, can you explain the thinking progress {placeholder}?"
 """The explanatory prompt of paper 000 section 3.3 (METHODS.md §1); ``{question}`` and ``{placeholder}`` are filled."""
@@ -63,12 +84,12 @@ class InterpreterConfig(LatentTrainingArguments):
         default=DEFAULT_TEMPLATE,
         metadata={"help": "Explanatory prompt with {question} and {placeholder} (paper 000 section 3.3)."},
     )
-    placeholder: str = field(
-        default=DEFAULT_PLACEHOLDER,
+    placeholder: str | None = field(
+        default=None,
         metadata={
-            "help": "Token whose embedding is replaced by the hidden state; added when new. A new token resizes a "
-            "full vocabulary (Llama-3.1) and PEFT then saves the embedding layers with the adapter; a token the "
-            "tokenizer already has (e.g. '<|reserved_special_token_0|>') avoids that."
+            "help": "Token whose embedding is replaced by the hidden state. Default: the tokenizer's first reserved "
+            "token (<|reserved_special_token_0|> on Llama-3.x: no new vocabulary, small adapters), else a new "
+            "<THOUGHT> token, which resizes the vocabulary so that PEFT saves the whole embedding with the adapter."
         },
     )
     projector: str = field(
@@ -78,6 +99,13 @@ class InterpreterConfig(LatentTrainingArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (Table A3 / METHODS.md §1: 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (Table A3 / METHODS.md §1: 32)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_include_lm_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Also adapt lm_head where it is untied from the input embedding (Llama-3.1-8B), as Heima does: "
+            "paper 000 trains the interpreters with 'the same LoRA setting' (METHODS.md §1)."
+        },
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Train on at most this many captured states."})
 
     # ------------------------------------------------------------------ TrainingArguments with paper defaults
@@ -88,10 +116,19 @@ class InterpreterConfig(LatentTrainingArguments):
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "Per-device batch size (Table A3 / METHODS.md §1: 8)."}
     )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (Table A3: 0.01)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (Table A3 / METHODS.md §1)."})
     warmup_steps: float = field(default=100, metadata={"help": "Warm-up steps (Table A3 / METHODS.md §1: 100)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on iff CUDA supports it."})
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Activation (gradient) checkpointing, as for Heima (Table A1/A3 'same setting')."},
+    )
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default_factory=lambda: {"use_reentrant": False},
+        metadata={"help": "Non-reentrant checkpointing: works when the inputs are frozen (PEFT)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the rows' fields: the collator needs question/target/hidden."}
     )
@@ -110,7 +147,3 @@ class InterpreterConfig(LatentTrainingArguments):
             if name not in self.template:
                 raise ValueError(f"template must contain {name}; got {self.template!r}")
         super().__post_init__()
-
-    def interpreter_options(self) -> dict[str, Any]:
-        """What a trained interpreter needs to be rebuilt (written to ``latent_stage.json``)."""
-        return {"template": self.template, "placeholder": self.placeholder, "projector": self.projector}

@@ -9,20 +9,19 @@ left-padded prompts for generation.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from latent_core.collate import SupervisedCollator
-from safetensors.torch import load_file
+from latent_core.thinking import STATES_INDEX_NAME, load_states
 
 from interpreters.config import DEFAULT_PLACEHOLDER, DEFAULT_TEMPLATE
 
 __all__ = ["INDEX_NAME", "InterpreterCollator", "load_captures", "prompt_batch", "render_prompt"]
 
-INDEX_NAME = "index.jsonl"
+INDEX_NAME = STATES_INDEX_NAME
 
 
 def render_prompt(question: str, template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PLACEHOLDER) -> str:
@@ -31,27 +30,14 @@ def render_prompt(question: str, template: str = DEFAULT_TEMPLATE, placeholder: 
 
 
 def load_captures(capture_dir: str | Path, stages: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The captured rows of ``capture_dir`` (index order), optionally only those of ``stages``.
+    """The states of ``capture_dir`` (index order), optionally only those of ``stages``: the output of
+    ``interpreters capture`` or of ``heima generate --capture`` (one format, :func:`latent_core.thinking.load_states`;
+    ``target`` is ``None`` for states recorded while Heima answered).
 
     Raises:
-        FileNotFoundError: no ``index.jsonl`` (run ``interpreters capture`` first).
+        FileNotFoundError: no ``index.jsonl`` (run ``interpreters capture`` or ``heima generate --capture`` first).
     """
-    capture_dir = Path(capture_dir)
-    index = capture_dir / INDEX_NAME
-    if not index.is_file():
-        raise FileNotFoundError(f"{capture_dir} has no {INDEX_NAME}: run `interpreters capture` to write it")
-    wanted = set(stages) if stages is not None else None
-    rows, shards = [], {}
-    for line in index.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        if wanted is not None and entry["stage"] not in wanted:
-            continue
-        if entry["file"] not in shards:
-            shards[entry["file"]] = load_file(str(capture_dir / entry["file"]))
-        rows.append({**entry, "hidden": shards[entry["file"]][entry["key"]]})
-    return rows
+    return load_states(capture_dir, stages)
 
 
 class InterpreterCollator:

@@ -3,7 +3,11 @@
 Greedy (``do_sample=False``, one beam), batched with left padding. For every stage and condition (``real``: the
 captured state; ``zero``: a zero vector; ``shuffled``: another sample's state of the same stage, a fixed seeded
 derangement, :func:`interpreters.model.apply_condition`) each sample's prediction is written to ``decoded.jsonl``:
-``{"id", "stage", "question", "target", "prediction", "condition"}``, plus a ``decode.json`` summary.
+``{"id", "stage", "token", "question", "target", "prediction", "condition", "image"}``, plus a ``decode.json``
+summary. The states come from ``interpreters capture`` (teacher-forced, with the reference ``target``) or from
+``heima generate --capture`` (recorded while Heima answered: ``target`` is ``null``; that is the paper's use case,
+explaining what the model thought at inference time). ``image`` is the sample's image path when the capture has it
+(the judge of Appendix C shows it).
 """
 
 from __future__ import annotations
@@ -122,16 +126,18 @@ def decode(
             fed = apply_condition(hidden, condition, seed)
             predictions = _generate(model, tok, rows, fed, batch_size, max_new_tokens)
             for row, prediction in zip(rows, predictions, strict=True):
-                lines.append(
-                    {
-                        "id": row["id"],
-                        "stage": stage,
-                        "question": row["question"],
-                        "target": row["target"],
-                        "prediction": prediction,
-                        "condition": condition,
-                    }
-                )
+                line = {
+                    "id": row["id"],
+                    "stage": stage,
+                    "token": row.get("token"),
+                    "question": row["question"],
+                    "target": row.get("target"),
+                    "prediction": prediction,
+                    "condition": condition,
+                }
+                if row.get("image") is not None:
+                    line["image"] = row["image"]
+                lines.append(line)
             bar.update(1)
     bar.close()
     path = out / DECODED_NAME

@@ -2,7 +2,9 @@
 
 Prompt (paper 000 section 3.3): ``According to question: {question}, can you explain the thinking progress
 <THOUGHT>?``, rendered as the user turn of the LM's chat template; the target (the stage's CoT text) is the assistant
-turn. ``<THOUGHT>`` is one added special token. Its input embedding is **replaced after the embedding layer**:
+turn. The placeholder (``<THOUGHT>`` above) is one token: by default a reserved token the tokenizer already has
+(:func:`interpreters.config.placeholder_for`), else an added special token. Its input embedding is **replaced after
+the embedding layer**:
 
     e_t = projector(H)   at the placeholder position t,   e_i = Embed(x_i) elsewhere,
 
@@ -27,7 +29,7 @@ import torch
 from latent_core.trainer import LatentModel
 from torch import nn
 
-from interpreters.config import CONDITIONS, DEFAULT_PLACEHOLDER, DEFAULT_TEMPLATE, PROJECTORS
+from interpreters.config import CONDITIONS, DEFAULT_PLACEHOLDER, DEFAULT_TEMPLATE, PROJECTORS, SUPPORTED_FAMILIES
 
 __all__ = ["InterpreterModel", "apply_condition", "build_interpreter", "build_projector", "load_interpreter"]
 
@@ -193,17 +195,18 @@ def load_interpreter(
 ) -> tuple[InterpreterModel, Any]:
     """Load a trained interpreter (:func:`interpreters.trainer.train_interpreter`'s stage directory):
     ``(model, tokenizer)``, eval mode; the base LM, the placeholder, the adapter and the projector."""
+    from latent_core.hub import load_tensors
     from latent_core.inference import load_trained
     from latent_core.trainer import EXTRA_MODULES_NAME, StageError, stage_info
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     info = stage_info(directory).get(INTERPRETER_INFO_KEY)
     if info is None:
         raise StageError(f"{directory} is not a trained interpreter (no 'interpreter' entry in latent_stage.json)")
     backbone, tokenizer = load_trained(
-        directory, base_model, dtype=dtype, device=device, skip_extra_prefixes=(PROJECTOR_PREFIX,)
-    )
+        directory, base_model, dtype=dtype, device=device, skip_extra_prefixes=(PROJECTOR_PREFIX,),
+        families=SUPPORTED_FAMILIES, method="interpreters",
+    )  # fmt: skip
     model = InterpreterModel(
         backbone,
         info["placeholder_id"],
@@ -213,7 +216,7 @@ def load_interpreter(
         placeholder=info.get("placeholder", DEFAULT_PLACEHOLDER),
     )
     extras = directory / EXTRA_MODULES_NAME
-    saved = load_file(str(extras)) if extras.is_file() else {}
+    saved = load_tensors(extras) if extras.is_file() else {}
     state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in saved.items() if k.startswith(PROJECTOR_PREFIX)}
     if list(model.projector.parameters()) and not state:
         raise StageError(f"{directory}: the {info['projector']} projector's weights are missing from {extras}")

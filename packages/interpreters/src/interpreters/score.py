@@ -1,9 +1,16 @@
 """``interpreters score``: Table A5 of Heima (paper 000) plus judge means, for the real hidden states and controls.
 
-Input: ``decoded.jsonl`` lines ``{"id", "stage", "question", "target", "prediction", "condition"}`` with condition
-``real`` (the captured thinking-token state), ``zero`` or ``shuffled`` (the controls). For every stage and condition
-each metric is computed over that group's pairs; the **gap** ``real - control`` of every metric is the information
-the thinking token carries beyond what the interpreter guesses from the question alone.
+Input: ``decoded.jsonl`` lines ``{"id", "stage", "question", "target", "prediction", "condition", "image"}`` with
+condition ``real`` (the captured thinking-token state), ``zero`` or ``shuffled`` (the controls). For every stage and
+condition each metric is computed over that group's pairs; the **gap** ``real - control`` of every metric is the
+information the thinking token carries beyond what the interpreter guesses from the question alone.
+
+``"image"`` is the path of the sample's image (absolute, or relative to the judge's ``image_root`` or else the
+working directory); the metrics ignore it, the LLM judge is shown it (Appendix C, Algorithm 1; see
+:mod:`interpreters.judge`). Records whose ``target`` is missing or ``null`` (states captured at inference time have
+no reference text) are neither scored nor judged: they are counted in ``skipped`` under
+"no target (inference-time states)", like every other unusable line (malformed JSON, missing keys, unknown stage
+or condition).
 
 Writes ``scores.json`` (machine-readable) and ``scores.md`` (the table), and ``judge.jsonl`` when a judge is set.
 """
@@ -17,26 +24,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from interpreters import metrics as _m
+from interpreters.config import CONDITIONS, STAGES
 from interpreters.judge import JudgeResult
 
-__all__ = ["CONDITIONS", "CONTROLS", "METRICS", "STAGES", "read_decoded", "score", "write_markdown"]
+__all__ = ["CONTROLS", "METRICS", "NO_TARGET", "read_decoded", "score", "write_markdown"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("summary", "caption", "reasoning")
-CONDITIONS = ("real", "zero", "shuffled")
-CONTROLS = ("zero", "shuffled")
+#: The conditions the real hidden state is compared against (the gaps ``real - control``).
+CONTROLS = tuple(c for c in CONDITIONS if c != "real")
 #: metric name -> (column title of Table A5, 0-100 scale)
 METRICS = {"bleu": "BLEU-4", "meteor": "METEOR", "rouge": "ROUGE-L", "bertscore": "BERTScore F1"}
-_REQUIRED = ("stage", "target", "prediction", "condition")
+_REQUIRED = ("stage", "prediction", "condition")
+#: The ``skipped`` reason of records without a reference text.
+NO_TARGET = "no target (inference-time states)"
 
-#: A judge: takes pair dicts (stage, prediction, target, question) and returns one JudgeResult each, e.g.
-#: ``functools.partial(judge_many, client=make_client(), config=JudgeConfig(model=...))``.
+#: A judge: takes pair dicts (stage, prediction, target, question, image) and returns one JudgeResult each, e.g.
+#: ``functools.partial(judge_many, client=make_client(), config=JudgeConfig(model=...), image_root=...)``.
 Judge = Callable[[list[dict]], list[JudgeResult]]
 
 
 def read_decoded(path: Path) -> tuple[dict[tuple[str, str], list[dict]], Counter]:
-    """Group ``decoded.jsonl`` records by (stage, condition); unusable lines are counted by reason, not scored."""
+    """Group ``decoded.jsonl`` records by (stage, condition); unusable lines are counted by reason, not scored.
+
+    Reasons: malformed JSON, a line that is not a JSON object, missing keys, no target (:data:`NO_TARGET`: a
+    missing or ``null`` ``target``), unknown stage or condition.
+    """
     groups: dict[tuple[str, str], list[dict]] = {}
     skipped: Counter = Counter()
     with open(path, encoding="utf-8") as fh:
@@ -48,9 +61,14 @@ def read_decoded(path: Path) -> tuple[dict[tuple[str, str], list[dict]], Counter
             except json.JSONDecodeError:
                 skipped["malformed JSON line"] += 1
                 continue
+            if not isinstance(record, dict):
+                skipped["not a JSON object"] += 1
+                continue
             missing = [k for k in _REQUIRED if k not in record]
             if missing:
                 skipped[f"missing {','.join(missing)}"] += 1
+            elif record.get("target") is None:
+                skipped[NO_TARGET] += 1
             elif record["stage"] not in STAGES:
                 skipped[f"unknown stage {record['stage']!r}"] += 1
             elif record["condition"] not in CONDITIONS:
@@ -96,7 +114,13 @@ def score(
     out.mkdir(parents=True, exist_ok=True)
     groups, skipped = read_decoded(decoded_jsonl)
     if not groups:
-        raise ValueError(f"{decoded_jsonl} has no scorable records (skipped: {dict(skipped)})")
+        hint = (
+            ": records without a target (states captured at inference time) cannot be scored; decode states captured "
+            "from a dataset with reference CoT stages"
+            if NO_TARGET in skipped
+            else ""
+        )
+        raise ValueError(f"{decoded_jsonl} has no scorable records (skipped: {dict(skipped)}){hint}")
 
     scores: dict[str, dict[str, dict[str, float | int | None]]] = {}
     judged_lines = []

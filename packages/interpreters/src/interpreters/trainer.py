@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import transformers
+from latent_core.families import model_parts
 from latent_core.trainer import LatentTrainer, load_base
 from torch import nn
 
-from interpreters.config import STAGES, UNIFIED, InterpreterConfig
+from interpreters.config import (
+    DEFAULT_PLACEHOLDER,
+    STAGES,
+    SUPPORTED_FAMILIES,
+    UNIFIED,
+    InterpreterConfig,
+    placeholder_for,
+)
 from interpreters.data import InterpreterCollator, load_captures
 from interpreters.model import build_interpreter
 
@@ -30,6 +38,7 @@ __all__ = ["TRAIN_SUMMARY_NAME", "train_interpreter"]
 logger = logging.getLogger(__name__)
 
 TRAIN_SUMMARY_NAME = "interpreters_train.json"
+
 ModelFactory = Callable[[], tuple[nn.Module, Any]]
 
 
@@ -42,7 +51,9 @@ def _stages(stage: str) -> list[str]:
 
 
 def _load_base(config: InterpreterConfig, model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
-    base, processor = load_base(config.model, model, tokenizer, bf16=bool(config.bf16))
+    base, processor = load_base(
+        config.model, model, tokenizer, bf16=bool(config.bf16), families=SUPPORTED_FAMILIES, method="interpreters"
+    )
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:  # Llama-3.1 has none; padding is masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -57,24 +68,39 @@ def _train_one(
         rows = rows[: config.max_samples]
     if not rows:
         raise ValueError(f"{capture_dir} has no captured states of stage(s) {stages}: nothing to train on")
+    untargeted = sum(r.get("target") is None for r in rows)
+    if untargeted:
+        raise ValueError(
+            f"{untargeted} of the {len(rows)} states in {capture_dir} have no target text (states recorded by "
+            "`heima generate --capture` can be decoded, not trained on): train on `interpreters capture` output"
+        )
     out = Path(config.run_dir) / name
     transformers.set_seed(config.seed)
     base, tokenizer = _load_base(config, model, tokenizer)
     hidden_size = int(rows[0]["hidden"].shape[-1])
+    placeholder = placeholder_for(tokenizer, config.placeholder)
+    logger.info(
+        "placeholder %s (%s)",
+        placeholder,
+        "given" if config.placeholder else ("a reserved token of the tokenizer" if placeholder != DEFAULT_PLACEHOLDER
+                                            else "added: the tokenizer has no reserved token; the adapter saves the "
+                                            "resized embedding"),
+    )  # fmt: skip
     interpreter = build_interpreter(
         base,
         tokenizer,
         hidden_size,
-        placeholder=config.placeholder,
+        placeholder=placeholder,
         template=config.template,
         projector=config.projector,
         r=config.lora_r,
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
+        include_lm_head=config.lora_include_lm_head and not model_parts(base).lm_head_tied,
     )
     info = {
         "method": "interpreters",
-        "tokens": [config.placeholder],
+        "tokens": [placeholder],
         "stages": stages,
         "base": str(config.model),
         "capture": str(capture_dir),
@@ -85,7 +111,7 @@ def _train_one(
         model=interpreter,
         args=args,
         train_dataset=rows,
-        data_collator=InterpreterCollator(tokenizer, config.template, config.placeholder),
+        data_collator=InterpreterCollator(tokenizer, config.template, placeholder),
         processing_class=tokenizer,
         stage_info=info,
     )

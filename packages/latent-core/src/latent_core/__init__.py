@@ -30,9 +30,13 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # families.py
     "FAMILIES": "families",
+    "FamilyError": "families",
     "FamilySpec": "families",
+    "VISION_FAMILIES": "families",
+    "require_family": "families",
     "ModelParts": "families",
     "family_of": "families",
+    "family_of_processor": "families",
     "get_family": "families",
     "image_token_id": "families",
     "image_token_mask": "families",
@@ -100,6 +104,8 @@ _EXPORTS: dict[str, str] = {
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",
     "CheckpointError": "hub",
+    "check_tensors": "hub",
+    "load_tensors": "hub",
     "ModelNotAvailableError": "hub",
     "UnknownAliasError": "hub",
     "load_config": "hub",

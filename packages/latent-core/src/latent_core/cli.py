@@ -1,11 +1,118 @@
-"""Building blocks for the method command lines (``heima``, ``lavit``, ``lare``, ``interpreters``, ``latent``)."""
+"""Building blocks for the method command lines (``heima``, ``lavit``, ``lare``, ``interpreters``, ``latent``).
 
+Every command registered on a :class:`MethodTyper` (the apps :func:`method_app` makes, and their sub-apps) runs
+through one wrapper, :func:`guarded`, that
+
+- sets the runtime up once (:func:`configure_runtime`): a torch thread count that does not oversubscribe the CPU
+  (:func:`default_threads`), and filters for third-party deprecation noise (never for our own warnings);
+- turns a user error into one line on stderr and exit status 2 instead of a traceback: a missing or malformed file,
+  a bad option value, a stage that is not there, a corrupted checkpoint (``ValueError``, ``OSError``, a safetensors
+  error, :class:`UserError`). ``LATENT_DEBUG=1`` shows the traceback instead.
+"""
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-__all__ = ["method_app", "versions_line"]
+__all__ = ["MethodTyper", "UserError", "configure_runtime", "default_threads", "guarded", "method_app", "versions_line"]
+
+DEBUG_ENV = "LATENT_DEBUG"
+"""Set to 1 to see the traceback of a user error instead of the one-line message."""
+THREADS_ENV = "LATENT_THREADS"
+"""Torch intra-op threads for the commands (default :func:`default_threads`)."""
+
+
+class UserError(Exception):
+    """An error the user can fix (missing data, a bad option); the CLIs print its message as one line. Errors of
+    other kinds that mean the same are caught too: ``ValueError``, ``OSError`` and safetensors errors."""
+
+
+def default_threads() -> int:
+    """Torch intra-op threads: the cores this process may use (CPU affinity and the cgroup CPU quota), at most 8.
+    On a small shared CPU torch's default can oversubscribe and run many times slower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(8, cores))
+
+
+# Third-party noise on every normal run (deprecations inside transformers/peft/torch/deepspeed that we cannot act on).
+_NOISY_MODULES = r"(transformers|peft|torch|deepspeed|accelerate|datasets)(\..*)?"
+
+
+def configure_runtime() -> None:
+    """What every command does first: torch threads (``LATENT_THREADS``, else ``OMP_NUM_THREADS`` when set, else
+    :func:`default_threads`) and warning filters for third-party ``FutureWarning``/``DeprecationWarning`` noise and
+    DeepSpeed's accelerator banner. Our own warnings and errors are never filtered."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of every method
+        return
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed's auto-detection picks, without its warning banner
+    threads = os.environ.get(THREADS_ENV) or (None if "OMP_NUM_THREADS" in os.environ else str(default_threads()))
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors
+
+
+def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` as a command: :func:`configure_runtime` first; a user error becomes ``error: <message>`` on stderr and
+    exit status 2 (``LATENT_DEBUG=1``: re-raised with its traceback)."""
+
+    @functools.wraps(func)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        configure_runtime()
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as err:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            message = str(err) or type(err).__name__
+            if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+                message = f"{err.filename}: {message}"
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+    return command
+
+
+class MethodTyper(typer.Typer):
+    """A ``typer.Typer`` whose commands run through :func:`guarded` (one error handler for every method CLI)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            register(guarded(func))
+            return func
+
+        return decorator
+
 
 _STACK = ("latent-core", "torch", "transformers", "peft", "deepspeed")
 
@@ -24,8 +131,9 @@ def versions_line(dist: str) -> str:
 
 
 def method_app(dist: str, help: str) -> typer.Typer:
-    """A Typer app named ``dist`` with ``--help`` and an eager ``--version``; commands are added by the caller."""
-    app = typer.Typer(
+    """A :class:`MethodTyper` named ``dist`` with ``--help`` and an eager ``--version``; commands are added by the
+    caller and run through :func:`guarded`."""
+    app = MethodTyper(
         name=dist,
         help=help,
         no_args_is_help=True,

@@ -36,14 +36,18 @@ from transformers.models.auto.modeling_auto import (
 
 __all__ = [
     "FAMILIES",
+    "VISION_FAMILIES",
+    "FamilyError",
     "FamilySpec",
     "ModelParts",
     "family_of",
+    "family_of_processor",
     "get_family",
     "image_token_id",
     "image_token_mask",
     "lora_target_modules",
     "model_parts",
+    "require_family",
 ]
 
 # Per-layer Linear layers LoRA adapts: attention q/k/v/o and the gated MLP of every decoder layer.
@@ -82,6 +86,9 @@ class FamilySpec:
             ``decoder_layers_path``.
         decoder_layers_path: dotted path of the decoder-layer ``nn.ModuleList`` in the loaded model.
         vision_tower_path: dotted path of the vision encoder in the loaded model, ``None`` for text models.
+        processor_class: name of the transformers processor class of the family (``None``: a tokenizer only);
+            :func:`family_of_processor` reads it.
+        nested_images: the processor takes images as one list per sample (mllama), not one flat list.
     """
 
     name: str
@@ -91,6 +98,8 @@ class FamilySpec:
     lora_targets: tuple[str, ...]
     decoder_layers_path: str
     vision_tower_path: str | None
+    processor_class: str | None = None
+    nested_images: bool = False
 
     @property
     def model_class(self) -> type:
@@ -109,6 +118,8 @@ FAMILIES: dict[str, FamilySpec] = {
             lora_targets=_SELF_ATTN_AND_MLP + _CROSS_ATTN,
             decoder_layers_path="model.language_model.layers",
             vision_tower_path="model.vision_model",
+            processor_class="MllamaProcessor",
+            nested_images=True,
         ),
         FamilySpec(
             name="llava_next",
@@ -118,6 +129,7 @@ FAMILIES: dict[str, FamilySpec] = {
             lora_targets=_SELF_ATTN_AND_MLP,
             decoder_layers_path="model.language_model.layers",
             vision_tower_path="model.vision_tower",
+            processor_class="LlavaNextProcessor",
         ),
         FamilySpec(
             name="qwen2_5_vl",
@@ -127,6 +139,7 @@ FAMILIES: dict[str, FamilySpec] = {
             lora_targets=_SELF_ATTN_AND_MLP,
             decoder_layers_path="model.language_model.layers",
             vision_tower_path="model.visual",
+            processor_class="Qwen2_5_VLProcessor",
         ),
         FamilySpec(
             name="llava",
@@ -136,6 +149,7 @@ FAMILIES: dict[str, FamilySpec] = {
             lora_targets=_SELF_ATTN_AND_MLP,
             decoder_layers_path="model.language_model.layers",
             vision_tower_path="model.vision_tower",
+            processor_class="LlavaProcessor",
         ),
         FamilySpec(
             name="causal_lm",
@@ -150,6 +164,36 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+VISION_FAMILIES: tuple[str, ...] = tuple(name for name, spec in FAMILIES.items() if spec.images_via != "none")
+"""The families whose models take images (every one but ``causal_lm``)."""
+
+
+class FamilyError(ValueError):
+    """A model of a family the method does not support (e.g. a text-only LM given to a method that needs images)."""
+
+
+def require_family(model_or_config: Any, supported: tuple[str, ...] | list[str], method: str) -> FamilySpec:
+    """The family of ``model_or_config`` if ``method`` supports it, else :class:`FamilyError` naming the model's
+    family and the supported ones. Call it on the config before loading weights (``latent_core.load_config``).
+
+    Raises:
+        FamilyError: the family is not in ``supported`` (or the model is of no family latent_core knows).
+    """
+    config = _config_of(model_or_config)
+    try:
+        spec = family_of(config)
+    except ValueError as err:
+        raise FamilyError(f"{method}: {err}") from None
+    if spec.name not in supported:
+        kind = "a text-only model: it cannot take images" if spec.images_via == "none" else "not supported here"
+        names = ", ".join(f"{name} ({FAMILIES[name].class_name})" for name in supported)
+        raise FamilyError(
+            f"{method} cannot use {getattr(config, '_name_or_path', '') or 'this model'}: its family is {spec.name} "
+            f"({type(config).__name__}, model_type {config.model_type!r}), {kind}. Supported families: {names}"
+        )
+    return spec
+
+
 def _known_families() -> str:
     return ", ".join(f"{spec.name} ({spec.class_name})" for spec in FAMILIES.values())
 
@@ -160,6 +204,13 @@ def get_family(name: str) -> FamilySpec:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; known families: {_known_families()}") from None
+
+
+def family_of_processor(processor: Any) -> FamilySpec | None:
+    """The family whose processor class ``processor`` is (or subclasses), ``None`` for a tokenizer or an unknown
+    processor."""
+    names = {cls.__name__ for cls in type(processor).__mro__}
+    return next((spec for spec in FAMILIES.values() if spec.processor_class in names), None)
 
 
 def _config_of(model_or_config: Any) -> transformers.PretrainedConfig:

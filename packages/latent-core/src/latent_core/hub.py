@@ -31,9 +31,11 @@ __all__ = [
     "CheckpointError",
     "ModelNotAvailableError",
     "UnknownAliasError",
+    "check_tensors",
     "load_config",
     "load_model",
     "load_processor",
+    "load_tensors",
     "resolve_dataset_id",
     "resolve_model_id",
 ]
@@ -89,6 +91,32 @@ class ModelNotAvailableError(OSError):
 
 class CheckpointError(ValueError):
     """A local checkpoint directory that cannot be loaded: no ``config.json``, or corrupted/truncated weights."""
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """``safetensors.torch.load_file(path)``, with a message that names the file when it is missing, truncated or
+    not safetensors (an adapter, extra modules, a states shard).
+
+    Raises:
+        CheckpointError: the file is unreadable (its path and the reason in the message).
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is missing, truncated or not a safetensors file ({err})") from None
+
+
+def check_tensors(path: str | os.PathLike) -> None:
+    """Read ``path``'s safetensors header only (cheap); :class:`CheckpointError` naming the file when it is bad."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is missing, truncated or not a safetensors file ({err})") from None
 
 
 def _known(aliases: dict[str, str]) -> str:

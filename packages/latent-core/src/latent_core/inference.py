@@ -24,15 +24,14 @@ def _load_extras(
 ) -> list[str]:
     """Load ``extra_modules.safetensors`` (keys named in the trainer's model, e.g. ``backbone.base_model...``) into
     the PEFT model by matching parameter names; keys starting with one of ``skip_prefixes`` are left to the caller."""
-    from safetensors.torch import load_file
-
+    from latent_core.hub import load_tensors
     from latent_core.trainable_rows import TRAINABLE_ROWS_NAME, attach_trainable_rows
     from latent_core.trainer import EXTRA_MODULES_NAME, StageError
 
     path = stage_dir / EXTRA_MODULES_NAME
     if not path.is_file():
         return []
-    saved = {k: v for k, v in load_file(str(path)).items() if not k.startswith(tuple(skip_prefixes))}
+    saved = {k: v for k, v in load_tensors(path).items() if not k.startswith(tuple(skip_prefixes))}
     if any(f"{TRAINABLE_ROWS_NAME}." in key for key in saved):
         attach_trainable_rows(peft_model, token_ids)
     params = dict(peft_model.named_parameters())
@@ -61,6 +60,8 @@ def load_trained(
     device: str | torch.device | None = None,
     default_tokens: Callable[[Any], Sequence[str]] | None = None,
     skip_extra_prefixes: Sequence[str] = (),
+    families: Sequence[str] | None = None,
+    method: str = "this method",
 ) -> tuple[Any, Any]:
     """Load a trained stage (or an exported checkpoint) for inference: ``(model, processor)``, eval mode.
 
@@ -79,13 +80,17 @@ def load_trained(
         default_tokens: ``fn(processor) -> tokens`` to add when ``latent_stage.json`` names none.
         skip_extra_prefixes: extra-module keys (``extra_modules.safetensors``) with these prefixes are not loaded
             here: they belong to modules outside the language model (e.g. a projector) that the caller loads.
+        families, method: refuse, before loading weights, a model whose family is not in ``families``
+            (:func:`latent_core.families.require_family`; the message names ``method``).
 
     Raises:
         FileNotFoundError: ``stage_dir`` is neither a stage output nor a checkpoint.
         latent_core.StageError: the adapter or extra modules do not fit the base model.
+        latent_core.families.FamilyError: the model's family is not one of ``families``.
     """
 
-    from latent_core.hub import load_model, load_processor
+    from latent_core.families import require_family
+    from latent_core.hub import load_config, load_model, load_processor
     from latent_core.tokens import add_special_tokens
     from latent_core.trainer import StageError, load_stage, stage_info
 
@@ -98,6 +103,8 @@ def load_trained(
                 f"{stage_dir} is neither a trained stage output (no adapter_config.json) nor an exported checkpoint "
                 "(no config.json): pass the directory the trainer or the export wrote"
             )
+        if families is not None:
+            require_family(load_config(str(stage_dir)), families, method)
         model = load_model(str(stage_dir), **kwargs)
         return model.to(device).eval(), load_processor(str(stage_dir))
 
@@ -108,6 +115,8 @@ def load_trained(
     if not base:
         raise StageError(f"{stage_dir}: the adapter names no base model; pass base_model=<alias or path>")
     tokens = list(info.get("tokens") or (default_tokens(processor) if default_tokens is not None else []))
+    if families is not None:
+        require_family(load_config(str(base)), families, method)
     model = load_model(str(base), **kwargs)
     ids = add_special_tokens(model, processor, tokens) if tokens else []  # the tokenizer has them: same ids
     model = load_stage(model, stage_dir, is_trainable=False)  # checks the embedding rows and the adapter fit

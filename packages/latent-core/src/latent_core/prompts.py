@@ -122,6 +122,8 @@ def encode_chats(
     Raises:
         ValueError: some chats have images and others not (batch them separately).
     """
+    from latent_core.families import family_of_processor
+
     tokenizer = _tokenizer(processor)
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
@@ -133,7 +135,8 @@ def encode_chats(
             return processor(list(chats), **kwargs)
         if not all(images):
             raise ValueError("a batch mixes samples with and without images; batch them separately")
-        nested = "Mllama" in type(processor).__name__
+        family = family_of_processor(processor)
+        nested = family is not None and family.nested_images
         flat = [list(group) for group in images] if nested else [image for group in images for image in group]
         return processor(images=flat, text=list(chats), **kwargs)
     finally:

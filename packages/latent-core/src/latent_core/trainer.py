@@ -23,7 +23,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -33,9 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from latent_core.hub import check_tensors, load_tensors
 
 __all__ = [
     "DEEPSPEED_CONFIGS",
@@ -52,6 +57,8 @@ __all__ = [
     "load_stage",
     "schedule_callback",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIGS: tuple[str, ...] = ("zero2", "zero3", "zero3_offload")
 EXTRA_MODULES_NAME = "extra_modules.safetensors"
@@ -88,10 +95,19 @@ class LatentTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Weight of each auxiliary loss the model returns, by name (e.g. {'concept': 0.3})."},
     )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the intermediate checkpoint-N folders (weights + optimizer state, only for resuming a "
+            "killed run) after the final save; by default train_and_save deletes them once the stage is saved."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             self.deepspeed = deepspeed_config(self.deepspeed)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids torch's warning on every CPU run
         super().__post_init__()
 
     def loss_weight(self, name: str) -> float:
@@ -161,7 +177,7 @@ def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[s
     path = Path(directory) / EXTRA_MODULES_NAME
     if not path.is_file():
         return []
-    saved = load_file(str(path))
+    saved = load_tensors(path)
     params = dict(model.named_parameters())
     missing = [k for k in saved if k not in params]
     if missing:
@@ -196,6 +212,7 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
     if missing:
         raise StageError(f"previous stage output {directory} has no {', '.join(missing)}: is it a finished stage?")
     info = stage_info(directory)
+    check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
     embeddings = model.get_input_embeddings().weight.shape[0]
     if info.get("embedding_rows") and info["embedding_rows"] != embeddings:
         raise StageError(
@@ -209,16 +226,31 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
     return peft_model
 
 
-def load_base(name_or_path: str, model: Any = None, processor: Any = None, bf16: bool = False):
+def load_base(
+    name_or_path: str,
+    model: Any = None,
+    processor: Any = None,
+    bf16: bool = False,
+    *,
+    families: tuple[str, ...] | list[str] | None = None,
+    method: str = "this method",
+):
     """The base ``(model, processor)`` a method trains: the ones given, a factory's (``model`` may be a
     zero-argument callable returning a model or ``(model, processor)``; tests pass tiny models this way), or
-    loaded fresh from ``name_or_path`` (alias, hub id or path; bf16 when asked)."""
-    from latent_core.hub import load_model, load_processor
+    loaded fresh from ``name_or_path`` (alias, hub id or path; bf16 when asked).
+
+    With ``families``, a model of another family is refused before its weights load
+    (:func:`latent_core.families.require_family`: the message names its family, ``method`` and the supported ones).
+    """
+    from latent_core.families import require_family
+    from latent_core.hub import load_config, load_model, load_processor
 
     if model is not None and not isinstance(model, nn.Module) and callable(model):
         made = model()
         model, made_processor = made if isinstance(made, tuple) else (made, None)
         processor = processor if processor is not None else made_processor
+    if families is not None:
+        require_family(model if model is not None else load_config(name_or_path), families, method)
     if model is None:
         model = load_model(name_or_path, dtype=torch.bfloat16 if bf16 else None)
     if processor is None:
@@ -229,7 +261,12 @@ def load_base(name_or_path: str, model: Any = None, processor: Any = None, bf16:
 def stage_info(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``latent_stage.json`` of a stage output ({} when absent)."""
     path = Path(directory) / STAGE_INFO_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{path} is not valid JSON ({err}): the stage output is corrupted") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +289,15 @@ class LatentModel(nn.Module):
     @property
     def config(self):
         return self.backbone.config
+
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Activation checkpointing in the backbone's layers (what the Trainer calls with
+        ``activation_checkpointing=True``)."""
+        self.backbone.activation_checkpointing_enable(**kwargs)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.backbone, "is_activation_checkpointing", False))
 
     def forward(self, **batch: Any) -> dict[str, Any]:
         out = self.backbone(**batch)
@@ -281,6 +327,13 @@ class LatentTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [schedule_callback(fn) for fn in step_schedules or ()]
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        if getattr(self.args, "gradient_checkpointing", False):
+            # Training with activation checkpointing never uses the KV cache: say so up front instead of letting
+            # every forward warn and switch it off.
+            config = getattr(self.model, "config", None)
+            for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+                if cfg is not None and hasattr(cfg, "use_cache"):
+                    cfg.use_cache = False
         self.stage_info = dict(stage_info or {})
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
 
@@ -311,9 +364,16 @@ class LatentTrainer(Trainer):
 
     def train_and_save(self, output_dir: str | os.PathLike, summary_name: str, **facts: Any) -> dict[str, Any]:
         """Train, save the stage to ``output_dir`` and write a JSON summary ``summary_name`` next to it (steps,
-        losses, learning rate, batch size, seconds, plus ``facts``); returns the summary."""
+        losses, learning rate, batch size, seconds, plus ``facts``); returns the summary.
+
+        A run killed part-way resumes from the last ``checkpoint-N`` in ``args.output_dir`` (weights, optimizer,
+        scheduler, data order: the Trainer's own resume); once the stage is saved, the checkpoints are deleted unless
+        ``args.keep_checkpoints``."""
         start = time.perf_counter()
-        result = self.train()
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if last is not None:
+            logger.info("resuming from %s", last)
+        result = self.train(resume_from_checkpoint=last)
         self.save_model(str(output_dir))
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]
         summary = {
@@ -328,8 +388,13 @@ class LatentTrainer(Trainer):
             "last_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - start,
         }
+        if last is not None:
+            summary["resumed_from"] = last
         if self.args.should_save:
             Path(output_dir, summary_name).write_text(json.dumps(summary, indent=2) + "\n")
+            if not self.args.keep_checkpoints:
+                for checkpoint in Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                    shutil.rmtree(checkpoint, ignore_errors=True)
         return summary
 
     # -- saving ---------------------------------------------------------------------------------------------------
@@ -406,7 +471,7 @@ class LatentTrainer(Trainer):
         adapter = Path(resume_from_checkpoint) / "adapter_model.safetensors"
         if peft_model is None or not adapter.is_file():
             raise StageError(f"checkpoint {resume_from_checkpoint} has no PEFT adapter to resume from")
-        set_peft_model_state_dict(peft_model, load_file(str(adapter)), adapter_name=peft_model.active_adapter)
+        set_peft_model_state_dict(peft_model, load_tensors(adapter), adapter_name=peft_model.active_adapter)
         load_extra_modules(model, resume_from_checkpoint)
 
 
