@@ -119,3 +119,18 @@ def test_bertscore_identical_and_similar_beats_unrelated(minilm):
 def test_bertscore_unknown_model_needs_num_layers(minilm):
     with pytest.raises(ValueError, match="num_layers"):
         bert_score_f1(["a"], ["a"], model=minilm)
+
+
+def test_missing_wordnet_is_one_error_on_the_command_line(monkeypatch, tmp_path):
+    from interpreters.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(metrics, "_nltk_has_wordnet", lambda: False)
+    monkeypatch.setattr(metrics, "DEBIAN_WORDNET_DIR", tmp_path / "no-wordnet")
+    monkeypatch.setenv("LATENT_NLTK_DATA", str(tmp_path / "nltk_data"))
+    decoded = tmp_path / "decoded.jsonl"
+    decoded.write_text('{"stage": "summary", "target": "a", "prediction": "a", "condition": "real"}\n')
+    result = CliRunner().invoke(app, ["score", "--decoded", str(decoded), "--out", str(tmp_path / "s"), "--metrics",
+                                      "meteor"])  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and "apt-get install -y wordnet-base" in result.output

@@ -86,9 +86,13 @@ def train(
         typer.Option(
             min=0,
             help="Intermediate checkpoint-N folders kept while training (default 2); the stage "
-            "deletes them once its final save is written (they hold optimizer state, only for resuming).",
+            "deletes them once its final save is written (they hold optimizer state, only for resuming a killed "
+            "run; --keep-checkpoints keeps them).",
         ),
     ] = None,
+    keep_checkpoints: Annotated[
+        bool, typer.Option(help="Keep the checkpoint-N folders after the stage is saved (default: deleted).")
+    ] = False,
     report_to: Annotated[
         str, typer.Option(help="Trainer loggers: none, tensorboard, trackio, wandb, ... (comma list).")
     ] = "none",
@@ -128,6 +132,7 @@ def train(
         seed=seed,
         report_to=[r.strip() for r in report_to.split(",") if r.strip()],
         train_projector=train_projector,
+        keep_checkpoints=keep_checkpoints,
         **overrides,
     )
     out = train_stage(config, parsed)

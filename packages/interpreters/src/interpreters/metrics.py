@@ -21,6 +21,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from latent_core.cli import UserError
+
 __all__ = [
     "DEBIAN_WORDNET_DIR",
     "DEFAULT_BERTSCORE_MODEL",
@@ -107,8 +109,9 @@ _WORDNET_DB_FILES = (
 _POS_NUMBER = {"n": 1, "v": 2, "a": 3, "r": 4, "s": 5}
 
 
-class MeteorDataError(RuntimeError):
-    """WordNet data, which nltk's METEOR needs for synonym matching, could not be found or built."""
+class MeteorDataError(RuntimeError, UserError):
+    """WordNet data, which nltk's METEOR needs for synonym matching, could not be found or built (a user error: the
+    command lines print its instructions without a traceback)."""
 
 
 def _check(predictions: Sequence[str], references: Sequence[str]) -> None:

@@ -141,6 +141,23 @@ def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _vocabulary_resized(peft_model: Any) -> bool:
+    """Whether the adapter must carry the embedding / head tables: only when the vocabulary was resized (a new token
+    the base checkpoint lacks). PEFT's ``"auto"`` also saves the whole ``lm_head`` whenever LoRA targets it (~1 GB on
+    Llama-3.1-8B per stage) although the LoRA weights alone restore it. Unknown base: saved, to be safe."""
+    from latent_core.hub import load_config
+
+    config = next(iter(peft_model.peft_config.values()))
+    base_id = getattr(config, "base_model_name_or_path", None)
+    if not base_id:
+        return True
+    try:
+        base_vocab = load_config(str(base_id)).get_text_config().vocab_size
+    except (OSError, ValueError):
+        return True
+    return peft_model.get_base_model().config.get_text_config().vocab_size != base_vocab
+
+
 def _peft_model(model: nn.Module):
     """The PeftModel inside ``model`` (the model itself, or a submodule), and its attribute path prefix."""
     from peft import PeftModel
@@ -420,7 +437,12 @@ class LatentTrainer(Trainer):
         # Values: the gathered state dict under ZeRO-3, else the live parameters.
         values = state_dict if state_dict else dict(model.state_dict())
         adapter_state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
-        peft_model.save_pretrained(output_dir, state_dict=adapter_state, safe_serialization=True)
+        peft_model.save_pretrained(
+            output_dir,
+            state_dict=adapter_state,
+            safe_serialization=True,
+            save_embedding_layers=_vocabulary_resized(peft_model),
+        )
         extras = extra_state_dict(model, values)
         if extras:
             save_file(extras, os.path.join(output_dir, EXTRA_MODULES_NAME), metadata={"format": "pt"})

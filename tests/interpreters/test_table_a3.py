@@ -1,0 +1,135 @@
+"""The interpreters' training setting (paper 000 Table A3 / "the same LoRA setting" as Heima) and its CLI.
+
+- the placeholder defaults to a reserved token of the interpreter's tokenizer (Llama-3.x has 248): no new vocabulary,
+  so the adapter holds no embedding table; a tokenizer without one gets a new <THOUGHT> (and a resized embedding
+  saved with the adapter, what the default used to do for every model);
+- LoRA adapts lm_head where it is untied; AdamW weight decay 0.01; activation checkpointing on;
+- --placeholder / --template reach the trained interpreter; a VLM is refused as interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from interpreters.cli import app
+from interpreters.config import DEFAULT_PLACEHOLDER, InterpreterConfig, placeholder_for
+from latent_core.testing import tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+RESERVED = [f"<|reserved_special_token_{i}|>" for i in (0, 1, 2)]
+runner = CliRunner()
+
+
+def _base(out: Path, reserved: bool) -> Path:
+    """A tiny Llama-3-style text LM saved like a checkpoint; with ``reserved``, its vocabulary has reserved tokens
+    (added in 2, 0, 1 order: the default must pick token 0 by number, not by position)."""
+    model, tokenizer = tiny_model("causal_lm")
+    if reserved:
+        tokenizer.add_special_tokens({"additional_special_tokens": [RESERVED[2], RESERVED[0], RESERVED[1]]})
+        model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _captures(out: Path, d: int = 64, n: int = 8) -> Path:
+    out.mkdir()
+    tensors = {f"s{i}/<THINKING_OF_SUMMARY>": torch.randn(d) for i in range(n)}
+    lines = [{"id": f"s{i}", "stage": "summary", "token": "<THINKING_OF_SUMMARY>", "question": "What is there?",
+              "target": "a red circle", "position": 5, "mode": "predictor", "file": "shard-00000.safetensors",
+              "key": f"s{i}/<THINKING_OF_SUMMARY>"} for i in range(n)]  # fmt: skip
+    save_file(tensors, str(out / "shard-00000.safetensors"))
+    (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+def test_placeholder_default():
+    _, tokenizer = tiny_model("causal_lm")
+    assert placeholder_for(tokenizer) == DEFAULT_PLACEHOLDER == "<THOUGHT>"
+    tokenizer.add_special_tokens({"additional_special_tokens": [RESERVED[2], RESERVED[0]]})
+    assert placeholder_for(tokenizer) == "<|reserved_special_token_0|>"
+    assert placeholder_for(tokenizer, "<MINE>") == "<MINE>"
+
+
+def test_paper_defaults():
+    config = InterpreterConfig(use_cpu=True)
+    assert (config.weight_decay, config.learning_rate, config.per_device_train_batch_size) == (0.01, 5e-4, 8)
+    assert (config.lora_r, config.lora_alpha, config.warmup_steps) == (16, 32, 100)
+    assert config.activation_checkpointing and config.lora_include_lm_head and config.placeholder is None
+
+
+def _adapter_keys(directory: Path) -> list[str]:
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def _vocabulary_table(key: str) -> bool:
+    """A whole vocabulary-sized table saved with the adapter (PEFT does it for a resized embedding / head)."""
+    return "embed_tokens" in key or key.endswith("lm_head.base_layer.weight") or key.endswith("lm_head.weight")
+
+
+def _train(tmp_path: Path, base: Path, *extra: str) -> Path:
+    captures = _captures(tmp_path / "captures")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--capture", str(captures), "--stage", "summary", "--model", str(base),
+                                 "--run-dir", str(run), "--max-steps", "2", "--batch-size", "4", *extra])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return run / "summary"
+
+
+def test_reserved_placeholder_keeps_the_adapter_small(tmp_path, monkeypatch):
+    from latent_core.trainer import LatentModel
+
+    calls = []
+    original = LatentModel.activation_checkpointing_enable
+    monkeypatch.setattr(LatentModel, "activation_checkpointing_enable",
+                        lambda self, **kw: (calls.append(kw), original(self, **kw))[1])  # fmt: skip
+    out = _train(tmp_path, _base(tmp_path / "lm", reserved=True))
+    info = json.loads((out / "latent_stage.json").read_text())
+    assert info["interpreter"]["placeholder"] == "<|reserved_special_token_0|>"
+    keys = _adapter_keys(out)
+    assert not any(_vocabulary_table(k) for k in keys)  # no vocabulary change: no embedding / head table saved
+    assert any("lm_head.lora_A" in k for k in keys)  # the untied head is adapted, as Heima's
+    assert len(calls) == 1  # activation checkpointing was switched on in the backbone
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.weight_decay == 0.01
+
+
+def test_new_placeholder_saves_the_resized_embedding(tmp_path):
+    out = _train(tmp_path, _base(tmp_path / "lm", reserved=False), "--no-activation-checkpointing")
+    assert json.loads((out / "latent_stage.json").read_text())["interpreter"]["placeholder"] == "<THOUGHT>"
+    assert any(_vocabulary_table(k) for k in _adapter_keys(out))  # why the reserved token is the default
+
+
+def test_placeholder_and_template_flags(tmp_path):
+    template = "Q: {question} State: {placeholder}. Explain."
+    out = _train(tmp_path, _base(tmp_path / "lm", reserved=True), "--placeholder", "<|reserved_special_token_2|>",
+                 "--template", template)  # fmt: skip
+    info = json.loads((out / "latent_stage.json").read_text())["interpreter"]
+    assert (info["placeholder"], info["template"]) == ("<|reserved_special_token_2|>", template)
+    result = runner.invoke(app, ["train", "--capture", str(tmp_path / "captures"), "--template", "no fields",
+                                 "--run-dir", str(tmp_path / "r2")])  # fmt: skip
+    assert result.exit_code == 2 and "error: template must contain {question}" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--stage", "--projector"])
+def test_choice_flags(flag, tmp_path):
+    result = runner.invoke(app, ["train", "--capture", str(tmp_path), flag, "bogus"])
+    assert result.exit_code == 2 and "'bogus' is not one of" in result.output
+
+
+def test_a_vision_model_is_refused_as_interpreter(tmp_path):
+    base = tmp_path / "vlm"
+    model, processor = tiny_model("mllama")
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    captures = _captures(tmp_path / "captures")
+    result = runner.invoke(app, ["train", "--capture", str(captures), "--model", str(base), "--run-dir",
+                                 str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "family is mllama" in result.output and "causal_lm" in result.output
