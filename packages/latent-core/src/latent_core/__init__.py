@@ -16,6 +16,9 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
 - training: :class:`LatentTrainer`, :class:`LatentTrainingArguments`, :class:`LatentModel`,
   :class:`SupervisedCollator`, :func:`prepare_lora_model`, :func:`export_merged`, :func:`load_stage`,
   :class:`TrainableRows` (new-token rows that train under ZeRO-3 on any device);
+- thinking tokens and their states on disk (one format for every writer and reader): :data:`THINKING_STAGES`,
+  :func:`thinking_token`, :func:`parse_thinking_token`, :func:`write_states_shard`, :func:`load_states`;
+- model families refused with a message: :func:`require_family`, :class:`FamilyError`;
 - data readers with skip reports: :func:`read_llava_cot`, :func:`read_visual_cot`, :func:`read_reasoning`,
   :func:`read_vlmevalkit_tsv`, :func:`read_mmvp`, :func:`read_blink`, :class:`ReadReport`, :func:`parse_cot_stages`;
 - the tiny model zoo for tests: :func:`latent_core.testing.tiny_model`.
@@ -100,6 +103,13 @@ _EXPORTS: dict[str, str] = {
     "read_vlmevalkit_tsv": "readers",
     # inference.py
     "load_trained": "inference",
+    # thinking.py
+    "THINKING_STAGES": "thinking",
+    "load_states": "thinking",
+    "parse_thinking_token": "thinking",
+    "thinking_token": "thinking",
+    "thinking_tokens": "thinking",
+    "write_states_shard": "thinking",
     # hub.py
     "ALIASES": "hub",
     "DATASET_ALIASES": "hub",
