@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from heima import cli as heima_cli
 from heima.cli import app
 from latent_core.testing import tiny_model
 from typer.testing import CliRunner
@@ -124,7 +123,11 @@ def test_a_corrupted_adapter_names_the_file(tmp_path):
     assert str(stage / "adapter_model.safetensors") in line and "safetensors" in line
 
 
-def test_position_is_a_choice():
+def test_position_is_a_choice(seen, tmp_path):
     result = runner.invoke(app, ["generate", "--help"])
     assert "<predictor|token>" in result.output
-    assert heima_cli  # the module the choices live in
+    common = ["train", "--stage", "recover", "--prepared", str(tmp_path)]
+    assert runner.invoke(app, [*common, "--save-total-limit", "0"]).exit_code == 2  # 0 would keep every checkpoint
+    assert "--epochs" in runner.invoke(app, [*common, "--epochs", "0"]).output
+    result = runner.invoke(app, [*common, "--learning-rate", "1e-5"])
+    assert result.exit_code == 0 and "trains at a tenth of it, 1e-06" in result.output

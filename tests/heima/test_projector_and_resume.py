@@ -10,7 +10,7 @@ import pytest
 import torch
 from heima.config import HeimaConfig
 from heima.model import prepare_model, projector_name
-from heima.trainer import train_stage
+from heima.trainer import StageError, train_stage
 from latent_core.inference import load_trained
 from latent_core.testing import tiny_model
 from transformers import TrainerCallback
@@ -92,8 +92,16 @@ class _Kill(TrainerCallback):
             raise KeyboardInterrupt
 
 
+def _adapter(stage: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(stage / "adapter_model.safetensors"))
+
+
 def test_a_killed_stage_resumes_from_its_checkpoint_and_cleans_up(base, prepared, tmp_path, monkeypatch):
-    config = _config(base, prepared, tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+    config = _config(base, prepared, tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2, seed=3)
+    # The reference: the same stage trained without interruption.
+    reference = train_stage(dataclasses.replace(config, run_dir=str(tmp_path / "ref"), output_dir=None), 0)
     import latent_core.trainer as core_trainer
 
     original_init = core_trainer.LatentTrainer.__init__
@@ -108,9 +116,19 @@ def test_a_killed_stage_resumes_from_its_checkpoint_and_cleans_up(base, prepared
     stage = tmp_path / "run" / "stage-0"
     assert (stage / "checkpoint-2").is_dir() and not (stage / "heima_train.json").exists()
     monkeypatch.setattr(core_trainer.LatentTrainer, "__init__", original_init)
+    # A checkpoint of a run with other settings is refused, never silently continued.
+    with pytest.raises(core_trainer.StageError, match="learning_rate"):
+        train_stage(dataclasses.replace(config, learning_rate=5e-3), 0)
+    # A checkpoint folder the kill left half-written (no trainer_state.json) is skipped.
+    (stage / "checkpoint-3").mkdir()
     train_stage(config, 0)
     summary = json.loads((stage / "heima_train.json").read_text())
     assert summary["resumed_from"] == str(stage / "checkpoint-2") and summary["steps"] == 4
+    # Resuming gives the weights of the uninterrupted run (optimizer, scheduler and data order restored).
+    resumed, expected = _adapter(stage), _adapter(reference)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
     # The checkpoints (optimizer state) are gone once the stage is saved; the stage itself is complete.
     assert not list(stage.glob("checkpoint-*")) and (stage / "adapter_model.safetensors").is_file()
     kept = dataclasses.replace(config, run_dir=str(tmp_path / "kept"), output_dir=None, keep_checkpoints=True)
@@ -119,3 +137,27 @@ def test_a_killed_stage_resumes_from_its_checkpoint_and_cleans_up(base, prepared
         "checkpoint-2",
         "checkpoint-4",
     ]
+
+
+def test_projector_choice_is_kept_across_stages(base, prepared, tmp_path):
+    config = _config(base, prepared, tmp_path / "run", save_strategy="no")
+    train_stage(config, 0)
+    with pytest.raises(StageError, match="without the projector"):
+        train_stage(dataclasses.replace(config, train_projector=True), 1)
+    train_stage(config, 1)  # the same choice: fine
+
+
+def test_export_merges_the_trained_projector(base, prepared, tmp_path):
+    from heima.generate import export
+    from latent_core.hub import load_model
+
+    config = _config(base, prepared, tmp_path / "run", train_projector=True, learning_rate=1e-2, save_strategy="no")
+    out = train_stage(config, 0)
+    trained, _ = load_trained(out, str(base), device="cpu")
+    expected = {k.rsplit(".", 1)[1]: v for k, v in trained.state_dict().items()
+                if "multi_modal_projector.modules_to_save" in k}  # fmt: skip
+    merged = load_model(str(export(out, tmp_path / "merged")))
+    got = {k.rsplit(".", 1)[1]: v for k, v in merged.state_dict().items() if "multi_modal_projector" in k}
+    assert got.keys() == expected.keys() == {"weight", "bias"}
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key

@@ -1,7 +1,7 @@
 """The interpreters' training setting (paper 000 Table A3 / "the same LoRA setting" as Heima) and its CLI.
 
 - the placeholder defaults to a reserved token of the interpreter's tokenizer (Llama-3.x has 248): no new vocabulary,
-  so the adapter holds no embedding table; a tokenizer without one gets a new <THOUGHT> (and a resized embedding
+  so the adapter holds no embedding table; a tokenizer without one gets a new <THOUGHT> (and the vocabulary tables
   saved with the adapter, what the default used to do for every model);
 - LoRA adapts lm_head where it is untied; AdamW weight decay 0.01; activation checkpointing on;
 - --placeholder / --template reach the trained interpreter; a VLM is refused as interpreter.
@@ -69,7 +69,7 @@ def _adapter_keys(directory: Path) -> list[str]:
 
 
 def _vocabulary_table(key: str) -> bool:
-    """A whole vocabulary-sized table saved with the adapter (PEFT does it for a resized embedding / head)."""
+    """A whole vocabulary-sized table saved with the adapter (embedding or lm_head)."""
     return "embed_tokens" in key or key.endswith("lm_head.base_layer.weight") or key.endswith("lm_head.weight")
 
 
@@ -100,7 +100,7 @@ def test_reserved_placeholder_keeps_the_adapter_small(tmp_path, monkeypatch):
     assert args.weight_decay == 0.01
 
 
-def test_new_placeholder_saves_the_resized_embedding(tmp_path):
+def test_new_placeholder_saves_the_vocabulary_tables(tmp_path):
     out = _train(tmp_path, _base(tmp_path / "lm", reserved=False), "--no-activation-checkpointing")
     assert json.loads((out / "latent_stage.json").read_text())["interpreter"]["placeholder"] == "<THOUGHT>"
     assert any(_vocabulary_table(k) for k in _adapter_keys(out))  # why the reserved token is the default
@@ -114,7 +114,11 @@ def test_placeholder_and_template_flags(tmp_path):
     assert (info["placeholder"], info["template"]) == ("<|reserved_special_token_2|>", template)
     result = runner.invoke(app, ["train", "--capture", str(tmp_path / "captures"), "--template", "no fields",
                                  "--run-dir", str(tmp_path / "r2")])  # fmt: skip
-    assert result.exit_code == 2 and "error: template must contain {question}" in result.output
+    assert (
+        result.exit_code == 2
+        and result.output.startswith("error: ")
+        and "template must contain {question}" in (result.output)
+    )
 
 
 @pytest.mark.parametrize("flag", ["--stage", "--projector"])
@@ -133,3 +137,36 @@ def test_a_vision_model_is_refused_as_interpreter(tmp_path):
                                  str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "family is mllama" in result.output and "causal_lm" in result.output
+
+
+def test_a_new_placeholder_in_spare_rows_reloads_exactly(tmp_path):
+    """A vocabulary with spare rows (Qwen2.5 pads its tables): the new <THOUGHT> takes a spare row, nothing is
+    resized, yet its rows were initialised for training; the saved interpreter must reload those rows, not the
+    base checkpoint's spare-row values."""
+    from interpreters.model import load_interpreter
+    from latent_core.tokens import add_special_tokens
+
+    base = tmp_path / "lm"
+    model, tokenizer = tiny_model("causal_lm")
+    model.resize_token_embeddings(len(tokenizer) + 6)  # spare rows past the tokenizer
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tokenizer) :] = 7.0  # spare rows unlike any initialisation
+        model.get_input_embeddings().weight[len(tokenizer) :] = 7.0
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = _train(tmp_path, base)
+    # The reference: the rows training started from, re-made independently on a fresh copy of the base.
+    fresh, fresh_tokenizer = load_model_and_tokenizer(base)
+    (thought,) = add_special_tokens(fresh, fresh_tokenizer, ["<THOUGHT>"])
+    loaded, loaded_tokenizer = load_interpreter(out, device="cpu")
+    assert loaded_tokenizer.convert_tokens_to_ids("<THOUGHT>") == thought == len(tokenizer)
+    head = loaded.backbone.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    torch.testing.assert_close(head.weight[thought], fresh.get_output_embeddings().weight[thought])
+    assert not torch.equal(head.weight[thought], torch.full_like(head.weight[thought], 7.0))
+
+
+def load_model_and_tokenizer(path):
+    from latent_core.hub import load_model, load_processor
+
+    return load_model(str(path)), load_processor(str(path))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from latent_core.cli import MethodTyper, default_threads, method_app
+from latent_core.cli import MethodTyper, UserError, default_threads, method_app
+from latent_core.trainer import StageError
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -33,7 +34,11 @@ def _app() -> typer.Typer:
 
     @sub.command()
     def nested() -> None:
-        raise ValueError("nested command error")
+        raise UserError("nested command error")
+
+    @app.command()
+    def stage() -> None:
+        raise StageError("runs/heima/stage-1 is missing: run heima train --stage 1 first")
 
     @app.command()
     def noisy() -> None:
@@ -48,8 +53,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     result = runner.invoke(app, ["missing", str(tmp_path / "nope.txt")])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: [Errno 2] No such file or directory: '{tmp_path}/nope.txt'"]
+    # Any other bad value: one line too, with its type and how to see the traceback.
     result = runner.invoke(app, ["bad", "--value", "-3"])
-    assert (result.exit_code, result.output) == (2, "error: --value must be positive, got -3\n")
+    assert (result.exit_code, result.output) == (
+        2, "error: ValueError: --value must be positive, got -3 (set LATENT_DEBUG=1 for the traceback)\n",
+    )  # fmt: skip
+    result = runner.invoke(app, ["stage"])  # the toolkit's own error classes: the message as is
+    assert (result.exit_code, result.output) == (
+        2,
+        "error: runs/heima/stage-1 is missing: run heima train --stage 1 first\n",
+    )
     result = runner.invoke(app, ["sub", "nested"])
     assert (result.exit_code, result.output) == (2, "error: nested command error\n")
     assert "Traceback" not in result.output
@@ -95,19 +108,19 @@ def test_third_party_future_warnings_are_filtered():
     assert [str(w.message) for w in caught] == ["ours"]
 
 
-def test_default_threads_respects_the_cpu_quota(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [(64, "max 100000", 8), (64, "200000 100000", 2), (64, "150000 100000", 1), (64, "50000 100000", 1),
+     (3, "400000 100000", 3), (2, None, 2)],
+)  # fmt: skip
+def test_default_threads(monkeypatch, tmp_path, affinity, cpu_max, expected):
     import os
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert default_threads() == min(8, _quota_cores() or 64)
-
-
-def _quota_cores() -> int | None:
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-    except OSError:
-        return None
-    return None if quota == "max" else max(1, int(quota) // int(period))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    assert default_threads(str(path)) == expected
 
 
 @pytest.mark.parametrize("script", ["heima", "interpreters"])

@@ -35,7 +35,6 @@ NEW = ["<THINKING_OF_SUMMARY>", "<THINKING_OF_CAPTION>"]
 TIED = {"qwen2_5_vl": True, "llava": True, "causal_lm": False, "mllama": False, "llava_next": False}
 
 
-
 def _with_tokens(family):
     model, processor = tiny_model(family)
     ids = add_special_tokens(model, processor, NEW)

@@ -85,6 +85,11 @@ def test_a_torn_index_line_is_dropped(tmp_path):
     assert (tmp_path / "index.jsonl").read_text().count("\n") == 1
     assert [e["id"] for e in read_index(tmp_path)] == ["1"]  # a writer repairs it
     assert (tmp_path / "index.jsonl").read_text().endswith("}\n")
+    # A bad line in the middle is corruption, not a kill: an error naming the line, nothing dropped.
+    with open(tmp_path / "index.jsonl", "a") as handle:
+        handle.write("garbage\n" + (tmp_path / "index.jsonl").read_text())
+    with pytest.raises(ValueError, match="index.jsonl:2 is not a JSON line"):
+        read_index(tmp_path)
 
 
 def test_missing_and_corrupted_shards_name_the_file(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from latent_core.cli import default_threads
+from latent_core.families import get_family
 
 __all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "base_shapes", "build_base", "make_base"]
 
@@ -363,7 +364,8 @@ def warm_up_vision(
         for name, _ in batch:
             with Image.open(shapes / name) as handle:
                 images.append(handle.convert("RGB"))
-        inputs = processor.image_processor(images=[[i] for i in images] if family == "mllama" else images,
+        nested = get_family(family).nested_images
+        inputs = processor.image_processor(images=[[i] for i in images] if nested else images,
                                            return_tensors="pt")  # fmt: skip
         logits = head(cell_features(model, family, inputs, grid))
         labels = torch.tensor([labels for _, labels in batch])

@@ -84,7 +84,7 @@ def train(
     save_total_limit: Annotated[
         int | None,
         typer.Option(
-            min=0,
+            min=1,
             help="Intermediate checkpoint-N folders kept while training (default 2); the stage "
             "deletes them once its final save is written (they hold optimizer state, only for resuming a killed "
             "run; --keep-checkpoints keeps them).",
@@ -110,8 +110,16 @@ def train(
     if learning_rate is not None:
         overrides["learning_rate"] = learning_rate
         overrides["recover_learning_rate"] = learning_rate / 10  # Table A2's ratio (1e-4 -> 1e-5)
+        if parsed == "recover" and recover_learning_rate is None:
+            typer.echo(
+                f"note: --learning-rate sets the progressive stages' rate; the recovering stage trains at a tenth of "
+                f"it, {learning_rate / 10:g} (Table A2's ratio). Pass --recover-learning-rate to set it directly.",
+                err=True,
+            )
     if recover_learning_rate is not None:
         overrides["recover_learning_rate"] = recover_learning_rate
+    if epochs is not None and epochs <= 0:
+        raise typer.BadParameter(f"must be > 0, got {epochs}", param_hint="--epochs")
     if batch_size is not None:
         overrides["per_device_train_batch_size"] = overrides["recover_batch_size"] = batch_size
     if warmup_steps is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from latent_core.readers import ReadReport, parse_cot_stages, read_llava_cot
+from latent_core.readers import COT_STAGES, ReadReport, parse_cot_stages, read_llava_cot
 
 from heima.config import RECOVER, STAGES, thinking_token, thinking_tokens
 
@@ -45,7 +45,7 @@ __all__ = ["PREPARE_SUMMARY_NAME", "load_prepared", "prepare", "replace_stages",
 PREPARE_SUMMARY_NAME = "heima_prepare.json"
 """The JSON summary written next to the prepared dataset: tokens, options, report, num_stages."""
 
-_STAGE_RE = re.compile(r"<(SUMMARY|CAPTION|REASONING|CONCLUSION)>(.*?)</\1>", flags=re.DOTALL)
+_STAGE_RE = re.compile(rf"<({'|'.join(s.upper() for s in COT_STAGES)})>(.*?)</\1>", flags=re.DOTALL)
 
 
 def _stage_spans(answer: str) -> dict[str, tuple[int, int]]:

@@ -32,6 +32,8 @@ tokens, ``latent_stage.json`` (``{"method": "heima", "stage": s, "tokens": [...]
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +49,7 @@ from torch import nn
 
 from heima.config import RECOVER, SUPPORTED_FAMILIES, HeimaConfig
 from heima.data import load_prepared, samples_for_stage
-from heima.model import add_thinking_tokens, prepare_model
+from heima.model import PROJECTOR, add_thinking_tokens, prepare_model
 
 __all__ = ["ONE_SHOT", "ONE_SHOT_RECOVER", "SUMMARY_NAME", "stage_output_dir", "train_stage"]
 
@@ -109,6 +111,28 @@ def _command_for(directory: Path) -> str:
     return f"the stage that writes {directory}"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_projector(config: HeimaConfig, previous: Path) -> None:
+    """A later stage keeps training what the previous one trained: ``train_projector`` must agree with it."""
+    try:
+        saved = json.loads((previous / "adapter_config.json").read_text()).get("modules_to_save") or []
+    except (OSError, ValueError):
+        return  # load_stage reports an unreadable adapter, naming the file
+    trained = PROJECTOR in saved
+    if trained != bool(config.train_projector):
+        raise StageError(
+            f"{previous} was trained {'with' if trained else 'without'} the projector (train_projector={trained}); "
+            f"every stage of a run keeps that choice: {'pass' if trained else 'drop'} --train-projector"
+        )
+
+
 def _load_prepared(config: HeimaConfig) -> tuple[Dataset, dict[str, Any]]:
     if config.prepared is None:
         raise ValueError("config.prepared is not set: run `heima prepare` (heima.data.prepare) and pass its output")
@@ -167,6 +191,7 @@ def train_stage(
                 f"stage {stage} starts from {previous}, which is missing or unfinished: run "
                 f"{_command_for(previous)} first"
             )
+        _check_projector(config, previous)
         saved_tokens = stage_info(previous).get("tokens")
         if saved_tokens is not None and list(saved_tokens) != tokens:
             raise StageError(
@@ -201,6 +226,8 @@ def train_stage(
         "num_stages": num_stages,
         "one_shot": bool(config.one_shot),
         "starts_from": str(previous) if previous is not None else None,
+        # which weights it starts from: a checkpoint made on top of other ones is not resumed (LatentTrainer)
+        "starts_from_sha256": _sha256(previous / "adapter_model.safetensors") if previous is not None else None,
         "base": str(config.model),
         "answers_index": answer_index,
         "prepared": str(config.prepared),

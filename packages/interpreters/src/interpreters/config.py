@@ -45,8 +45,8 @@ def placeholder_for(tokenizer: Any, placeholder: str | None = None) -> str:
     """The placeholder token: ``placeholder`` when given, else the tokenizer's first reserved token
     (``<|reserved_special_token_0|>`` on Llama-3.x: it is in the vocabulary already, so nothing is resized and the
     adapter stays small, as the paper reuses Llama-3's reserved tokens), else :data:`DEFAULT_PLACEHOLDER`, added as
-    a new token (which resizes the vocabulary: PEFT then saves the whole embedding with every adapter, ~2 GB on
-    Llama-3.1-8B)."""
+    a new token (new vocabulary: every adapter then carries the vocabulary tables, embedding and ``lm_head``, to
+    reload exactly: ~1-2 GB on Llama-3.1-8B)."""
     if placeholder:
         return placeholder
     reserved = sorted((int(m.group(1)), token) for token in tokenizer.get_vocab() if (m := _RESERVED.fullmatch(token)))
@@ -89,7 +89,7 @@ class InterpreterConfig(LatentTrainingArguments):
         metadata={
             "help": "Token whose embedding is replaced by the hidden state. Default: the tokenizer's first reserved "
             "token (<|reserved_special_token_0|> on Llama-3.x: no new vocabulary, small adapters), else a new "
-            "<THOUGHT> token, which resizes the vocabulary so that PEFT saves the whole embedding with the adapter."
+            "<THOUGHT> token: new vocabulary, so every adapter carries the vocabulary tables (~1-2 GB on Llama-3.1-8B)."
         },
     )
     projector: str = field(

@@ -84,7 +84,7 @@ def _train_one(
         placeholder,
         "given" if config.placeholder else ("a reserved token of the tokenizer" if placeholder != DEFAULT_PLACEHOLDER
                                             else "added: the tokenizer has no reserved token; the adapter saves the "
-                                            "resized embedding"),
+                                            "vocabulary tables"),
     )  # fmt: skip
     interpreter = build_interpreter(
         base,

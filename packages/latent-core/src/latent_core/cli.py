@@ -6,8 +6,9 @@ through one wrapper, :func:`guarded`, that
 - sets the runtime up once (:func:`configure_runtime`): a torch thread count that does not oversubscribe the CPU
   (:func:`default_threads`), and filters for third-party deprecation noise (never for our own warnings);
 - turns a user error into one line on stderr and exit status 2 instead of a traceback: a missing or malformed file,
-  a bad option value, a stage that is not there, a corrupted checkpoint (``ValueError``, ``OSError``, a safetensors
-  error, :class:`UserError`). ``LATENT_DEBUG=1`` shows the traceback instead.
+  a stage that is not there, a corrupted checkpoint, a model of the wrong family (:class:`UserError` and the
+  toolkit's error classes: the message as is), or any other bad value (``ValueError`` / ``OSError``: the message
+  with its type and a hint). ``LATENT_DEBUG=1`` shows the traceback instead.
 """
 
 import functools
@@ -32,17 +33,19 @@ class UserError(Exception):
     other kinds that mean the same are caught too: ``ValueError``, ``OSError`` and safetensors errors."""
 
 
-def default_threads() -> int:
-    """Torch intra-op threads: the cores this process may use (CPU affinity and the cgroup CPU quota), at most 8.
-    On a small shared CPU torch's default can oversubscribe and run many times slower."""
+def default_threads(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Torch intra-op threads: the cores this process may use (CPU affinity and the cgroup v2 CPU quota read from
+    ``cpu_max``, ``"<quota> <period>"`` or ``"max <period>"``), at most 8. On a small shared CPU torch's default can
+    oversubscribe and run many times slower."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    try:  # cgroup v2: "<quota> <period>" or "max <period>"
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+    try:
+        with open(cpu_max) as handle:
+            quota, period = handle.read().split()[:2]
         if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
+            cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     return max(1, min(8, cores))
@@ -62,15 +65,34 @@ def configure_runtime() -> None:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of every method
         return
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    if "DS_ACCELERATOR" not in os.environ and not _any_accelerator(torch):
         os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed's auto-detection picks, without its warning banner
     threads = os.environ.get(THREADS_ENV) or (None if "OMP_NUM_THREADS" in os.environ else str(default_threads()))
     if threads:
         torch.set_num_threads(max(1, int(threads)))
 
 
+def _any_accelerator(torch: Any) -> bool:
+    mps = getattr(getattr(torch, "backends", None), "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (mps is not None and mps.is_available())
+        or (xpu is not None and xpu.is_available())
+    )
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+    """Errors whose message is all a user needs: printed as is."""
+    from latent_core.families import FamilyError
+    from latent_core.hub import CheckpointError, ModelNotAvailableError, UnknownAliasError
+    from latent_core.readers import DataFormatError
+    from latent_core.trainer import StageError
+
+    errors: tuple[type[BaseException], ...] = (
+        UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FamilyError,
+        CheckpointError, ModelNotAvailableError, UnknownAliasError, DataFormatError, StageError,
+    )  # fmt: skip
     try:
         from safetensors import SafetensorError
 
@@ -86,15 +108,17 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
-        configure_runtime()
         try:
+            configure_runtime()
             return func(*args, **kwargs)
-        except _user_errors() as err:
+        except (ValueError, OSError, UserError, *_user_errors()) as err:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
             message = str(err) or type(err).__name__
             if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
                 message = f"{err.filename}: {message}"
+            if not isinstance(err, _user_errors()):  # a bad value somewhere deeper: say what it was and how to see it
+                message = f"{type(err).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)"
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 

@@ -112,17 +112,24 @@ def shard_name(j: int) -> str:
 
 def read_index(directory: str | Path, *, repair: bool = True) -> list[dict[str, Any]]:
     """The index lines of a states directory (``[]`` when there is no index). A torn last line (a kill during the
-    append) is dropped, and with ``repair`` the file is rewritten without it."""
+    append) is dropped, and with ``repair`` the file is rewritten without it.
+
+    Raises:
+        ValueError: a line before the last is not JSON (a corrupted index, not a kill: the message names it).
+    """
     path = Path(directory) / STATES_INDEX_NAME
     if not path.is_file():
         return []
     entries, torn = [], False
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
         try:
             if not line.endswith("\n"):
                 raise ValueError("incomplete line")
             entries.append(json.loads(line))
         except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a JSON line: the index is corrupted") from None
             torn = True
     if torn and repair:
         path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from latent_core.hub import check_tensors, load_tensors
+from latent_core.trainable_rows import TRAINABLE_ROWS_NAME
 
 __all__ = [
     "DEEPSPEED_CONFIGS",
@@ -141,21 +142,34 @@ def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _vocabulary_resized(peft_model: Any) -> bool:
-    """Whether the adapter must carry the embedding / head tables: only when the vocabulary was resized (a new token
-    the base checkpoint lacks). PEFT's ``"auto"`` also saves the whole ``lm_head`` whenever LoRA targets it (~1 GB on
-    Llama-3.1-8B per stage) although the LoRA weights alone restore it. Unknown base: saved, to be safe."""
-    from latent_core.hub import load_config
+def _vocabulary_changed(peft_model: Any, tokens: Sequence[str] = ()) -> bool:
+    """Whether an adapter must carry the embedding / ``lm_head`` tables to be reloaded exactly: the vocabulary was
+    resized, or ``tokens`` (the stage's added tokens) are new to the base tokenizer and no trainable-token route
+    (PEFT ``trainable_token_indices`` / ``TrainableRows``) saves their rows (a new token placed in spare rows keeps
+    rows the reload would not re-create). Otherwise not: PEFT's ``"auto"`` would save the whole ``lm_head`` whenever
+    LoRA targets it (~1 GB on Llama-3.1-8B per stage) although the LoRA weights alone restore it. An unknown base:
+    saved, to be safe."""
+    from latent_core.hub import load_config, load_processor
 
-    config = next(iter(peft_model.peft_config.values()))
+    config = peft_model.peft_config[peft_model.active_adapter]
     base_id = getattr(config, "base_model_name_or_path", None)
     if not base_id:
         return True
     try:
-        base_vocab = load_config(str(base_id)).get_text_config().vocab_size
+        if peft_model.get_base_model().config.get_text_config().vocab_size != (
+            load_config(str(base_id)).get_text_config().vocab_size
+        ):
+            return True
+        trained_rows = getattr(config, "trainable_token_indices", None) is not None or any(
+            TRAINABLE_ROWS_NAME in name for name, _ in peft_model.named_modules()
+        )
+        if tokens and not trained_rows:
+            processor = load_processor(str(base_id))
+            vocab = getattr(processor, "tokenizer", processor).get_vocab()
+            return any(token not in vocab for token in tokens)
     except (OSError, ValueError):
         return True
-    return peft_model.get_base_model().config.get_text_config().vocab_size != base_vocab
+    return False
 
 
 def _peft_model(model: nn.Module):
@@ -352,6 +366,7 @@ class LatentTrainer(Trainer):
                 if cfg is not None and hasattr(cfg, "use_cache"):
                     cfg.use_cache = False
         self.stage_info = dict(stage_info or {})
+        self._save_tables: bool | None = None
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
 
     # -- loss -----------------------------------------------------------------------------------------------------
@@ -383,11 +398,14 @@ class LatentTrainer(Trainer):
         """Train, save the stage to ``output_dir`` and write a JSON summary ``summary_name`` next to it (steps,
         losses, learning rate, batch size, seconds, plus ``facts``); returns the summary.
 
-        A run killed part-way resumes from the last ``checkpoint-N`` in ``args.output_dir`` (weights, optimizer,
-        scheduler, data order: the Trainer's own resume); once the stage is saved, the checkpoints are deleted unless
-        ``args.keep_checkpoints``."""
+        A run killed part-way resumes from the last complete ``checkpoint-N`` in ``args.output_dir`` (weights,
+        optimizer, scheduler, data order: the Trainer's own resume) when it was written by a run with the same
+        settings (``latent_stage.json``'s ``run``: the stage facts and the optimisation arguments); a checkpoint of a
+        run with other settings is an error, never silently continued. Once the stage is saved, the checkpoints are
+        deleted unless ``args.keep_checkpoints``."""
         start = time.perf_counter()
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        self.stage_info["run"] = self._run_settings()
+        last = self._checkpoint_to_resume()
         if last is not None:
             logger.info("resuming from %s", last)
         result = self.train(resume_from_checkpoint=last)
@@ -413,6 +431,49 @@ class LatentTrainer(Trainer):
                 for checkpoint in Path(self.args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
                     shutil.rmtree(checkpoint, ignore_errors=True)
         return summary
+
+    _RUN_ARGS = (
+        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+        "num_train_epochs", "seed", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm",
+    )  # fmt: skip
+
+    def _run_settings(self) -> dict[str, Any]:
+        """What must be equal for a checkpoint to be resumed: the stage facts and the optimisation arguments."""
+        facts = {k: v for k, v in self.stage_info.items() if k != "run"}
+        return json.loads(
+            json.dumps({**facts, **{k: getattr(self.args, k, None) for k in self._RUN_ARGS}}, default=str)
+        )
+
+    def _checkpoint_to_resume(self) -> str | None:
+        """The newest complete checkpoint of ``args.output_dir`` (``trainer_state.json`` and the weights written),
+        ``None`` when there is none.
+
+        Raises:
+            StageError: it was written by a run with other settings (the message names them and what to do).
+        """
+        root = Path(self.args.output_dir)
+        if not root.is_dir():
+            return None
+        complete = []
+        for path in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            step = path.name.rsplit("-", 1)[-1]
+            weights = any((path / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors",
+                                                               "model.safetensors.index.json"))  # fmt: skip
+            if step.isdigit() and (path / "trainer_state.json").is_file() and weights:
+                complete.append((int(step), path))
+        if not complete:
+            return None
+        last = max(complete)[1]
+        saved = stage_info(last).get("run")
+        now = self.stage_info["run"]
+        if saved != now:
+            changed = sorted(k for k in {*(saved or {}), *now} if (saved or {}).get(k) != now.get(k))
+            raise StageError(
+                f"{last} was written by a run with other settings ({', '.join(changed) or 'unknown'}): resuming it "
+                f"would mix two runs. Delete the {PREFIX_CHECKPOINT_DIR}-* folders in {root} to start over, or rerun "
+                "with the settings it was made with"
+            )
+        return str(last)
 
     # -- saving ---------------------------------------------------------------------------------------------------
 
@@ -441,7 +502,7 @@ class LatentTrainer(Trainer):
             output_dir,
             state_dict=adapter_state,
             safe_serialization=True,
-            save_embedding_layers=_vocabulary_resized(peft_model),
+            save_embedding_layers=self._vocabulary_tables(peft_model),
         )
         extras = extra_state_dict(model, values)
         if extras:
@@ -456,6 +517,12 @@ class LatentTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _vocabulary_tables(self, peft_model: Any) -> bool:
+        """Whether the adapter carries the embedding / head tables (decided once, :func:`_vocabulary_changed`)."""
+        if self._save_tables is None:
+            self._save_tables = _vocabulary_changed(peft_model, self.stage_info.get("tokens") or ())
+        return self._save_tables
 
     def _save_full(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
         """Full fine-tuning (no PEFT adapter): a standard ``save_pretrained`` checkpoint (safetensors) that
