@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-from latent_core import trainable_rows as rows_module
 from latent_core.families import lora_target_modules, model_parts
 from latent_core.hub import load_model
 from latent_core.lora import default_lora_config, export_merged, prepare_lora_model, resolve_rows_route
@@ -331,9 +330,10 @@ def test_zero3_path_gathers_rows(monkeypatch):
     fake = types.ModuleType("deepspeed")
     fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
-    monkeypatch.setattr(rows_module, "_zero3_enabled", lambda: True)
+    model, _, ids = _with_tokens("causal_lm")  # the tokens added before ZeRO-3 is faked (one definition of it)
+    import latent_core.zero3 as zero3_module
 
-    model, _, ids = _with_tokens("causal_lm")
+    monkeypatch.setattr(zero3_module, "zero3_enabled", lambda: True)
     trainable = attach_trainable_rows(model, ids)
     assert calls == [(2, None)]  # embedding and lm_head weights, read on every rank
     merge_trainable_rows(model)

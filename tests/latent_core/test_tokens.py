@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
-from latent_core import tokens as tokens_module
 from latent_core.testing import TINY_FAMILIES, tiny_model
-from latent_core.tokens import _rows, add_special_tokens, trainable_token_indices
+from latent_core.tokens import add_special_tokens, trainable_token_indices
+from latent_core.zero3 import num_rows
 from transformers import AutoModelForImageTextToText
 
 NEW = ["<THINKING_OF_SUMMARY>", "<THINKING_OF_CAPTION>"]
@@ -170,7 +170,9 @@ def test_zero3_path_gathers_and_writes_on_rank_zero(monkeypatch):
     fake = types.ModuleType("deepspeed")
     fake.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
-    monkeypatch.setattr(tokens_module, "_zero3_enabled", lambda: True)
+    import latent_core.zero3 as zero3_module
+
+    monkeypatch.setattr(zero3_module, "zero3_enabled", lambda: True)
 
     model, processor = tiny_model("mllama")  # spare embedding rows: the head grows with transformers (no ZeRO there)
     n_before = len(_tok(processor))
@@ -190,7 +192,7 @@ def test_zero3_path_gathers_and_writes_on_rank_zero(monkeypatch):
 
     partitioned = torch.empty(0)
     partitioned.ds_shape = torch.Size([10, 4])
-    assert _rows(partitioned) == 10
+    assert num_rows(partitioned) == 10
 
 
 # PEFT 0.21 still calls transformers' deprecated `is_gradient_checkpointing`.

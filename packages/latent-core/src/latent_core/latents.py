@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from latent_core.families import _unwrap_peft, model_parts
+from latent_core.zero3 import full_shape
 
 __all__ = [
     "HaltFn",
@@ -205,7 +206,7 @@ class _LatentRun:
         mask = torch.ones_like(ids) if mask is None else mask.to(ids.device, torch.long)
         _check_left_padded(mask)
         weight = self.parts.input_embeddings.weight
-        self.embed_dim, self.embed_dtype = weight.shape[-1], weight.dtype
+        self.embed_dim, self.embed_dtype = full_shape(weight)[-1], weight.dtype  # ZeRO-3: the local shape is (0,)
         self.step_hidden_states = step_hidden_states
 
         start = _id_tensor(start_ids, "start_ids", self.device)

@@ -73,9 +73,9 @@ def resolve_rows_route(route: str = "auto") -> str:
         )
     if route != "auto":
         return route
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    from latent_core.zero3 import zero3_enabled
 
-    return "rows" if is_deepspeed_zero3_enabled() and not torch.cuda.is_available() else "peft"
+    return "rows" if zero3_enabled() and not torch.cuda.is_available() else "peft"
 
 
 def _peft_token_indices(model: nn.Module, ids: list[int], include_lm_head: bool) -> list[int] | dict[str, list[int]]:

@@ -41,8 +41,7 @@ itself is transformers' ZeRO-3 aware code.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,36 +49,12 @@ import transformers
 from torch import nn
 
 from latent_core.families import _unwrap_peft
+from latent_core.zero3 import gathered, num_rows
 
 __all__ = ["INIT_MODES", "add_special_tokens", "trainable_token_indices"]
 
 INIT_MODES: tuple[str, ...] = ("mean", "random", "text")
 """The row initialisations :func:`add_special_tokens` knows."""
-
-
-def _zero3_enabled() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(is_deepspeed_zero3_enabled())
-
-
-@contextlib.contextmanager
-def _gathered(params: list[nn.Parameter]) -> Iterator[bool]:
-    """Full parameters for the body; yields whether this process writes (rank 0 under ZeRO-3, always otherwise)."""
-    if not _zero3_enabled():
-        yield True
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        yield rank == 0
-
-
-def _rows(weight: torch.Tensor) -> int:
-    """Number of rows of a (possibly ZeRO-3 partitioned) weight: ``ds_shape`` holds the full shape there."""
-    shape = getattr(weight, "ds_shape", None)
-    return int(shape[0] if shape is not None else weight.shape[0])
 
 
 def _tokenizer_of(processor_or_tokenizer: Any) -> Any:
@@ -201,8 +176,8 @@ def add_special_tokens(
 
     n_tokens_before = len(tokenizer)
     vocab_before = tokenizer.get_vocab()
-    emb_rows = _rows(embeddings.weight)
-    head_rows = _rows(untied_head.weight) if untied_head is not None else emb_rows
+    emb_rows = num_rows(embeddings.weight)
+    head_rows = num_rows(untied_head.weight) if untied_head is not None else emb_rows
 
     text_ids: list[int] | None = None
     if init_text is not None:
@@ -233,7 +208,7 @@ def add_special_tokens(
         embeddings = model.get_input_embeddings()
         head = model.get_output_embeddings()
         untied_head = head if head is not None and not tied else None
-    new_head_rows = _rows(untied_head.weight) if untied_head is not None else _rows(embeddings.weight)
+    new_head_rows = num_rows(untied_head.weight) if untied_head is not None else num_rows(embeddings.weight)
 
     # 2. Initialise the rows of the tokens added now, and of ids that had no row before.
     emb_init = sorted(fresh | {i for i in ids if i >= emb_rows})
@@ -243,7 +218,7 @@ def add_special_tokens(
         return ids
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     params = [embeddings.weight] + ([untied_head.weight] if untied_head is not None else [])
-    with torch.no_grad(), _gathered(params) as writes:
+    with torch.no_grad(), gathered(params, modifier_rank=0) as writes:
         if writes:
             real = min(n_tokens_before, emb_rows)
             rows = _new_rows(embeddings.weight, len(emb_init), real, init, text_ids, generator)
@@ -314,9 +289,9 @@ def trainable_token_indices(model: nn.Module, token_ids: Sequence[int]) -> list[
     if emb_weight is None or id(embeddings) not in names:
         raise ValueError(f"{type(base).__name__} has no input embeddings to train rows of")
     for what, module in (("input embedding", embeddings), ("lm_head", head)):
-        if module is not None and max(ids) >= _rows(module.weight):
+        if module is not None and max(ids) >= num_rows(module.weight):
             raise ValueError(
-                f"token id {max(ids)} has no row in the {what} ({_rows(module.weight)} rows); "
+                f"token id {max(ids)} has no row in the {what} ({num_rows(module.weight)} rows); "
                 "add the tokens with add_special_tokens before building the adapter"
             )
     if min(ids) < 0:

@@ -50,8 +50,7 @@ ids) with ``load_state_dict``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,7 @@ import transformers
 from torch import nn
 
 from latent_core.families import _unwrap_peft
+from latent_core.zero3 import gathered, num_rows
 
 __all__ = [
     "TRAINABLE_ROWS_NAME",
@@ -155,26 +155,6 @@ class TrainableRows(nn.Module):
         return self(hidden, output, kind="head")
 
 
-def _zero3_enabled() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(is_deepspeed_zero3_enabled())
-
-
-@contextlib.contextmanager
-def _gathered(params: list[torch.Tensor], modifier_rank: int | None) -> Iterator[bool]:
-    """Full parameters for the body; yields whether this process may write (rank 0 under ZeRO-3, always otherwise)."""
-    params = list({id(p): p for p in params}.values())
-    if not (_zero3_enabled() or any(hasattr(p, "ds_id") for p in params)):
-        yield True
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        yield modifier_rank is None or rank == modifier_rank
-
-
 def _base_module(module: nn.Module, what: str) -> nn.Module:
     """The innermost base layer of a (possibly LoRA-wrapped) Embedding/Linear."""
     for _ in range(8):
@@ -191,11 +171,6 @@ def _base_module(module: nn.Module, what: str) -> nn.Module:
     if not isinstance(getattr(module, "weight", None), torch.Tensor):
         raise ValueError(f"the {what} ({type(module).__name__}) has no weight to take rows from")
     return module
-
-
-def _rows(weight: torch.Tensor) -> int:
-    shape = getattr(weight, "ds_shape", None)  # ZeRO-3 partitioned: ds_shape is the full shape
-    return int(shape[0] if shape is not None else weight.shape[0])
 
 
 def _base_model(model: nn.Module) -> transformers.PreTrainedModel:
@@ -250,15 +225,15 @@ def attach_trainable_rows(model: nn.Module, token_ids: Sequence[int]) -> Trainab
         )
     embedding, head = _embedding_and_head(base)
     for what, module in (("input embedding", embedding), ("lm_head", head)):
-        if module is not None and (min(ids) < 0 or max(ids) >= _rows(module.weight)):
+        if module is not None and (min(ids) < 0 or max(ids) >= num_rows(module.weight)):
             raise ValueError(
-                f"token ids {ids} need rows in the {what} ({_rows(module.weight)} rows); add the tokens with "
+                f"token ids {ids} need rows in the {what} ({num_rows(module.weight)} rows); add the tokens with "
                 "add_special_tokens first"
             )
     tied = head is None or head.weight is embedding.weight
     bias = getattr(head, "bias", None) if head is not None else None
     params = [embedding.weight] + ([head.weight] if head is not None else []) + ([bias] if bias is not None else [])
-    with torch.no_grad(), _gathered(params, modifier_rank=None):
+    with torch.no_grad(), gathered(params, modifier_rank=None):
         index = torch.tensor(ids, device=embedding.weight.device)
         rows = embedding.weight[index].detach().clone()
         head_rows = None if tied else head.weight[index.to(head.weight.device)].detach().clone()
@@ -313,7 +288,7 @@ def merge_trainable_rows(model: nn.Module) -> None:
     if head is not None and trainable.head_bias is not None:
         targets.append((head.bias, trainable.head_bias))
     params = [t for pair in targets for t in pair]
-    with torch.no_grad(), _gathered(params, modifier_rank=0) as writes:
+    with torch.no_grad(), gathered(params, modifier_rank=0) as writes:
         if writes:
             for weight, source in targets:
                 index = trainable.token_ids.to(weight.device)

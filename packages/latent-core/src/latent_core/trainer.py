@@ -42,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from latent_core.hub import check_tensors, load_tensors
 from latent_core.trainable_rows import TRAINABLE_ROWS_NAME
+from latent_core.zero3 import num_rows
 
 __all__ = [
     "DEEPSPEED_CONFIGS",
@@ -244,7 +245,7 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
         raise StageError(f"previous stage output {directory} has no {', '.join(missing)}: is it a finished stage?")
     info = stage_info(directory)
     check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
-    embeddings = model.get_input_embeddings().weight.shape[0]
+    embeddings = num_rows(model.get_input_embeddings())
     if info.get("embedding_rows") and info["embedding_rows"] != embeddings:
         raise StageError(
             f"stage {directory} was trained with {info['embedding_rows']} embedding rows, the model has {embeddings}:"
@@ -510,7 +511,7 @@ class LatentTrainer(Trainer):
         info = {
             **self.stage_info,
             "base_model": getattr(peft_model.peft_config[peft_model.active_adapter], "base_model_name_or_path", None),
-            "embedding_rows": int(_rows(peft_model.get_input_embeddings())),
+            "embedding_rows": int(num_rows(peft_model.get_input_embeddings())),
             "extra_keys": sorted(extras),
         }
         Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
@@ -533,7 +534,7 @@ class LatentTrainer(Trainer):
                 "latent_core.prepare_lora_model, or train a PreTrainedModel"
             )
         model.save_pretrained(output_dir, state_dict=state_dict or None, safe_serialization=True)
-        info = {**self.stage_info, "full_model": True, "embedding_rows": int(_rows(model.get_input_embeddings()))}
+        info = {**self.stage_info, "full_model": True, "embedding_rows": int(num_rows(model.get_input_embeddings()))}
         Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -564,9 +565,3 @@ class LatentTrainer(Trainer):
         load_extra_modules(model, resume_from_checkpoint)
 
 
-def _rows(embedding: nn.Module) -> int:
-    from latent_core.families import _weight_of
-
-    weight = _weight_of(embedding)
-    shape = getattr(weight, "ds_shape", None)  # partitioned under ZeRO-3
-    return int(shape[0] if shape is not None else weight.shape[0])
