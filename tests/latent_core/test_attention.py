@@ -341,3 +341,56 @@ def test_gate_under_gradient_checkpointing_gives_the_same_gradients(use_reentran
     assert not torch.allclose(plain_gated, grads(False, 0.0))  # the gate matters for these gradients
     torch.testing.assert_close(grads(True, -4.0), plain_gated, rtol=1e-5, atol=1e-7)
     model.eval()
+
+
+@pytest.mark.parametrize("family", ["causal_lm", "qwen2_5_vl"])
+def test_static_cache_gates_and_records_the_same_rows_as_a_growing_cache(family):
+    """A StaticCache holds keys for its whole capacity, so the key length is not where the queries are. The gate and
+    the recorder must still see the generated positions only: the same greedy continuation, the same scores and the
+    same recorded rows as with the DynamicCache (whose results the cached-generation test checks against a full
+    recompute). Reading the offset from the key length gated and recorded prompt rows under the static cache."""
+    model, inputs = _batch(family)
+    ids = inputs["input_ids"]
+    if family == "causal_lm":
+        keys = torch.zeros_like(ids, dtype=torch.bool)
+        keys[:, : ids.shape[1] // 2] = True
+    else:
+        keys = image_token_mask(model, ids)
+    prompt = torch.zeros_like(keys)
+    results = {}
+    for cache in ("dynamic", "static"):
+        with torch.no_grad(), attention_bias(model, prompt, keys, gate_bias(0.05), extend_queries=True):
+            with record_attention(model, prompt, keys, extend_queries=True) as rec:
+                out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                     cache_implementation=cache, return_dict_in_generate=True,
+                                     output_scores=True)  # fmt: skip
+        results[cache] = (out.sequences, torch.stack(out.scores, 1), [w.clone() for w in rec.weights])
+    (seq_d, scores_d, rows_d), (seq_s, scores_s, rows_s) = results["dynamic"], results["static"]
+    assert torch.equal(seq_d, seq_s)
+    torch.testing.assert_close(scores_s, scores_d, rtol=1e-4, atol=1e-4)
+    assert [w.shape[0] for w in rows_s] == [w.shape[0] for w in rows_d] == [3, 3]  # the 3 tokens fed back
+    for static_rows, dynamic_rows in zip(rows_s, rows_d, strict=True):
+        torch.testing.assert_close(static_rows, dynamic_rows[:, : static_rows.shape[1]], rtol=1e-4, atol=1e-5)
+    # Without the gate the scores differ: the comparison is not vacuous.
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                               return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    plain_scores = torch.stack(plain.scores, 1)
+    finite = torch.isfinite(plain_scores) & torch.isfinite(scores_d)  # suppressed tokens are -inf in both
+    assert (plain_scores - scores_d)[finite].abs().max() > 1e-3
+
+
+def test_a_sliding_window_cache_is_refused():
+    """A sliding-window cache drops old keys, so key columns are no longer positions: one clear error."""
+    from transformers import DynamicCache
+
+    model, inputs = _batch("causal_lm")
+    config = copy.deepcopy(model.config)
+    config.sliding_window = 4
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    cache = DynamicCache(config=config)
+    keys = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    with torch.no_grad(), attention_bias(model, keys, keys, -1.0):
+        with pytest.raises(ValueError, match="sliding-window layers"):
+            model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs)  # without that cache: fine

@@ -179,7 +179,11 @@ class _State:
     users: int = 0
     biases: list[_Bias] = field(default_factory=list)
     recorders: list[AttentionRecorder] = field(default_factory=list)
-    offset: int = 0  # absolute position of the current call's first query (set by self-attention layers)
+    hooks: list[Any] = field(default_factory=list)
+    # Absolute position of the current forward's first query: the tokens its cache already holds, read once per
+    # language-model forward (_offset_hook); None outside such a forward (then kv_len - q_len, a growing cache's).
+    offset: int | None = None
+    self_layer: int = 0  # a self-attention layer's index, to ask the cache its length
 
 
 _STATES: dict[int, _State] = {}  # id(language-model config) -> state
@@ -275,15 +279,14 @@ def latent_sdpa_attention(
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     cross = id(module) in state.cross_ids
-    if not cross:
-        state.offset = kv_len - q_len
+    offset = state.offset if state.offset is not None else kv_len - q_len
     layer = getattr(module, "layer_idx", None)
     biases = [b for b in state.biases if b.cross == cross and b.active]
     recorders = [r for r in state.recorders if r.cross == cross and layer in r.layers]
     if not biases and not recorders:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kwargs)
 
-    q_pos = state.offset + torch.arange(q_len, device=query.device)
+    q_pos = offset + torch.arange(q_len, device=query.device)
     causal = not cross and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
@@ -297,7 +300,7 @@ def latent_sdpa_attention(
     else:
         factor = None
         output = _gated_self_attention(
-            module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, state.offset
+            module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, offset
         )
     if recorders:
         _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer)
@@ -393,6 +396,8 @@ def _snapshot(state: _State) -> _State:
         previous_impl=state.previous_impl,
         biases=list(state.biases),
         recorders=list(state.recorders),
+        offset=state.offset,
+        self_layer=state.self_layer,
     )
 
 
@@ -425,6 +430,39 @@ def _checkpoint_with_state(original, state: _State):
     return checkpoint
 
 
+_SLIDING = ("DynamicSlidingWindowLayer", "StaticSlidingWindowLayer")
+
+
+def _offset_hook(state: _State):
+    """Before each language-model forward: the first query's absolute position = the tokens its cache holds. Right
+    for a growing ``DynamicCache`` and a preallocated ``StaticCache`` alike (whose key length is its capacity, not
+    the positions filled). A sliding-window cache drops old keys, so key columns are no longer positions: refused."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            state.offset = 0
+            return
+        layers = getattr(cache, "layers", ())
+        sliding = [type(layer).__name__ for layer in layers if type(layer).__name__ in _SLIDING]
+        if sliding and (state.biases or state.recorders):
+            raise ValueError(
+                f"attention_bias / record_attention need a full-attention KV cache (DynamicCache or StaticCache); "
+                f"this one has sliding-window layers ({sliding[0]}), which drop old keys, so a key mask over "
+                "positions no longer matches the cached keys"
+            )
+        state.offset = int(cache.get_seq_length(state.self_layer))
+
+    return hook
+
+
+def _clear_offset(state: _State):
+    def hook(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
+        state.offset = None
+
+    return hook
+
+
 @contextmanager
 def _activated(model: nn.Module) -> Iterator[_State]:
     """Switch the language model to ``latent_sdpa`` for the duration (re-entrant), and back afterwards."""
@@ -439,8 +477,15 @@ def _activated(model: nn.Module) -> Iterator[_State]:
                 "wrap SDPA: load the model with attn_implementation='sdpa' (or 'eager')"
             )
         cross_ids = frozenset(id(parts.decoder_layers[i].cross_attn) for i in parts.cross_attention_layers)
-        state = _STATES[id(config)] = _State(parts=parts, cross_ids=cross_ids, previous_impl=previous)
+        self_layer = next(i for i in range(len(parts.decoder_layers)) if i not in parts.cross_attention_layers)
+        state = _STATES[id(config)] = _State(
+            parts=parts, cross_ids=cross_ids, previous_impl=previous, self_layer=self_layer
+        )
         config._attn_implementation_internal = ATTENTION_IMPLEMENTATION
+        state.hooks = [
+            parts.language_model.register_forward_pre_hook(_offset_hook(state), with_kwargs=True),
+            parts.language_model.register_forward_hook(_clear_offset(state), always_call=True),
+        ]
         # Layers under activation checkpointing: wrap their checkpoint function (an instance attribute that
         # transformers sets) so a recompute in backward sees the biases active at forward time; undone on exit.
         for layer in parts.decoder_layers:
@@ -455,6 +500,8 @@ def _activated(model: nn.Module) -> Iterator[_State]:
         if state.users == 0:
             config._attn_implementation_internal = state.previous_impl
             del _STATES[id(config)]
+            for hook in state.hooks:
+                hook.remove()
             for layer in parts.decoder_layers:
                 wrapped = layer.__dict__.get("_gradient_checkpointing_func")
                 if wrapped is not None and hasattr(wrapped, "__wrapped__"):
@@ -510,7 +557,11 @@ def attention_bias(
     """Add ``bias`` to the attention logits of the (query, key) pairs selected by the masks.
 
     Applies in every language self-attention layer (for ``mllama`` with ``key_mask="image"``: in every
-    cross-attention layer, over all image keys), on top of the causal and padding masks. ``bias`` is a float
+    cross-attention layer, over all image keys), on top of the causal and padding masks. A **choice** for mllama
+    (METHODS.md): its cross-attention keys are all image keys, so a logit bias on all of them would cancel in the
+    softmax; the gate scales those rows' cross-attention output by ``gamma = exp(bias)`` instead. Query positions
+    are absolute: the offset of each forward is read from its KV cache (``DynamicCache`` or ``StaticCache``; a
+    sliding-window cache is refused). ``bias`` is a float
     (LaViT Eq. 4: ``ln(gamma(t))``, see :func:`gate_bias`), a per-sample tensor ``[batch]``, or ``-inf`` for a
     hard mask (the pair gets exactly zero probability). Unselected pairs are untouched. Contexts nest: biases add.
 
