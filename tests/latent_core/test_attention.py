@@ -394,3 +394,51 @@ def test_a_sliding_window_cache_is_refused():
         with pytest.raises(ValueError, match="sliding-window layers"):
             model(**inputs, past_key_values=cache, use_cache=True)
         model(**inputs)  # without that cache: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_and_recorder_equal_eager_attention_with_an_explicit_bias_matrix(dtype):
+    """The independent reference: transformers' eager attention given one explicit additive 4D mask (causal +
+    padding + the bias on the gated pairs), no latent_core code involved. Gated rows are not a suffix and differ
+    per sample; the tiny model has grouped KV heads (4 query heads, 2 KV heads)."""
+    model, tokenizer = tiny_model("causal_lm")
+    model = model.to(dtype)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(QUESTIONS), return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    batch, seq = ids.shape
+    queries = torch.zeros(batch, seq, dtype=torch.bool)
+    queries[0, [seq - 5, seq - 2]] = True
+    queries[1, [seq - 4, seq - 3, seq - 1]] = True
+    keys = torch.zeros(batch, seq, dtype=torch.bool)
+    keys[0, : seq // 2] = True
+    keys[1, seq // 3 : seq - 3] = True
+    bias = torch.tensor([-1.3, 0.7])  # per sample
+    with torch.no_grad(), attention_bias(model, queries, keys, bias):
+        with record_attention(model, queries, keys, reduce="none") as rec:
+            got = model(**enc).logits.float()
+
+    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+    explicit = torch.where(allowed, 0.0, torch.finfo(dtype).min)
+    explicit = explicit + torch.where(queries[:, :, None] & keys[:, None, :] & allowed, bias[:, None, None], 0.0)
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = eager(input_ids=ids, attention_mask=explicit[:, None].to(dtype), position_ids=positions,
+                    output_attentions=True)  # fmt: skip
+    ref = out.logits.float()
+    with torch.no_grad():
+        plain = model(**enc).logits.float()
+    valid = mask.bool()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    error = (got - ref)[valid].abs().max()
+    assert error <= tol
+    assert (plain - ref)[valid].abs().max() > 4 * max(error, 1e-6)  # the gate's effect dwarfs the error: not vacuous
+    # The recorded rows are the eager probabilities of the gated queries over the gated keys (mean over heads).
+    for b in range(batch):
+        rows, cols = queries[b].nonzero().flatten(), keys[b].nonzero().flatten()
+        for layer, attentions in enumerate(out.attentions):
+            expected = attentions[b].float().mean(0)[rows][:, cols]
+            recorded = rec.weights[b][layer].float()
+            torch.testing.assert_close(recorded, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
