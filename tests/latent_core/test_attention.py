@@ -442,3 +442,49 @@ def test_gate_and_recorder_equal_eager_attention_with_an_explicit_bias_matrix(dt
             expected = attentions[b].float().mean(0)[rows][:, cols]
             recorded = rec.weights[b][layer].float()
             torch.testing.assert_close(recorded, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def test_recorded_rows_with_gradients_save_little_more_than_the_rows():
+    """Recording rows with gradients (LaViT's L_traj) must not keep a copy of every layer's keys: the extra memory
+    saved for backward is of the order of the recorded rows (fp32 [B, H, n, kv] per layer), not of the keys
+    ([B, H, kv, d] expanded to all query heads and cast to fp32, which the recorder used to save)."""
+    model, tokenizer = tiny_model("causal_lm")
+    model.train()
+    text = " ".join(["How many red circles are there in the picture?"] * 6)
+    enc = tokenizer([text, text], return_tensors="pt")
+    batch, seq = enc["input_ids"].shape
+    queries = torch.zeros(batch, seq, dtype=torch.bool)
+    queries[:, -2:] = True
+    keys = torch.ones(batch, seq, dtype=torch.bool)
+    config = model.config
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = config.hidden_size // heads
+    assert head_dim >= 8 and seq > 50  # keys far larger than two rows: the bound below can tell them apart
+
+    def plain():
+        model(**enc).logits.sum()
+
+    def recorded():
+        with record_attention(model, queries, keys) as rec:
+            model(**enc)
+        torch.stack([w.sum() for w in rec.weights]).sum()
+
+    extra = _saved_bytes(recorded) - _saved_bytes(plain)
+    rows = layers * batch * heads * 2 * seq * 4  # the fp32 probabilities of the recorded rows, every layer
+    old_keys = layers * batch * heads * seq * head_dim * 4  # what one fp32 repeat_kv copy of the keys costs
+    assert extra <= 4 * rows < old_keys, (extra, rows, old_keys)
+    model.eval()

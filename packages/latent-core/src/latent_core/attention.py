@@ -355,15 +355,18 @@ def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos
             "record_attention under reentrant gradient checkpointing would record rows without gradients; use "
             "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
         )
-    batch, kv_len = query.shape[0], key.shape[2]
-    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, kv_len = query.shape[0], query.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     for recorder in recorders:
         rows = _mask_at(recorder.query_mask, q_pos, recorder.extend_queries).any(0).nonzero().flatten()
         if len(rows) == 0:
             continue
-        q = query[:, :, rows].float()
-        k = repeat_kv(key, groups).float()
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, n, kv_len]: only the selected rows
+        # A grouped matmul over the KV heads in the model's dtype: the query heads that share a KV head are stacked,
+        # so nothing of the keys' size is copied (no repeat_kv, no fp32 copy) and backward keeps only the layer's own
+        # key tensor and the selected query rows; the logits go to fp32 for the softmax.
+        n = len(rows)
+        q = query[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * n, query.shape[-1])
+        logits = torch.matmul(q, key.transpose(-1, -2)).view(batch, heads, n, kv_len).float() * scale
         mask = _base_rows(attention_mask, rows, q_pos, batch, kv_len, causal, torch.float32)
         if biases and factor is None:
             mask = (mask + _bias_rows(biases, q_pos[rows], kv_len, torch.float32)).clamp(
