@@ -488,3 +488,29 @@ def test_recorded_rows_with_gradients_save_little_more_than_the_rows():
     old_keys = layers * batch * heads * seq * head_dim * 4  # what one fp32 repeat_kv copy of the keys costs
     assert extra <= 4 * rows < old_keys, (extra, rows, old_keys)
     model.eval()
+
+
+def test_gated_rows_are_found_once_per_forward_not_per_layer(monkeypatch):
+    """The gated rows (a nonzero: a host sync on GPU) are computed by the first layer of a forward and reused by the
+    others; a new forward (the next decoding step) computes them again."""
+    model, inputs = _batch("causal_lm")
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    seq = inputs["input_ids"].shape[1]
+    queries = torch.zeros(2, seq, dtype=torch.bool)
+    queries[:, -3:] = True
+    keys = torch.zeros(2, seq, dtype=torch.bool)
+    keys[:, :4] = True
+    calls = []
+    original = torch.Tensor.nonzero
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", counting)
+    with torch.no_grad(), attention_bias(model, queries, keys, -2.0), record_attention(model, queries, keys):
+        model(**inputs)
+        first = len(calls)
+        model(**inputs)
+    assert first == 2 and len(calls) == 4  # gate + recorder rows, once per forward (not once per layer)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from latent_core.families import ModelParts, model_parts
@@ -180,6 +180,9 @@ class _State:
     biases: list[_Bias] = field(default_factory=list)
     recorders: list[AttentionRecorder] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
+    # What every layer of one forward shares (gated rows, their masks, recorded rows): computed by the first layer,
+    # so the others make no host sync (nonzero / int) and rebuild no mask; emptied before each forward.
+    memo: dict[Any, Any] = field(default_factory=dict)
     # Absolute position of the current forward's first query: the tokens its cache already holds, read once per
     # language-model forward (_offset_hook); None outside such a forward (then kv_len - q_len, a growing cache's).
     offset: int | None = None
@@ -246,11 +249,11 @@ def _bias_rows(biases: list[_Bias], rows_pos: torch.Tensor, kv_len: int, dtype: 
 
 
 def _masked_attention(module, query, key, value, mask, dropout, scaling):
-    """SDPA for a subset of query rows with an explicit additive mask; returns [B, n, H, D]."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    """SDPA for a subset of query rows with an explicit additive mask; returns [B, n, H, D]. Grouped KV heads go
+    to the kernel as they are (``enable_gqa``) instead of being repeated."""
+    gqa = key.shape[1] != query.shape[1]
     out = nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask.to(query.dtype), dropout_p=dropout, scale=scaling
+        query, key, value, attn_mask=mask.to(query.dtype), dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )
     return out.transpose(1, 2)
 
@@ -280,6 +283,7 @@ def latent_sdpa_attention(
     kv_len = key.shape[2]
     cross = id(module) in state.cross_ids
     offset = state.offset if state.offset is not None else kv_len - q_len
+    memo = state.memo if state.offset is not None else {}  # shared by a forward's layers only inside a forward
     layer = getattr(module, "layer_idx", None)
     biases = [b for b in state.biases if b.cross == cross and b.active]
     recorders = [r for r in state.recorders if r.cross == cross and layer in r.layers]
@@ -300,10 +304,10 @@ def latent_sdpa_attention(
     else:
         factor = None
         output = _gated_self_attention(
-            module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, offset
+            module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, offset, memo
         )
     if recorders:
-        _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer)
+        _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer, memo)
     return output, None
 
 
@@ -316,19 +320,17 @@ def _cross_factor(biases: list[_Bias], q_pos: torch.Tensor) -> torch.Tensor | No
     return factor
 
 
-def _gated_self_attention(module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, offset):
+def _gated_self_attention(
+    module, query, key, value, attention_mask, biases, q_pos, causal, scale, sdpa_kwargs, offset, memo
+):
     """SDPA where the rows that no bias touches take transformers' path unchanged (the causal kernel on a prefix
     when the gated rows are a suffix) and only the gated rows take the explicit-mask path."""
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    gated = torch.zeros(q_len, dtype=torch.bool, device=query.device)
-    for b in biases:
-        gated |= _mask_at(b.query_mask, q_pos, b.extend_queries).any(0)
-    gated_rows = gated.nonzero().flatten()
-    if len(gated_rows) == 0:
+    plan = _plan(biases, attention_mask, q_pos, batch, kv_len, causal, memo)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kwargs)[0]
-    first = int(gated_rows[0])
-    suffix = len(gated_rows) == q_len - first
+    gated_rows, first, suffix, mask = plan
     output = None
     if suffix and first > 0:
         prefix_kv = offset + first
@@ -337,9 +339,6 @@ def _gated_self_attention(module, query, key, value, attention_mask, biases, q_p
         output = sdpa_attention_forward(module, *prefix, prefix_mask, **sdpa_kwargs)[0]
     elif not suffix:
         output = sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kwargs)[0]
-    neg = torch.finfo(torch.float32).min
-    mask = _base_rows(attention_mask, gated_rows, q_pos, batch, kv_len, causal, torch.float32)
-    mask = (mask + _bias_rows(biases, q_pos[gated_rows], kv_len, torch.float32)).clamp(min=neg)
     dropout = sdpa_kwargs.get("dropout", 0.0) if module.training else 0.0
     gated_out = _masked_attention(module, query[:, :, gated_rows], key, value, mask, dropout, scale)
     if output is None:
@@ -349,7 +348,28 @@ def _gated_self_attention(module, query, key, value, attention_mask, biases, q_p
     return output.index_copy(1, gated_rows, gated_out.to(output.dtype))
 
 
-def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer) -> None:
+def _plan(biases, attention_mask, q_pos, batch, kv_len, causal, memo):
+    """The gated rows of this forward's queries, whether they are a suffix, and their additive mask (base + biases,
+    fp32): ``None`` when no row is gated. Computed once per forward and shape (``memo``), then reused by every layer."""
+    key = ("plan", id(attention_mask), kv_len, len(q_pos), causal)
+    if key in memo:
+        return memo[key]
+    gated = torch.zeros(len(q_pos), dtype=torch.bool, device=q_pos.device)
+    for b in biases:
+        gated |= _mask_at(b.query_mask, q_pos, b.extend_queries).any(0)
+    gated_rows = gated.nonzero().flatten()
+    plan = None
+    if len(gated_rows):
+        first = int(gated_rows[0])
+        neg = torch.finfo(torch.float32).min
+        mask = _base_rows(attention_mask, gated_rows, q_pos, batch, kv_len, causal, torch.float32)
+        mask = (mask + _bias_rows(biases, q_pos[gated_rows], kv_len, torch.float32)).clamp(min=neg)
+        plan = (gated_rows, first, len(gated_rows) == len(q_pos) - first, mask)
+    memo[key] = plan
+    return plan
+
+
+def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer, memo) -> None:
     if module.training and not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         raise RuntimeError(
             "record_attention under reentrant gradient checkpointing would record rows without gradients; use "
@@ -358,7 +378,10 @@ def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos
     batch, heads, kv_len = query.shape[0], query.shape[1], key.shape[2]
     kv_heads = key.shape[1]
     for recorder in recorders:
-        rows = _mask_at(recorder.query_mask, q_pos, recorder.extend_queries).any(0).nonzero().flatten()
+        memo_key = ("rows", id(recorder), len(q_pos))
+        if memo_key not in memo:  # once per forward: the other layers make no host sync
+            memo[memo_key] = _mask_at(recorder.query_mask, q_pos, recorder.extend_queries).any(0).nonzero().flatten()
+        rows = memo[memo_key]
         if len(rows) == 0:
             continue
         # A grouped matmul over the KV heads in the model's dtype: the query heads that share a KV head are stacked,
@@ -367,11 +390,15 @@ def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos
         n = len(rows)
         q = query[:, :, rows].reshape(batch, kv_heads, (heads // kv_heads) * n, query.shape[-1])
         logits = torch.matmul(q, key.transpose(-1, -2)).view(batch, heads, n, kv_len).float() * scale
-        mask = _base_rows(attention_mask, rows, q_pos, batch, kv_len, causal, torch.float32)
-        if biases and factor is None:
-            mask = (mask + _bias_rows(biases, q_pos[rows], kv_len, torch.float32)).clamp(
-                min=torch.finfo(torch.float32).min
-            )
+        mask_key = ("rmask", id(recorder), id(attention_mask), kv_len, causal, bool(biases) and factor is None)
+        if mask_key not in memo:
+            mask = _base_rows(attention_mask, rows, q_pos, batch, kv_len, causal, torch.float32)
+            if biases and factor is None:
+                mask = (mask + _bias_rows(biases, q_pos[rows], kv_len, torch.float32)).clamp(
+                    min=torch.finfo(torch.float32).min
+                )
+            memo[mask_key] = mask
+        mask = memo[mask_key]
         probs = torch.softmax(logits + mask, dim=-1)  # [B, H, n, kv_len]
         if factor is not None:
             probs = probs * factor[:, None, rows, None]
@@ -442,6 +469,7 @@ def _offset_hook(state: _State):
     the positions filled). A sliding-window cache drops old keys, so key columns are no longer positions: refused."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.memo.clear()
         cache = kwargs.get("past_key_values")
         if cache is None or not hasattr(cache, "get_seq_length"):
             state.offset = 0
@@ -462,6 +490,7 @@ def _offset_hook(state: _State):
 def _clear_offset(state: _State):
     def hook(module: nn.Module, args: tuple, kwargs: dict | None = None, output: Any = None) -> None:
         state.offset = None
+        state.memo.clear()
 
     return hook
 
