@@ -110,7 +110,21 @@ class LatentTrainingArguments(TrainingArguments):
             self.deepspeed = deepspeed_config(self.deepspeed)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids torch's warning on every CPU run
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _other_accelerator():
+                # Launched on several CPU processes (torchrun / the deepspeed launcher): say "CPU" explicitly, so that
+                # accelerate sets the processes up with gloo; left implicit it finds no backend, counts one process,
+                # and DeepSpeed's `auto` batch sizes come out wrong ("train_batch_size 6 != 6 * 1 * 2").
+                self.use_cpu = True
+                if self.ddp_backend is None:
+                    self.ddp_backend = "gloo"
         super().__post_init__()
+        if self.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A base loaded under ZeRO-3 before the Trainer exists (the method CLIs) is partitioned by DeepSpeed's
+            # own communication layer: attach it to the process group accelerate set up (on CPU accelerate does not).
+            import deepspeed
+
+            if not deepspeed.comm.is_initialized():
+                deepspeed.init_distributed(dist_backend=self.ddp_backend or "gloo", auto_mpi_discovery=False)
 
     def loss_weight(self, name: str) -> float:
         """The weight of auxiliary loss ``name``: field ``<name>_weight``, else ``loss_weights[name]``."""
@@ -141,6 +155,13 @@ def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading what PEFT does not save
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _other_accelerator() -> bool:
+    """An accelerator other than CUDA (Apple MPS, Intel XPU) that the Trainer would use."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool((mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available()))
 
 
 def _vocabulary_changed(peft_model: Any, tokens: Sequence[str] = ()) -> bool:
