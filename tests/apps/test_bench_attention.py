@@ -22,3 +22,21 @@ def test_gating_bench_small(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["bench"] == "gating" and record["time_ratio"] > 0
     assert record["ungated_rows_max_diff"] <= 1e-5  # rows before the gated quarter are untouched
+
+
+def test_benches_run_where_they_say(monkeypatch):
+    """The record names the device the model and inputs really ran on; CUDA asked for without one is a one-line
+    error on the command line (a CUDA machine once ran the model on the CPU and labelled it "cuda")."""
+    import torch
+    from latent_apps.bench.common import bench_device, ratio
+    from latent_apps.cli import app
+    from typer.testing import CliRunner
+
+    record = gating.run(tokens=32, batch=1, layers=1, hidden=32, heads=2, repeats=1, device="cpu")
+    assert record["device"] == "cpu"
+    assert ratio(3.0, 0) is None and ratio(3.0, 2.0) == 1.5  # an empty measurement is no ratio, not a crash
+    assert bench_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bench in ("gating", "attention-capture", "latent-loop"):
+        result = CliRunner().invoke(app, ["bench", bench, "--device", "cuda"])
+        assert result.exit_code == 2 and result.output.startswith("error: --device cuda: no CUDA device"), bench

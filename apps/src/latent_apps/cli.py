@@ -268,31 +268,37 @@ app.add_typer(bench_app, name="bench")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object with the metrics on the last line.")]
 
 
+DeviceFlag = Annotated[
+    str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N: model and inputs go there.")
+]
+
+
 @bench_app.command("latent-loop")
 def bench_latent_loop(
     as_json: JsonFlag = False,
     threads: Annotated[int, typer.Option(help="torch intra-op threads while timing (0: torch's default).")] = 1,
+    device: DeviceFlag = "auto",
 ) -> None:
     """KV-cached latent loop (generate_with_latents) vs Coconut-style full recompute per latent step."""
     from latent_apps.bench.latent_loop import run
 
-    run(as_json, threads=threads or None)
+    run(as_json, threads=threads or None, device=device)
 
 
 @bench_app.command("attention-capture")
-def bench_attention_capture(as_json: JsonFlag = False) -> None:
+def bench_attention_capture(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
     """record_attention of 32 query rows vs eager output_attentions=True (2048 tokens, 8 layers)."""
     from latent_apps.bench.attention_capture import run
 
-    run(as_json)
+    run(as_json, device=device)
 
 
 @bench_app.command("gating")
-def bench_gating(as_json: JsonFlag = False) -> None:
+def bench_gating(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
     """A forward under attention_bias (half the keys gated for the last quarter of queries) vs plain causal SDPA."""
     from latent_apps.bench.gating import run
 
-    run(as_json)
+    run(as_json, device=device)
 
 
 def main() -> None:

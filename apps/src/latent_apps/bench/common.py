@@ -10,18 +10,52 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from latent_core.cli import UserError
+
+
+def bench_device(name: str = "auto") -> torch.device:
+    """The device a bench runs on: ``auto`` = CUDA when available, else CPU; asking for CUDA without one is a user
+    error (one line), never a silent CPU run labelled "cuda"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu or auto)")
+    return device
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, ``None`` when the denominator is 0 (nothing was measured)."""
+    return numerator / denominator if denominator else None
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so that wall time measures it (a no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _clocked(fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
 
 
 def timed(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, Any]:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the last result."""
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the last result (CUDA work
+    is waited for)."""
     result = None
     for _ in range(warmup):
         result = fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
+        seconds, result = _clocked(fn)
+        times.append(seconds)
     return statistics.median(times), result
 
 
@@ -34,29 +68,28 @@ def timed_pair(
         fast(), baseline()
     t_fast, t_base = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        r_fast = fast()
-        t_fast.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        r_base = baseline()
-        t_base.append(time.perf_counter() - start)
+        seconds, r_fast = _clocked(fast)
+        t_fast.append(seconds)
+        seconds, r_base = _clocked(baseline)
+        t_base.append(seconds)
     return statistics.median(t_fast), statistics.median(t_base), r_fast, r_base
 
 
-def peak_memory(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Peak bytes allocated by torch while ``fn()`` runs (above what was live before).
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, Any]:
+    """Peak bytes allocated by torch on ``device`` while ``fn()`` runs (above what was live before).
 
-    On GPU: the CUDA allocator's peak statistics. On CPU: torch's profiler memory events, walked in time order
-    (each allocation once, at the operator that made it; frees as ``[memory]`` events).
+    On a CUDA device: the CUDA allocator's peak statistics. On CPU: torch's profiler memory events, walked in time
+    order (each allocation once, at the operator that made it; frees as ``[memory]`` events).
     """
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         result = fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, result
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, result
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -105,4 +138,4 @@ def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any],
         print(json.dumps(record, sort_keys=True))
 
 
-__all__ = ["peak_memory", "random_llama", "report", "timed", "timed_pair"]
+__all__ = ["bench_device", "peak_memory", "random_llama", "ratio", "report", "sync", "timed", "timed_pair"]

@@ -30,7 +30,7 @@ import torch
 from latent_core.latents import LatentState, generate_with_latents
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from latent_apps.bench.common import random_llama, report
+from latent_apps.bench.common import bench_device, random_llama, report, sync
 
 SPEEDUP_GOAL = 5.0
 STEP_COST_GOAL = 1.3
@@ -89,6 +89,7 @@ def run(
     repeats: int = 5,
     warmup: int = 1,
     threads: int | None = 1,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run the benchmark, print the table (and with ``as_json`` the JSON record as the last line); return the record.
 
@@ -96,6 +97,7 @@ def run(
     """
     if num_latents < 2 or answer_tokens < 2:
         raise ValueError("step costs are intervals between steps: need num_latents >= 2 and answer_tokens >= 2")
+    where = bench_device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -113,6 +115,7 @@ def run(
             vocab,
             repeats,
             warmup,
+            where,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -131,6 +134,7 @@ def _run(
     vocab: int,
     repeats: int,
     warmup: int,
+    where: torch.device,
 ) -> dict[str, Any]:
     model = random_llama(
         layers,
@@ -144,18 +148,21 @@ def _run(
         pad_token_id=None,
     )
     model.generation_config.eos_token_id = None
-    ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    model.to(where)
+    ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(where)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     latent_stamps: list[list[float]] = []
     decode_stamps: list[list[float]] = []
 
     def stamp_step(hidden: torch.Tensor, state: LatentState) -> torch.Tensor:
+        sync()  # on CUDA the stamp must follow the queued work
         latent_stamps[-1].append(time.perf_counter())
         return hidden  # the identity: Coconut's continuous thought
 
     class StampDecode(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            sync()
             decode_stamps[-1].append(time.perf_counter())
             return scores
 
@@ -201,7 +208,7 @@ def _run(
             "repeats": repeats,
             "torch_threads": torch.get_num_threads(),
         },
-        "device": "cpu",
+        "device": str(where),
         "ours_s": t_ours,
         "naive_s": t_naive,
         "speedup": t_naive / t_ours,
