@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from heima.cli import app
-from latent_core.testing import tiny_model
+from latent_core.testing import save_tiny_model
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,10 +15,7 @@ FIXTURES = ROOT / "data" / "fixtures" / "llava_cot"
 
 def test_heima_cli_end_to_end(tmp_path):
     runner = CliRunner()
-    base = tmp_path / "base"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = save_tiny_model("mllama", tmp_path / "base")
     prepared, run = tmp_path / "prepared", tmp_path / "run"
 
     result = runner.invoke(

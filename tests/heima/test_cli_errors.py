@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from heima.cli import app
-from latent_core.testing import tiny_model
+from latent_core.testing import save_tiny_model, tiny_model
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,10 +88,7 @@ def test_generate_refuses_a_text_only_model(tmp_path):
 
 
 def test_missing_inputs_are_one_line(prepared, tmp_path):
-    base = tmp_path / "base"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = save_tiny_model("mllama", tmp_path / "base")
     run = tmp_path / "run"
     line = _one_error_line(runner.invoke(app, ["train", "--stage", "2", "--prepared", str(prepared), "--model",
                                                str(base), "--run-dir", str(run)]))  # fmt: skip
@@ -107,11 +104,8 @@ def test_missing_inputs_are_one_line(prepared, tmp_path):
 
 def test_a_corrupted_adapter_names_the_file(tmp_path):
     stage = tmp_path / "stage"
-    base = tmp_path / "base"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
-    processor.save_pretrained(stage)
+    base = save_tiny_model("mllama", tmp_path / "base")
+    tiny_model("mllama")[1].save_pretrained(stage)  # the processor a stage directory holds
     (stage / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(base),
                                                            "r": 2, "target_modules": ["q_proj"]}))  # fmt: skip
     (stage / "adapter_model.safetensors").write_bytes(b"not safetensors at all")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from heima.cli import app
 from heima.generate import generate, load_for_inference
-from latent_core.testing import tiny_model
+from latent_core.testing import save_tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -28,10 +28,7 @@ FIXTURES = ROOT / "data" / "fixtures" / "llava_cot"
 
 @pytest.mark.slow
 def test_heima_train_under_torchrun_zero3_on_cpu(tmp_path):
-    base = tmp_path / "base"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = save_tiny_model("mllama", tmp_path / "base")
     prepared = tmp_path / "prepared"
     result = CliRunner().invoke(app, ["prepare", "--data", str(FIXTURES / "train.jsonl"), "--images", str(FIXTURES),
                                       "--out", str(prepared)])  # fmt: skip

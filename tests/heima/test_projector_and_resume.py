@@ -21,15 +21,6 @@ TOKENS = ["<THINKING_OF_SUMMARY>", "<THINKING_OF_CAPTION>", "<THINKING_OF_REASON
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-mllama")
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     from heima.data import prepare
 

@@ -24,7 +24,6 @@ from heima.trainer import StageError, train_stage
 from latent_apps.shapes import make_shapes
 from latent_core.hub import load_model, load_processor
 from latent_core.readers import parse_cot_stages
-from latent_core.testing import tiny_model
 from latent_core.trainer import load_stage
 from peft import get_peft_model_state_dict
 from PIL import Image
@@ -37,16 +36,6 @@ TOKENS = [thinking_token(s) for s in STAGES]
 def shapes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     make_shapes(n=4, seed=0, out=out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny mllama (untied lm_head, as LLaVA-CoT) saved like a real checkpoint."""
-    out = tmp_path_factory.mktemp("tiny-mllama")
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
     return out
 
 

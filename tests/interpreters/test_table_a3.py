@@ -16,7 +16,7 @@ import pytest
 import torch
 from interpreters.cli import app
 from interpreters.config import DEFAULT_PLACEHOLDER, InterpreterConfig, placeholder_for
-from latent_core.testing import tiny_model
+from latent_core.testing import save_tiny_model, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -128,10 +128,7 @@ def test_choice_flags(flag, tmp_path):
 
 
 def test_a_vision_model_is_refused_as_interpreter(tmp_path):
-    base = tmp_path / "vlm"
-    model, processor = tiny_model("mllama")
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = save_tiny_model("mllama", tmp_path / "vlm")
     captures = _captures(tmp_path / "captures")
     result = runner.invoke(app, ["train", "--capture", str(captures), "--model", str(base), "--run-dir",
                                  str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip

@@ -79,13 +79,13 @@ def _train_one(
     base, tokenizer = _load_base(config, model, tokenizer)
     hidden_size = int(rows[0]["hidden"].shape[-1])
     placeholder = placeholder_for(tokenizer, config.placeholder)
-    logger.info(
-        "placeholder %s (%s)",
-        placeholder,
-        "given" if config.placeholder else ("a reserved token of the tokenizer" if placeholder != DEFAULT_PLACEHOLDER
-                                            else "added: the tokenizer has no reserved token; the adapter saves the "
-                                            "vocabulary tables"),
-    )  # fmt: skip
+    if config.placeholder:
+        origin = "given"
+    elif placeholder != DEFAULT_PLACEHOLDER:
+        origin = "a reserved token of the tokenizer"
+    else:
+        origin = "added: the tokenizer has no reserved token; the adapter saves the vocabulary tables"
+    logger.info("placeholder %s (%s)", placeholder, origin)
     interpreter = build_interpreter(
         base,
         tokenizer,

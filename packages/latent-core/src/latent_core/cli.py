@@ -20,7 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["MethodTyper", "UserError", "configure_runtime", "default_threads", "guarded", "method_app", "versions_line"]
+__all__ = [
+    "MethodTyper",
+    "UserError",
+    "configure_runtime",
+    "default_threads",
+    "guarded",
+    "method_app",
+    "other_accelerator",
+    "versions_line",
+]
 
 DEBUG_ENV = "LATENT_DEBUG"
 """Set to 1 to see the traceback of a user error instead of the one-line message."""
@@ -65,21 +74,21 @@ def configure_runtime() -> None:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of every method
         return
-    if "DS_ACCELERATOR" not in os.environ and not _any_accelerator(torch):
+    if "DS_ACCELERATOR" not in os.environ and not (torch.cuda.is_available() or other_accelerator()):
         os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed's auto-detection picks, without its warning banner
     threads = os.environ.get(THREADS_ENV) or (None if "OMP_NUM_THREADS" in os.environ else str(default_threads()))
     if threads:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def _any_accelerator(torch: Any) -> bool:
-    mps = getattr(getattr(torch, "backends", None), "mps", None)
+def other_accelerator() -> bool:
+    """Whether an accelerator other than CUDA (Apple MPS, Intel XPU) is available: torch, the Trainer and DeepSpeed
+    would use it."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
-    return bool(
-        torch.cuda.is_available()
-        or (mps is not None and mps.is_available())
-        or (xpu is not None and xpu.is_available())
-    )
+    return bool((mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available()))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

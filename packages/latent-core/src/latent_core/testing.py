@@ -8,6 +8,7 @@ the family's image processor set for small images.
 
     >>> model, processor = tiny_model("qwen2_5_vl")
     >>> model.save_pretrained(d); processor.save_pretrained(d)   # loads back with AutoModel*/AutoProcessor
+    >>> save_tiny_model("mllama", d)                             # the same, in one call: a checkpoint directory
 
 Everything is deterministic: the same family and seed give the same weights and the same tokenizer.
 """
@@ -15,6 +16,8 @@ Everything is deterministic: the same family and seed give the same weights and 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-__all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_image"]
+__all__ = ["TINY_FAMILIES", "save_tiny_model", "tiny_model", "tiny_tokenizer", "tiny_image"]
 
 TINY_FAMILIES: tuple[str, ...] = ("mllama", "llava_next", "qwen2_5_vl", "llava", "causal_lm")
 
@@ -211,6 +214,15 @@ def tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMi
     model, processor = _BUILDERS[family](tokenizer)
     model.eval()
     return model, processor
+
+
+def save_tiny_model(family: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """:func:`tiny_model` saved like a real checkpoint (``save_pretrained`` of the model and the processor) in
+    ``out``, which every loader and command line takes as ``--model``; returns ``Path(out)``."""
+    model, processor = tiny_model(family, seed=seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:

@@ -40,6 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from latent_core.cli import other_accelerator
 from latent_core.hub import check_tensors, load_tensors
 from latent_core.trainable_rows import TRAINABLE_ROWS_NAME
 from latent_core.zero3 import num_rows
@@ -110,7 +111,7 @@ class LatentTrainingArguments(TrainingArguments):
             self.deepspeed = deepspeed_config(self.deepspeed)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids torch's warning on every CPU run
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _other_accelerator():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not other_accelerator():
                 # Launched on several CPU processes (torchrun / the deepspeed launcher): say "CPU" explicitly, so that
                 # accelerate sets the processes up with gloo; left implicit it finds no backend, counts one process,
                 # and DeepSpeed's `auto` batch sizes come out wrong ("train_batch_size 6 != 6 * 1 * 2").
@@ -155,13 +156,6 @@ def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading what PEFT does not save
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _other_accelerator() -> bool:
-    """An accelerator other than CUDA (Apple MPS, Intel XPU) that the Trainer would use."""
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return bool((mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available()))
 
 
 def _vocabulary_changed(peft_model: Any, tokens: Sequence[str] = ()) -> bool:
