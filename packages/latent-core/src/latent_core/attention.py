@@ -438,7 +438,16 @@ def _run_with_state(snapshot: _State, function, *args, **kwargs):
     key = id(config)
     current = _STATES.get(key)
     if current is not None and current.biases == snapshot.biases and current.recorders == snapshot.recorders:
-        return function(*args, **kwargs)
+        if torch._C._current_graph_task_id() == -1:  # the forward itself
+            return function(*args, **kwargs)
+        # The recompute in backward, our context still active: the forward's query offset (a cross-attention
+        # layer's key length is the image's, not the sequence's) and a memo of its own.
+        saved = current.offset, current.memo
+        current.offset, current.memo = snapshot.offset, {}
+        try:
+            return function(*args, **kwargs)
+        finally:
+            current.offset, current.memo = saved
     previous_impl = config._attn_implementation_internal
     _STATES[key] = snapshot
     config._attn_implementation_internal = ATTENTION_IMPLEMENTATION

@@ -40,13 +40,18 @@ Design decisions (all covered by tests/latent_core/test_latents.py):
   no position is masked (no padding, no halted sample) the forwards get ``attention_mask=None`` (plain causal), so
   the model builds no mask per step. A latent step costs about one cached decode step without ``lm_head``
   (``uv run apps/cli bench latent-loop``).
-- **Training** (:func:`forward_with_latents`) runs the same single-position steps with gradients; gradient
-  checkpointing is refused because in training mode it drops the KV cache.
+- **Training** (:func:`forward_with_latents`) runs the same single-position steps with gradients. Under activation
+  checkpointing (reentrant or not) transformers would drop the KV cache in training mode; here each checkpointed
+  decoder layer keeps it (:class:`_CachedLayerCheckpoint`): the layer's cache before the call goes in as an input of
+  the checkpointed function and the cache after it comes out as an output, so a 1.3k-token prefill keeps only each
+  layer's input, gradients reach earlier positions' keys and values, and the recompute in backward writes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +241,7 @@ class _LatentRun:
         self.pos = torch.zeros(shape, dtype=torch.long, device=self.device)
         self.pos[..., : self.prefix_len] = prefix_pos
         self.cache = DynamicCache(config=self.base.config)
+        self.use_cache = True  # False while checkpointed layers keep the cache (only silences transformers' warning)
         self.length = 0  # positions in the cache
 
     def _placeholder_id(self) -> int:
@@ -285,7 +291,7 @@ class _LatentRun:
             attention_mask=mask,
             position_ids=pos,
             past_key_values=self.cache,
-            use_cache=True,
+            use_cache=self.use_cache,
             **kwargs,
         )
         self.length = stop
@@ -490,12 +496,87 @@ def generate_with_latents(
     )
 
 
-def _check_no_checkpointing(base: nn.Module) -> None:
-    if base.training and any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
-        raise ValueError(
-            "forward_with_latents needs the KV cache, which gradient checkpointing drops in training mode; call "
-            "model.gradient_checkpointing_disable() (the single-position latent steps need little activation memory)"
-        )
+class _CachedLayerCheckpoint:
+    """A decoder layer's checkpoint function that keeps the KV cache (installed by :func:`_checkpointing_with_cache`).
+
+    transformers' checkpointed layers drop ``past_key_values`` in training because the recompute in backward would
+    write the cache a second time. Here the cache layer's state before the call is restored for the recompute and
+    put back afterwards (no double write), and its key / value tensors before and after the call are an input and
+    an output of the checkpointed function: with reentrant checkpointing (whose forward runs without grad) the
+    tensors the cache holds afterwards are the checkpoint's outputs, so gradients from later positions reach this
+    call. Keyword tensors that need grad (mllama's ``cross_attention_states``) become inputs too.
+    """
+
+    def __init__(self, checkpoint: Callable[..., Any], cache: Any, index: int) -> None:
+        self.checkpoint, self.cache, self.index = checkpoint, cache, index
+        self.__wrapped__ = checkpoint
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        layers = getattr(self.cache, "layers", ())
+        if self.index >= len(layers):  # a cache that creates layers lazily: keep it, without checkpointing
+            return function(*args)
+        layer = layers[self.index]
+        before = dict(layer.__dict__)
+        prev = [before.get(name) for name in ("keys", "values")]
+        prev = prev if all(isinstance(t, Tensor) for t in prev) else []
+        grad_keys: list[str] = []
+        grad_values: list[Tensor] = []
+        if isinstance(function, functools.partial):  # transformers' partial(forward, layer, **kwargs)
+            grad_keys = [k for k, v in function.keywords.items() if isinstance(v, Tensor) and v.requires_grad]
+            grad_values = [function.keywords[k] for k in grad_keys]
+            keywords = {k: v for k, v in function.keywords.items() if k not in grad_keys}
+            function = functools.partial(function.func, *function.args, **keywords)
+        n_args, n_keys = len(args), len(grad_keys)
+        calls, wrote = [0], [False]
+
+        def run(*inputs: Any) -> tuple[Any, ...]:
+            calls[0] += 1
+            replay = calls[0] > 1
+            if replay:  # the recompute in backward: the cache as it was before this call, and back afterwards
+                after = dict(layer.__dict__)
+                layer.__dict__.clear()
+                layer.__dict__.update(before)
+                if prev:
+                    layer.keys, layer.values = inputs[n_args + n_keys :]
+            try:
+                out = function(*inputs[:n_args], **dict(zip(grad_keys, inputs[n_args : n_args + n_keys], strict=True)))
+                keys = getattr(layer, "keys", None)
+                if not replay:
+                    wrote[0] = isinstance(keys, Tensor) and keys is not (prev[0] if prev else None)
+                written = (layer.keys, layer.values) if wrote[0] else ()
+            finally:
+                if replay:
+                    layer.__dict__.clear()
+                    layer.__dict__.update(after)
+            return (out, *written)
+
+        # The outputs are the very tensors the cache now holds: under reentrant checkpointing autograd attaches the
+        # checkpoint's backward to them, so gradients from later positions reach this call.
+        return self.checkpoint(run, *args, *grad_values, *prev, **kwargs)[0]
+
+
+@contextmanager
+def _checkpointing_with_cache(base: nn.Module, cache: Any) -> Iterator[bool]:
+    """While a latent run lasts, the checkpointed decoder layers keep ``cache`` (:class:`_CachedLayerCheckpoint`).
+
+    Uses transformers' own hooks: the per-instance ``_gradient_checkpointing_func`` it calls and the
+    ``_can_checkpoint_with_cache`` flag that makes it pass ``past_key_values`` on. Yields whether any layer is
+    checkpointed (the forwards then pass ``use_cache=False``, which only silences transformers' warning: the cache
+    given is still written)."""
+    installed = []
+    for index, layer in enumerate(model_parts(base).decoder_layers):
+        original = layer.__dict__.get("_gradient_checkpointing_func")
+        if original is None or not (layer.training and getattr(layer, "gradient_checkpointing", False)):
+            continue
+        layer._gradient_checkpointing_func = _CachedLayerCheckpoint(original, cache, index)
+        layer._can_checkpoint_with_cache = True
+        installed.append((layer, original))
+    try:
+        yield bool(installed)
+    finally:
+        for layer, original in installed:
+            layer._gradient_checkpointing_func = original
+            layer.__dict__.pop("_can_checkpoint_with_cache", None)
 
 
 def forward_with_latents(
@@ -516,7 +597,8 @@ def forward_with_latents(
     Sequence per sample: ``prompt + start_ids + z_1..z_K + end_ids + answer_ids``. Each latent step is one
     single-position forward on the KV cache (the same numbers as the generate path); z_K, ``end_ids`` and the answer
     go in one forward. Gradients flow from the answer loss into the latents, ``step_fn`` and the model. No halting
-    (training runs K steps). Gradient checkpointing is refused (in training mode it drops the cache).
+    (training runs K steps). Works under activation checkpointing, reentrant or not: the checkpointed layers keep the
+    cache (:func:`_checkpointing_with_cache`) and the gradients equal the plain loop's.
 
     Args:
         model, inputs, num_latents, step_fn, start_ids, end_ids, step_hidden_states: as in
@@ -532,7 +614,6 @@ def forward_with_latents(
     step_fn = step_fn or _identity
     if labels is not None and answer_ids is None:
         raise ValueError("labels need answer_ids (the teacher-forced tokens the labels are aligned with)")
-    _check_no_checkpointing(_unwrap_peft(model))
     n_answer = 0 if answer_ids is None else answer_ids.shape[-1]
     run = _LatentRun(model, inputs, num_latents, start_ids, end_ids, step_hidden_states, extra=max(n_answer - 1, 0))
     batch, k, end = run.batch, num_latents, run.end
@@ -545,37 +626,40 @@ def forward_with_latents(
             )
         answer_ids = answer_ids.to(run.device)
 
-    out = run.prefill(run.prefix_len)
-    hidden = out.last_hidden_state[:, -1]
-    latents: list[Tensor] = []
-    latent_hidden: list[Tensor] = []
-    active = torch.ones(batch, dtype=torch.bool, device=run.device)
-    for t in range(1, k + 1):
-        so_far = torch.stack(latents, 1) if latents else hidden.new_zeros((batch, 0, run.embed_dim))
-        z = run.check_latent(step_fn(hidden, run.state(t, so_far, active, out)))
-        latents.append(z)
-        if t < k:
-            out = run.feed(z[:, None])
-            hidden = out.last_hidden_state[:, -1]
-            latent_hidden.append(hidden)
+    with _checkpointing_with_cache(run.base, run.cache) as checkpointed:
+        run.use_cache = not checkpointed
+        out = run.prefill(run.prefix_len)
+        hidden = out.last_hidden_state[:, -1]
+        latents: list[Tensor] = []
+        latent_hidden: list[Tensor] = []
+        active = torch.ones(batch, dtype=torch.bool, device=run.device)
+        for t in range(1, k + 1):
+            so_far = torch.stack(latents, 1) if latents else hidden.new_zeros((batch, 0, run.embed_dim))
+            z = run.check_latent(step_fn(hidden, run.state(t, so_far, active, out)))
+            latents.append(z)
+            if t < k:
+                out = run.feed(z[:, None])
+                hidden = out.last_hidden_state[:, -1]
+                latent_hidden.append(hidden)
 
-    # One forward over [z_K, end_ids, answer_ids[:-1]]; position j of `seq_hidden` predicts the token after it.
-    pieces, piece_ids = [], []
-    if k:
-        pieces.append(latents[-1][:, None])
-        piece_ids.append(end.new_full((batch, 1), run.placeholder))
-    if len(end):
-        pieces.append(run.embed(end))
-        piece_ids.append(end.expand(batch, -1))
-    if n_answer > 1:
-        pieces.append(run.parts.input_embeddings(answer_ids[:, :-1]))
-        piece_ids.append(answer_ids[:, :-1])
-    seq_hidden = hidden[:, None]  # the last cached position, which predicts the first tail slot
-    if pieces:
-        tail = run.feed(torch.cat(pieces, 1), ids=torch.cat(piece_ids, 1)).last_hidden_state
-        seq_hidden = torch.cat([seq_hidden, tail], 1)
+        # One forward over [z_K, end_ids, answer_ids[:-1]]; position j of `seq_hidden` predicts the token after
+        # it.
+        pieces, piece_ids = [], []
         if k:
-            latent_hidden.append(tail[:, 0])
+            pieces.append(latents[-1][:, None])
+            piece_ids.append(end.new_full((batch, 1), run.placeholder))
+        if len(end):
+            pieces.append(run.embed(end))
+            piece_ids.append(end.expand(batch, -1))
+        if n_answer > 1:
+            pieces.append(run.parts.input_embeddings(answer_ids[:, :-1]))
+            piece_ids.append(answer_ids[:, :-1])
+        seq_hidden = hidden[:, None]  # the last cached position, which predicts the first tail slot
+        if pieces:
+            tail = run.feed(torch.cat(pieces, 1), ids=torch.cat(piece_ids, 1)).last_hidden_state
+            seq_hidden = torch.cat([seq_hidden, tail], 1)
+            if k:
+                latent_hidden.append(tail[:, 0])
     logits = loss = None
     if n_answer:
         before = (1 if k else 0) + len(end)  # tail slots before the answer
