@@ -3,6 +3,7 @@ DeepSpeed ZeRO-3 run on CPU (gloo) whose saved stage reproduces the ZeRO-3 model
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 import torch
 from datasets import Dataset
 from latent_core.collate import SupervisedCollator
-from latent_core.families import lora_target_modules
+from latent_core.families import lora_target_modules, model_parts
 from latent_core.testing import tiny_image, tiny_model
 from latent_core.trainer import (
     EXTRA_MODULES_NAME,
+    STAGE_INFO_NAME,
+    STAGE_WEIGHTS_NAME,
     LatentModel,
     LatentTrainer,
     LatentTrainingArguments,
@@ -192,9 +195,72 @@ def test_save_writes_adapter_extras_and_stage_info_and_stage_chains(tmp_path):
         load_extra_modules(WithHead(tiny_model("causal_lm")[0], 8), out)
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+def _full_model(tmp_path, family: str = "qwen2_5_vl", seed: int = 0):
+    """A full-weight stage's model: the whole language model trains, the vision tower (or, for a text model, the
+    input embeddings) stays frozen; plus an extra head. Loaded from a saved base, so the stage can name it."""
+    from latent_core.hub import load_model
+    from latent_core.testing import save_tiny_model
+
+    base_dir = tmp_path / f"base-{family}"
+    if not base_dir.is_dir():
+        save_tiny_model(family, base_dir, seed=seed)
+    model = load_model(str(base_dir))
+    frozen = model_parts(model).vision_tower if family != "causal_lm" else model.get_input_embeddings()
+    frozen.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    return WithHead(model, model.config.get_text_config().hidden_size), base_dir
+
+
+def test_full_weight_stage_saves_trained_weights_only_and_chains(tmp_path):
+    model, base_dir = _full_model(tmp_path)
+    _, processor = tiny_model("qwen2_5_vl")
+    rows = _rows_with_image("qwen2_5_vl")
+    trainer = LatentTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=3),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=SupervisedCollator(processor),
+        processing_class=processor,
+        stage_info={"stage": 3},
+    )
+    trainer.train()
+    out = tmp_path / "stage3"
+    trainer.save_model(str(out))
+    saved = load_file(str(out / STAGE_WEIGHTS_NAME))
+    backbone = model.backbone
+    trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert set(saved) == trained and not any(".visual." in k or k.startswith("model.visual") for k in saved)
+    assert sorted(load_file(str(out / EXTRA_MODULES_NAME))) == ["head.bias", "head.weight"]
+    info = json.loads((out / STAGE_INFO_NAME).read_text())
+    assert info["kind"] == "full" and info["base_model"] == str(base_dir) and info["frozen_weights"] > 0
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+
+    # The next stage: the base from its id, the stage's weights, the same head: the trained model's outputs.
+    batch = SupervisedCollator(processor)(rows)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)["logits"]
+    from latent_core.hub import load_model
+
+    base = load_model(info["base_model"])
+    chained = WithHead(load_stage(base, out), base.config.get_text_config().hidden_size)
+    assert load_extra_modules(chained, out) == ["head.bias", "head.weight"]
+    chained.eval()
+    with torch.no_grad():
+        assert torch.equal(chained(**batch)["logits"], expected)
+
+    other, _ = tiny_model("causal_lm")
+    with pytest.raises(StageError, match=r"embedding rows|does not have"):
+        load_stage(other, out)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, kind):
     def run(out: Path, stop_after: int | None, resume: str | None):
-        model, processor = _model()
+        if kind == "adapter":
+            model, processor = _model()
+        else:
+            model, processor = _full_model(tmp_path, "causal_lm")[0], tiny_model("causal_lm")[1]
         args = _args(
             tmp_path,
             output_dir=str(out),
@@ -223,6 +289,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     run(tmp_path / "killed", 3, None)
     checkpoint = tmp_path / "killed" / "checkpoint-3"
     assert (checkpoint / EXTRA_MODULES_NAME).is_file() and (checkpoint / "optimizer.pt").is_file()
+    weights = "adapter_model.safetensors" if kind == "adapter" else STAGE_WEIGHTS_NAME
+    assert (checkpoint / weights).is_file()
     resumed = run(tmp_path / "killed", None, str(checkpoint))
     assert full.keys() == resumed.keys()
     for name in full:
@@ -310,3 +378,37 @@ def test_two_process_zero3_on_cpu(tmp_path):
     with torch.no_grad():
         before = untrained(**SupervisedCollator(tokenizer)(worker.ROWS)).logits
     assert (before - expected).abs().max() > 1e-2  # training changed the model: the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_full_weight_stage_resumes_to_the_same_weights(tmp_path):
+    """A full-weight stage under ZeRO-3 with 2 processes (gloo), stopped after its step-2 checkpoint and resumed from
+    DeepSpeed's engine checkpoint (weights and optimizer partitions): its saved stage equals an uninterrupted run's."""
+    from latent_core.testing import save_tiny_model
+
+    base = save_tiny_model("causal_lm", tmp_path / "base")
+    out = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "full_stage_worker.py"), str(base), str(out)]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    checkpoint = out / "killed" / "checkpoint-2"
+    assert (checkpoint / "global_step2").is_dir() and (checkpoint / STAGE_WEIGHTS_NAME).is_file()
+    full, resumed = out / "uninterrupted" / "stage", out / "killed" / "stage"
+    for name in (STAGE_WEIGHTS_NAME, EXTRA_MODULES_NAME):
+        expected, got = load_file(str(full / name)), load_file(str(resumed / name))
+        assert expected.keys() == got.keys() and "model.embed_tokens.weight" not in expected
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    # The stage loads in one process onto the base it names, the frozen embeddings untouched.
+    from latent_core.hub import load_model
+
+    info = json.loads((resumed / STAGE_INFO_NAME).read_text())
+    model = load_stage(load_model(info["base_model"]), resumed)
+    start = load_model(str(base))
+    weights = load_file(str(resumed / STAGE_WEIGHTS_NAME))
+    for name, param in model.named_parameters():
+        expected = weights[name] if name in weights else dict(start.named_parameters())[name]
+        torch.testing.assert_close(param.detach(), expected, rtol=0, atol=0, msg=name)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)

@@ -7,15 +7,25 @@
   optionally, ``aux_losses``: a dict of named scalar losses. The optimised loss is
   ``loss + sum_name weight(name) * aux_losses[name]``; every term is logged by name (``ntp_loss``,
   ``<name>_loss``) next to HF's total ``loss``.
-- **What is saved**: for full fine-tuning (a transformers model without adapter: the bases of ``make-base``), a
-  standard ``save_pretrained`` checkpoint; otherwise the PEFT adapter (``adapter_model.safetensors``), and every
-  other *trainable* parameter (new-token rows, projection heads, extractors, projectors: anything registered in the
-  model with ``requires_grad``) in ``extra_modules.safetensors``, keyed by parameter name, plus ``latent_stage.json``
-  (what the stage added: tokens, extra keys, base model). Under ZeRO-3 only the trainable parameters are gathered
-  for saving. Resuming a checkpoint restores both (single process here; DeepSpeed restores its own engine checkpoint).
-- **Stage chaining**: :func:`load_stage` continues from a previous stage's output directory (adapter + extra modules
-  + tokens), for Heima's progressive stages and LaRe's four stages; a missing or incompatible stage fails with a
-  message naming what is missing.
+- **What is saved**, by the kind of stage:
+
+  - *adapter* (a PEFT model inside): the adapter (``adapter_model.safetensors``);
+  - *full-weight* (no adapter, some of the transformers model's own weights train: LaViT's student LLM, LaRe's
+    stages III-IV): those trainable weights only, in ``stage_weights.safetensors`` keyed by their names in the
+    transformers model; the frozen parts (vision tower, ...) are not copied but referenced by the base id in
+    ``latent_stage.json``;
+  - *standalone* (a bare transformers model whose every weight trains: the bases of ``make-base``): a standard
+    ``save_pretrained`` checkpoint.
+
+  Besides, every other trainable parameter (new-token rows, projection heads, extractors, projectors: anything
+  registered in the trainer's model with ``requires_grad`` and outside the transformers model / adapter) goes to
+  ``extra_modules.safetensors``, keyed by parameter name, plus ``latent_stage.json`` (kind, tokens, extra keys,
+  base model). Under ZeRO-3 only the trainable parameters are gathered for saving. A killed run resumes from its
+  last checkpoint: the weights above in one process, DeepSpeed's own engine checkpoint (optimizer partitions
+  included) under DeepSpeed.
+- **Stage chaining**: :func:`load_stage` continues from a previous stage's output directory of either kind
+  (adapter + extra modules + tokens, or full weights), for Heima's progressive stages and LaRe's four stages; a
+  missing or incompatible stage fails with a message naming what is missing.
 - :func:`schedule_callback` turns ``fn(step)`` into a callback run before every optimizer step (LaViT's gate
   gamma(t), Eq. 5).
 """
@@ -50,6 +60,7 @@ __all__ = [
     "EXTRA_MODULES_NAME",
     "LatentModel",
     "STAGE_INFO_NAME",
+    "STAGE_WEIGHTS_NAME",
     "LatentTrainer",
     "LatentTrainingArguments",
     "StageError",
@@ -65,8 +76,10 @@ logger = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIGS: tuple[str, ...] = ("zero2", "zero3", "zero3_offload")
 EXTRA_MODULES_NAME = "extra_modules.safetensors"
+STAGE_WEIGHTS_NAME = "stage_weights.safetensors"
 STAGE_INFO_NAME = "latent_stage.json"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_WEIGHT_FILES = ("adapter_model.safetensors", STAGE_WEIGHTS_NAME, "model.safetensors", "model.safetensors.index.json")
 
 
 class StageError(ValueError):
@@ -198,14 +211,60 @@ def _peft_model(model: nn.Module):
     return None, ""
 
 
+def _transformers_model(model: nn.Module) -> tuple[PreTrainedModel | None, str]:
+    """The transformers model a method trains (the model itself, or the first ``PreTrainedModel`` inside it, e.g.
+    ``LatentModel.backbone``) and its attribute path prefix."""
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return module, (name + "." if name else "")
+    return None, ""
+
+
+def _copy_into(model: nn.Module, saved: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Copy ``saved`` into ``model``'s parameters of the same names (every key must exist with its shape; under
+    ZeRO-3 the partitioned parameters are gathered and written back).
+
+    Raises:
+        StageError: a key the model lacks or has with another shape.
+    """
+    from latent_core.zero3 import full_shape, gathered
+
+    params = dict(model.named_parameters())
+    missing = [k for k in saved if k not in params]
+    if missing:
+        raise StageError(
+            f"{source} holds {missing[:5]} which the model does not have: attach the same extra modules (heads, "
+            "trainable token rows) and add the same tokens before loading the stage"
+        )
+    for key, value in saved.items():
+        if tuple(full_shape(params[key])) != tuple(value.shape):
+            raise StageError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the model's is {tuple(full_shape(params[key]))}"
+            )
+    targets = [params[k] for k in saved]
+    with gathered(targets, modifier_rank=0) as may_write, torch.no_grad():
+        if may_write:
+            for key, param in zip(saved, targets, strict=True):
+                param.copy_(saved[key].to(param.dtype))
+
+
 def _saved_by_peft(name: str) -> bool:
     return ".lora_" in name or "trainable_tokens_" in name or ".modules_to_save." in name
 
 
-def extra_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def extra_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None, exclude_prefix: str | None = None
+) -> dict[str, torch.Tensor]:
     """Every trainable parameter that the PEFT adapter does not hold (new-token rows, heads, extractors,
-    projectors), by name. ``state_dict`` (e.g. gathered from ZeRO-3) supplies the values when given."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and not _saved_by_peft(n)]
+    projectors), by name; ``exclude_prefix``: also not those under it (a full-weight stage's transformers model).
+    ``state_dict`` (e.g. gathered from ZeRO-3) supplies the values when given."""
+    names = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad
+        and not _saved_by_peft(n)
+        and not (exclude_prefix is not None and n.startswith(exclude_prefix))
+    ]
     source = dict(state_dict) if state_dict is not None else dict(model.named_parameters())
     missing = [n for n in names if n not in source]
     if missing:
@@ -225,27 +284,23 @@ def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[s
     if not path.is_file():
         return []
     saved = load_tensors(path)
-    params = dict(model.named_parameters())
-    missing = [k for k in saved if k not in params]
-    if missing:
-        raise StageError(
-            f"{path} holds {missing[:5]} which the model does not have: attach the same extra modules (heads, "
-            "trainable token rows) before loading the stage"
-        )
-    for key, value in saved.items():
-        if params[key].shape != value.shape:
-            raise StageError(f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}")
-        with torch.no_grad():
-            params[key].copy_(value.to(params[key].dtype))
+    _copy_into(model, saved, path)
     return sorted(saved)
 
 
 def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True):
-    """Continue from a previous stage's output: returns ``model`` with the stage's LoRA adapter (the same adapter
-    keeps training). ``model`` is the base transformers model with the stage's tokens already added (they are in
-    ``latent_stage.json`` and the saved tokenizer). Then build the trainer's model around it (attach the same extra
-    modules) and call :func:`load_extra_modules` on it: extra parameters are keyed by their names in the model
-    that was given to the trainer.
+    """Continue from a previous stage's output, of either kind.
+
+    ``model`` is the base transformers model (loaded from the stage's ``base_model``) with the stage's tokens
+    already added (they are in ``latent_stage.json`` and the saved tokenizer).
+
+    - an *adapter* stage: returns ``model`` with the stage's LoRA adapter (the same adapter keeps training unless
+      ``is_trainable=False``);
+    - a *full-weight* stage: copies its trained weights into ``model`` (ZeRO-3 partitioned parameters too) and
+      returns it; which weights train next is the caller's choice.
+
+    Then build the trainer's model around it (attach the same extra modules) and call :func:`load_extra_modules` on
+    it: extra parameters are keyed by their names in the model that was given to the trainer.
 
     Raises:
         StageError: the directory or one of its files is missing, or it does not fit ``model``.
@@ -255,17 +310,22 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
     directory = Path(directory)
     if not directory.is_dir():
         raise StageError(f"previous stage output {directory} does not exist: run that stage first")
-    missing = [name for name in _ADAPTER_FILES if not (directory / name).is_file()]
+    info = stage_info(directory)
+    full = info.get("kind") == "full" or (directory / STAGE_WEIGHTS_NAME).is_file()
+    needed = (STAGE_WEIGHTS_NAME,) if full else _ADAPTER_FILES
+    missing = [name for name in needed if not (directory / name).is_file()]
     if missing:
         raise StageError(f"previous stage output {directory} has no {', '.join(missing)}: is it a finished stage?")
-    info = stage_info(directory)
-    check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
     embeddings = num_rows(model.get_input_embeddings())
     if info.get("embedding_rows") and info["embedding_rows"] != embeddings:
         raise StageError(
             f"stage {directory} was trained with {info['embedding_rows']} embedding rows, the model has {embeddings}:"
             f" add its tokens {info.get('tokens', [])} first"
         )
+    if full:
+        _copy_into(model, load_tensors(directory / STAGE_WEIGHTS_NAME), directory / STAGE_WEIGHTS_NAME)
+        return model
+    check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as err:
@@ -473,8 +533,7 @@ class LatentTrainer(Trainer):
         complete = []
         for path in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             step = path.name.rsplit("-", 1)[-1]
-            weights = any((path / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors",
-                                                               "model.safetensors.index.json"))  # fmt: skip
+            weights = any((path / name).is_file() for name in _WEIGHT_FILES)
             if step.isdigit() and (path / "trainer_state.json").is_file() and weights:
                 complete.append((int(step), path))
         if not complete:
@@ -509,7 +568,10 @@ class LatentTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         peft_model, prefix = _peft_model(model)
         if peft_model is None:
-            self._save_full(model, output_dir, state_dict)
+            if isinstance(model, PreTrainedModel) and all(p.requires_grad for p in model.parameters()):
+                self._save_standalone(model, output_dir, state_dict)
+            else:
+                self._save_full_weights(model, output_dir, state_dict)
             return
         # Values: the gathered state dict under ZeRO-3, else the live parameters.
         values = state_dict if state_dict else dict(model.state_dict())
@@ -529,10 +591,7 @@ class LatentTrainer(Trainer):
             "embedding_rows": int(num_rows(peft_model.get_input_embeddings())),
             "extra_keys": sorted(extras),
         }
-        Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        self._write_stage_files(output_dir, info)
 
     def _vocabulary_tables(self, peft_model: Any) -> bool:
         """Whether the adapter carries the embedding / head tables (decided once, :func:`_vocabulary_changed`)."""
@@ -540,16 +599,42 @@ class LatentTrainer(Trainer):
             self._save_tables = _vocabulary_changed(peft_model, self.stage_info.get("tokens") or ())
         return self._save_tables
 
-    def _save_full(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
-        """Full fine-tuning (no PEFT adapter): a standard ``save_pretrained`` checkpoint (safetensors) that
+    def _save_standalone(self, model: PreTrainedModel, output_dir: str, state_dict: dict | None) -> None:
+        """Every weight trained (``make-base``): a standard ``save_pretrained`` checkpoint (safetensors) that
         ``latent_core.load_model`` / ``from_pretrained`` load, plus the processor and ``latent_stage.json``."""
-        if not isinstance(model, PreTrainedModel):
-            raise ValueError(
-                "LatentTrainer saves PEFT adapters or whole transformers models: wrap the model with "
-                "latent_core.prepare_lora_model, or train a PreTrainedModel"
-            )
         model.save_pretrained(output_dir, state_dict=state_dict or None, safe_serialization=True)
         info = {**self.stage_info, "full_model": True, "embedding_rows": int(num_rows(model.get_input_embeddings()))}
+        self._write_stage_files(output_dir, info)
+
+    def _save_full_weights(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
+        """A full-weight stage: the trainable weights of the transformers model in ``stage_weights.safetensors``
+        (names relative to it; the frozen ones stay with the base, named in ``latent_stage.json``), the trainer's
+        other trainable parameters in ``extra_modules.safetensors``."""
+        base, prefix = _transformers_model(model)
+        if base is None:
+            raise ValueError(
+                "LatentTrainer saves PEFT adapters or transformers models: the model to train holds neither (wrap a "
+                "transformers model in latent_core.LatentModel, or prepare it with latent_core.prepare_lora_model)"
+            )
+        values = state_dict if state_dict else dict(model.named_parameters())
+        trained = [n for n, p in base.named_parameters() if p.requires_grad]  # tied weights: one name
+        weights = {n: values[prefix + n].detach().to("cpu").contiguous() for n in trained}
+        save_file(weights, os.path.join(output_dir, STAGE_WEIGHTS_NAME), metadata={"format": "pt"})
+        extras = extra_state_dict(model, values, exclude_prefix=prefix)
+        if extras:
+            save_file(extras, os.path.join(output_dir, EXTRA_MODULES_NAME), metadata={"format": "pt"})
+        info = {
+            **self.stage_info,
+            "kind": "full",
+            "base_model": getattr(base.config, "_name_or_path", None) or getattr(base, "name_or_path", None),
+            "trained_weights": len(weights),
+            "frozen_weights": sum(1 for _, p in base.named_parameters() if not p.requires_grad),
+            "embedding_rows": int(num_rows(base.get_input_embeddings())),
+            "extra_keys": sorted(extras),
+        }
+        self._write_stage_files(output_dir, info)
+
+    def _write_stage_files(self, output_dir: str, info: dict[str, Any]) -> None:
         Path(output_dir, STAGE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -562,7 +647,13 @@ class LatentTrainer(Trainer):
 
         model = model if model is not None else self.model
         peft_model, _ = _peft_model(model)
-        if peft_model is None and isinstance(model, PreTrainedModel):  # a full fine-tuning checkpoint
+        weights = Path(resume_from_checkpoint) / STAGE_WEIGHTS_NAME
+        if peft_model is None and weights.is_file():  # a full-weight stage's checkpoint
+            base, _ = _transformers_model(model)
+            _copy_into(base, load_tensors(weights), weights)
+            load_extra_modules(model, resume_from_checkpoint)
+            return None
+        if peft_model is None and isinstance(model, PreTrainedModel):  # a standalone checkpoint
             # Through from_pretrained: it maps the saved keys (checkpoint layout) back to the live module names. The
             # Trainer's own load_state_dict(strict=False) silently skips every renamed key (Qwen2.5-VL's and
             # mllama's `model.language_model.*` are saved as `model.*` in transformers 5) and resumes from scratch.
@@ -578,5 +669,3 @@ class LatentTrainer(Trainer):
             raise StageError(f"checkpoint {resume_from_checkpoint} has no PEFT adapter to resume from")
         set_peft_model_state_dict(peft_model, load_tensors(adapter), adapter_name=peft_model.active_adapter)
         load_extra_modules(model, resume_from_checkpoint)
-
-
