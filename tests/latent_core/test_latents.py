@@ -433,3 +433,113 @@ def test_latent_training_under_activation_checkpointing_equals_the_plain_loop(fa
     assert got.keys() == grads.keys() and any("proj" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def _naive_step_attention(model, inputs, latents, start):
+    """Reference for one unpadded sample: at every latent step t, an eager full forward (no cache) over prompt +
+    start + z_1..z_{t-1}; the last row of the attention probabilities, mean over heads and every layer, at the
+    prompt's image positions."""
+    import copy
+
+    from latent_core.families import image_token_mask
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    parts = model_parts(eager)
+    captured = {}
+    handle = parts.language_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    with torch.no_grad():
+        eager(**inputs)
+    handle.remove()
+    seq = torch.cat([captured["inputs_embeds"], parts.input_embeddings(torch.tensor([list(start)]))], 1)
+    positions = captured.get("position_ids")
+    if positions is None:
+        positions = torch.arange(captured["inputs_embeds"].shape[1])[None]
+    positions = torch.cat([positions, positions[..., -1:] + torch.arange(1, len(start) + 1)], -1)
+    image = image_token_mask(model, inputs["input_ids"])[0]
+    rows = []
+    with torch.no_grad():
+        for t in range(latents.shape[0]):
+            if t:
+                seq = torch.cat([seq, latents[None, t - 1 : t]], 1)
+                positions = torch.cat([positions, positions[..., -1:] + 1], -1)
+            out = parts.language_model(
+                inputs_embeds=seq, position_ids=positions, use_cache=False, output_attentions=True
+            )
+            row = torch.stack(out.attentions).mean((0, 2))[0, -1]  # layers and heads -> [S]
+            rows.append(row[: len(image)][image])
+    return rows
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_step_fn_gets_this_steps_attention_over_the_image_and_the_projector_features(family):
+    # LaRe's loop (issue 12, item 6): every step hands step_fn the attention of the current position over the image
+    # tokens (this step's row only) and the image features after the projector; both checked against references
+    # computed without the loop (eager full recompute; the model's own get_image_features), per sample of a
+    # left-padded batch, and the forward path's attention carries gradients.
+    from latent_core.families import image_token_mask
+
+    model, _ = _model(family)
+    batch = _inputs(family, QUESTIONS[:2])
+    keys = image_token_mask(model, batch["input_ids"])
+    seen = []
+
+    def step_fn(hidden, state):
+        seen.append((state.attention, state.image_features))
+        return hidden
+
+    gen = generate_with_latents(
+        model, batch, 3, step_fn=step_fn, start_ids=START, end_ids=END, step_attention=keys,
+        step_image_features=True, **_greedy(2),
+    )  # fmt: skip
+    assert len(seen) == 3
+    for i in range(2):
+        single = _select(batch, i, family)
+        want = _naive_step_attention(model, single, gen.latents[i], START)
+        for t, (attention, _) in enumerate(seen):
+            assert attention[i].shape == want[t].shape
+            torch.testing.assert_close(attention[i], want[t], atol=1e-5, rtol=0, msg=f"sample {i} step {t + 1}")
+        kwargs = {k: v for k, v in single.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+        with torch.no_grad():
+            projected = model.model.get_image_features(**kwargs).pooler_output[0]
+        torch.testing.assert_close(seen[0][1][i], projected, atol=1e-6, rtol=0)
+
+    from_generate = [attention for attention, _ in seen]
+    seen.clear()
+    forward_with_latents(
+        model, batch, 3, labels=gen.sequences, step_fn=step_fn, start_ids=START, end_ids=END,
+        answer_ids=gen.sequences, step_attention=keys,
+    )  # fmt: skip
+    assert [features for _, features in seen] == [None] * 3
+    for t, (attention, _) in enumerate(seen):
+        for i in range(2):
+            torch.testing.assert_close(attention[i].detach(), from_generate[t][i], atol=1e-5, rtol=0)
+    model.zero_grad(set_to_none=True)
+    sum(a.sum() for attention, _ in seen for a in attention).backward()  # the attention alone carries gradients
+    q_proj = model_parts(model).decoder_layers[0].self_attn.q_proj.weight
+    assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_mllama_step_attention_covers_its_cross_attended_image():
+    # mllama reaches the image through cross-attention: step_attention="image" gives each step's row over the image
+    # keys of the cross-attention layers (a softmax over the image only: each row sums to 1 over the sample's
+    # unmasked tiles), one key per projector-output feature row.
+    model, _ = _model("mllama")
+    batch = _inputs("mllama", QUESTIONS[:2])
+    seen = []
+
+    def step_fn(hidden, state):
+        seen.append((state.attention, state.image_features))
+        return hidden
+
+    generate_with_latents(
+        model, batch, 2, step_fn=step_fn, step_attention="image", step_image_features=True, **_greedy(1)
+    )
+    tiles = batch["aspect_ratio_mask"].sum(-1)  # [B, images] tiles in use
+    for attention, features in seen:
+        for i in range(2):
+            assert attention[i].shape == (features[i].shape[0],)
+            torch.testing.assert_close(attention[i].sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+            per_tile = features[i].shape[0] // batch["aspect_ratio_mask"].shape[-1]
+            assert bool((attention[i][int(tiles[i].sum()) * per_tile :] == 0).all())

@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     # capture.py
     "HiddenStateRecorder": "capture",
     "capture_hidden_states": "capture",
+    "capture_image_features": "capture",
     "select_mask": "capture",
     "select_predictors": "capture",
     "select_tokens": "capture",

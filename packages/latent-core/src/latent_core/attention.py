@@ -132,6 +132,14 @@ class AttentionRecorder:
         """Forget what was recorded (e.g. between training steps that reuse one recorder)."""
         self._rows.clear()
 
+    def take(self) -> list[torch.Tensor]:
+        """:attr:`weights` of the rows recorded since the last ``take`` / :meth:`clear`, then forget them: a loop
+        that reads each step's attention (LaRe's refocusing) gets the new rows only, never re-assembling the
+        earlier ones."""
+        weights = self.weights
+        self.clear()
+        return weights
+
     @property
     def weights(self) -> list[torch.Tensor]:
         if not self._rows:

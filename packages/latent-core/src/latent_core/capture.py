@@ -48,8 +48,10 @@ from latent_core.families import _unwrap_peft, model_parts
 
 __all__ = [
     "HiddenStateRecorder",
+    "ImageFeatures",
     "Selection",
     "capture_hidden_states",
+    "capture_image_features",
     "select_mask",
     "select_predictors",
     "select_tokens",
@@ -375,3 +377,62 @@ def capture_hidden_states(
         for handle in handles:
             handle.remove()
         recorder._call = None
+
+
+@dataclass
+class ImageFeatures:
+    """What :func:`capture_image_features` caught: ``features[b]`` ``[n_b, d]`` the projector-output image
+    features of sample ``b`` as the language model receives them (``None`` until a forward with an image ran)."""
+
+    features: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def capture_image_features(model: nn.Module, input_ids: torch.Tensor | None = None) -> Iterator[ImageFeatures]:
+    """Catch the image features after the projector, per sample, in the first forward that carries an image.
+
+    LaRe's refocusing window takes projector-output visual tokens (METHODS.md section 3). These are read where the
+    language model receives them, so they are exactly what it attends to, whatever the family's projector:
+
+    - image-token families (llava, llava_next, qwen2_5_vl): the language model's ``inputs_embeds`` at the image
+      positions of ``input_ids`` (required), in sequence order (llava_next: with its row-end ``image_newline``);
+    - mllama: the ``cross_attention_states`` handed to the language model, ``[n_images * tiles * patches, d]``
+      per sample.
+
+    Gradients flow through them when the projector trains. Hooks are removed on exit.
+    """
+    from latent_core.families import image_token_mask
+
+    base = _unwrap_peft(model)
+    parts = model_parts(base)
+    holder = ImageFeatures()
+    if parts.family.images_via != "cross_attention" and input_ids is None:
+        raise ValueError(
+            f"capture_image_features needs the input_ids for family {parts.family.name!r}: its image features are "
+            "the language model's inputs at the image-token positions"
+        )
+    mask = None if input_ids is None else image_token_mask(base, input_ids)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if holder.features is not None:
+            return
+        cross = kwargs.get("cross_attention_states")
+        if cross is not None:  # mllama: [B * images * tiles, patches, d] -> per sample
+            batch = kwargs["cross_attention_mask"].shape[0] if kwargs.get("cross_attention_mask") is not None else 1
+            holder.features = list(cross.reshape(batch, -1, cross.shape[-1]).unbind(0))
+            return
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or mask is None or not bool(mask.any()):
+            return
+        if embeds.shape[:2] != mask.shape:
+            raise ValueError(
+                f"capture_image_features: the language model received {tuple(embeds.shape[:2])} positions, "
+                f"input_ids has {tuple(mask.shape)}; pass the input_ids of this forward"
+            )
+        holder.features = [embeds[b][mask[b].to(embeds.device)] for b in range(embeds.shape[0])]
+
+    handle = parts.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield holder
+    finally:
+        handle.remove()

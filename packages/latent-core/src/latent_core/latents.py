@@ -40,6 +40,11 @@ Design decisions (all covered by tests/latent_core/test_latents.py):
   no position is masked (no padding, no halted sample) the forwards get ``attention_mask=None`` (plain causal), so
   the model builds no mask per step. A latent step costs about one cached decode step without ``lm_head``
   (``uv run apps/cli bench latent-loop``).
+- **What a step function sees** (:class:`LatentState`; LaRe's refocusing, METHODS.md section 3): besides the
+  final-norm hidden state, optionally every layer's hidden state at the last position (``step_hidden_states``),
+  that position's attention over chosen keys, e.g. the image tokens, mean over heads and layers (``step_attention``:
+  the loop owns the recorder and hands over each step's row only), and the projector-output image features
+  (``step_image_features``).
 - **Training** (:func:`forward_with_latents`) runs the same single-position steps with gradients. Under activation
   checkpointing (reentrant or not) transformers would drop the KV cache in training mode; here each checkpointed
   decoder layer keeps it (:class:`_CachedLayerCheckpoint`): the layer's cache before the call goes in as an input of
@@ -51,7 +56,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +97,12 @@ class LatentState:
         hidden_states: with ``step_hidden_states=True``, the model's ``hidden_states`` output (embedding output and
             every decoder layer, as the model returns them with ``output_hidden_states=True``) at the last position,
             each ``[B, d]``; else ``None``.
+        attention: with ``step_attention``: per sample ``[n_keys_b]``, the attention of the last position (the one
+            whose hidden state this is) over the selected keys (e.g. the image tokens), mean over heads and the
+            ``attention_layers`` (LaRe's saliency map before pooling); this step's row only. Else ``None``.
+        image_features: with ``step_image_features=True``: per sample ``[n_b, d]``, the image features after the
+            projector as the language model received them at prefill (:func:`latent_core.capture_image_features`;
+            LaRe's window takes these). Else ``None``.
         past_key_values: the KV cache (prompt, start ids and latent positions so far).
         attention_mask: ``[B, L]`` 2-D mask over the cached positions (0 at padding and at halted samples' slots).
     """
@@ -102,6 +113,8 @@ class LatentState:
     hidden_states: tuple[Tensor, ...] | None
     past_key_values: Any
     attention_mask: Tensor
+    attention: list[Tensor] | None = None
+    image_features: list[Tensor] | None = None
 
 
 StepFn = Callable[[Tensor, LatentState], Tensor]
@@ -190,6 +203,9 @@ class _LatentRun:
         end_ids: Sequence[int] | None,
         step_hidden_states: bool,
         extra: int = 0,
+        step_attention: Tensor | str | None = None,
+        attention_layers: Sequence[int] | None = None,
+        step_image_features: bool = False,
     ) -> None:
         if not isinstance(num_latents, int) or isinstance(num_latents, bool) or num_latents < 0:
             raise ValueError(f"num_latents must be an int >= 0, got {num_latents!r}")
@@ -213,6 +229,11 @@ class _LatentRun:
         weight = self.parts.input_embeddings.weight
         self.embed_dim, self.embed_dtype = full_shape(weight)[-1], weight.dtype  # ZeRO-3: the local shape is (0,)
         self.step_hidden_states = step_hidden_states
+        self.step_attention, self.attention_layers = step_attention, attention_layers
+        self.step_image_features = step_image_features
+        self.recorder: Any = None
+        self.image_features: Any = None
+        self.num_latents = num_latents
 
         start = _id_tensor(start_ids, "start_ids", self.device)
         self.end = _id_tensor(end_ids, "end_ids", self.device)
@@ -243,6 +264,30 @@ class _LatentRun:
         self.cache = DynamicCache(config=self.base.config)
         self.use_cache = True  # False while checkpointed layers keep the cache (only silences transformers' warning)
         self.length = 0  # positions in the cache
+
+    @contextmanager
+    def step_inputs(self) -> Iterator[None]:
+        """While the latent steps run: the recorder of each step's attention row (``step_attention``: the query
+        rows are the positions whose hidden states feed ``step_fn``, prompt end to last-but-one latent) and the
+        capture of the projector-output image features (``step_image_features``)."""
+        from latent_core.attention import record_attention
+        from latent_core.capture import capture_image_features
+
+        with ExitStack() as stack:
+            if self.step_attention is not None and self.num_latents:
+                queries = torch.zeros((self.batch, self.capacity), dtype=torch.bool, device=self.device)
+                queries[:, self.prefix_len - 1 : self.prefix_len - 1 + self.num_latents] = True
+                keys = self.step_attention
+                if isinstance(keys, Tensor):
+                    keys = keys.to(self.device, torch.bool)
+                self.recorder = stack.enter_context(
+                    record_attention(self.base, queries, keys, layers=self.attention_layers)
+                )
+            if self.step_image_features:
+                self.image_features = stack.enter_context(
+                    capture_image_features(self.base, self.ids[:, : self.prefix_len])
+                )
+            yield
 
     def _placeholder_id(self) -> int:
         sources = (getattr(self.base, "generation_config", None), self.base.config, self.base.config.get_text_config())
@@ -331,6 +376,9 @@ class _LatentRun:
 
     def state(self, step: int, latents: Tensor, active: Tensor, out: Any) -> LatentState:
         hidden_states = tuple(h[:, -1] for h in out.hidden_states) if self.step_hidden_states else None
+        attention = None
+        if self.recorder is not None:  # this step's row only (take() forgets it)
+            attention = [rows[-1] for rows in self.recorder.take()]
         return LatentState(
             step=step,
             latents=latents,
@@ -338,6 +386,8 @@ class _LatentRun:
             hidden_states=hidden_states,
             past_key_values=self.cache,
             attention_mask=self.mask[:, : self.length],
+            attention=attention,
+            image_features=None if self.image_features is None else self.image_features.features,
         )
 
     def generate_inputs(self, final_latent: Tensor | None, final_token: Tensor | None) -> dict[str, Any]:
@@ -404,6 +454,9 @@ def generate_with_latents(
     end_ids: Sequence[int] | None = None,
     *,
     step_hidden_states: bool = False,
+    step_attention: Tensor | str | None = None,
+    attention_layers: Sequence[int] | None = None,
+    step_image_features: bool = False,
     **generate_kwargs: Any,
 ) -> LatentGeneration:
     """Prefill the prompt once, run ``num_latents`` continuous latent steps on the KV cache, then ``generate``.
@@ -421,6 +474,11 @@ def generate_with_latents(
         end_ids: token ids after the latents (e.g. ``<eot>``), before the answer.
         step_hidden_states: run the latent steps with ``output_hidden_states=True`` and hand the per-layer states of
             the last position to ``step_fn`` as ``state.hidden_states``.
+        step_attention: keys whose attention ``step_fn`` gets each step as ``state.attention``: a bool key mask
+            ``[B, prompt_len]`` (e.g. ``image_token_mask(model, input_ids)``) or ``"image"`` (mllama's
+            cross-attended image); the loop owns the recorder and hands over each step's row only.
+        attention_layers: the layers averaged for ``state.attention`` (default: every layer of the kind).
+        step_image_features: hand ``step_fn`` the projector-output image features as ``state.image_features``.
         **generate_kwargs: for ``model.generate`` (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``return_dict_in_generate``, ``output_logits``, ...).
 
@@ -441,7 +499,10 @@ def generate_with_latents(
                 "inputs instead (e.g. input_ids.repeat_interleave(n, 0) for every entry) and sample"
             )
     with torch.no_grad():
-        run = _LatentRun(model, inputs, num_latents, start_ids, end_ids, step_hidden_states)
+        run = _LatentRun(
+            model, inputs, num_latents, start_ids, end_ids, step_hidden_states,
+            step_attention=step_attention, attention_layers=attention_layers, step_image_features=step_image_features,
+        )  # fmt: skip
         batch, k, end = run.batch, num_latents, run.end
         latents = torch.zeros((batch, k, run.embed_dim), dtype=run.embed_dtype, device=run.device)
         num_steps = torch.full((batch,), k, dtype=torch.long, device=run.device)
@@ -455,27 +516,28 @@ def generate_with_latents(
                     run.feed(run.embed(end[:-1]), ids=end[:-1])
                 final_token = end[-1]
         else:
-            out = run.prefill(run.prefix_len)
-            hidden = out.last_hidden_state[:, -1]
-            active = torch.ones(batch, dtype=torch.bool, device=run.device)
-            all_active = True
-            final = torch.zeros((batch, run.embed_dim), dtype=run.embed_dtype, device=run.device)
-            for t in range(1, k + 1):
-                z = run.check_latent(step_fn(hidden, run.state(t, latents[:, : t - 1], active, out)))
-                latents[:, t - 1] = z if all_active else torch.where(active[:, None], z, latents.new_zeros(()))
-                if t == k:  # the last latent goes into the final slot
-                    final = z if all_active else torch.where(active[:, None], z, final)
-                    break
-                if halt_fn is not None and t >= 2:
-                    stop = _halt_mask(halt_fn(z, latents[:, t - 2], t), batch) & active
-                    if bool(stop.any()):
-                        final = torch.where(stop[:, None], z, final)
-                        num_steps = torch.where(stop, t, num_steps)
-                        active, all_active = active & ~stop, False
-                        if not bool(active.any()):
-                            break
-                out = run.feed(z[:, None], valid=None if all_active else active)
+            with run.step_inputs():
+                out = run.prefill(run.prefix_len)
                 hidden = out.last_hidden_state[:, -1]
+                active = torch.ones(batch, dtype=torch.bool, device=run.device)
+                all_active = True
+                final = torch.zeros((batch, run.embed_dim), dtype=run.embed_dtype, device=run.device)
+                for t in range(1, k + 1):
+                    z = run.check_latent(step_fn(hidden, run.state(t, latents[:, : t - 1], active, out)))
+                    latents[:, t - 1] = z if all_active else torch.where(active[:, None], z, latents.new_zeros(()))
+                    if t == k:  # the last latent goes into the final slot
+                        final = z if all_active else torch.where(active[:, None], z, final)
+                        break
+                    if halt_fn is not None and t >= 2:
+                        stop = _halt_mask(halt_fn(z, latents[:, t - 2], t), batch) & active
+                        if bool(stop.any()):
+                            final = torch.where(stop[:, None], z, final)
+                            num_steps = torch.where(stop, t, num_steps)
+                            active, all_active = active & ~stop, False
+                            if not bool(active.any()):
+                                break
+                    out = run.feed(z[:, None], valid=None if all_active else active)
+                    hidden = out.last_hidden_state[:, -1]
             if len(end) == 0:
                 final_latent = final
             else:  # final latent slot + end ids but the last one in one forward; the last end id is generate's
@@ -590,6 +652,9 @@ def forward_with_latents(
     answer_ids: Tensor | None = None,
     *,
     step_hidden_states: bool = False,
+    step_attention: Tensor | str | None = None,
+    attention_layers: Sequence[int] | None = None,
+    step_image_features: bool = False,
 ) -> LatentForward:
     """The training counterpart of :func:`generate_with_latents`: the same K latent steps WITH gradients, then the
     teacher-forced answer in one forward on the cache.
@@ -601,8 +666,9 @@ def forward_with_latents(
     cache (:func:`_checkpointing_with_cache`) and the gradients equal the plain loop's.
 
     Args:
-        model, inputs, num_latents, step_fn, start_ids, end_ids, step_hidden_states: as in
-            :func:`generate_with_latents`.
+        model, inputs, num_latents, step_fn, start_ids, end_ids, step_hidden_states, step_attention,
+            attention_layers, step_image_features: as in :func:`generate_with_latents` (``state.attention`` and
+            ``state.image_features`` carry gradients here).
         labels: ``[B, T]`` targets aligned with ``answer_ids`` (usually ``answer_ids`` with -100 at padding);
             gives ``loss``, the mean cross-entropy over the labels that are not -100.
         answer_ids: ``[B, T]`` answer tokens, teacher-forced; right padding is fine (padding after an answer cannot
@@ -615,7 +681,10 @@ def forward_with_latents(
     if labels is not None and answer_ids is None:
         raise ValueError("labels need answer_ids (the teacher-forced tokens the labels are aligned with)")
     n_answer = 0 if answer_ids is None else answer_ids.shape[-1]
-    run = _LatentRun(model, inputs, num_latents, start_ids, end_ids, step_hidden_states, extra=max(n_answer - 1, 0))
+    run = _LatentRun(
+        model, inputs, num_latents, start_ids, end_ids, step_hidden_states, extra=max(n_answer - 1, 0),
+        step_attention=step_attention, attention_layers=attention_layers, step_image_features=step_image_features,
+    )  # fmt: skip
     batch, k, end = run.batch, num_latents, run.end
     if answer_ids is not None:
         if answer_ids.ndim != 2 or answer_ids.shape[0] != batch:
@@ -626,7 +695,9 @@ def forward_with_latents(
             )
         answer_ids = answer_ids.to(run.device)
 
-    with _checkpointing_with_cache(run.base, run.cache) as checkpointed:
+    # The loop's recorder is entered before the checkpoint functions are wrapped: theirs is then the outer one and
+    # sees transformers' own call (the keyword tensors it moves into the checkpoint's inputs).
+    with run.step_inputs(), _checkpointing_with_cache(run.base, run.cache) as checkpointed:
         run.use_cache = not checkpointed
         out = run.prefill(run.prefix_len)
         hidden = out.last_hidden_state[:, -1]
