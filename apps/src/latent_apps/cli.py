@@ -285,6 +285,14 @@ def bench_latent_loop(
     run(as_json, threads=threads or None, device=device)
 
 
+@bench_app.command("latent-train")
+def bench_latent_train(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
+    """One training step of K=4 latents with the gate and recorder: our cached loop vs Coconut's K+1 full passes."""
+    from latent_apps.bench.latent_train import run
+
+    run(as_json, device=device)
+
+
 @bench_app.command("attention-capture")
 def bench_attention_capture(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
     """record_attention of 32 query rows vs eager output_attentions=True (2048 tokens, 8 layers)."""

@@ -104,10 +104,17 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tu
 
 
 def random_llama(
-    layers: int, hidden: int, heads: int, intermediate: int | None = None, vocab: int = 1024, **config: Any
+    layers: int,
+    hidden: int,
+    heads: int,
+    intermediate: int | None = None,
+    vocab: int = 1024,
+    kv_heads: int | None = None,
+    **config: Any,
 ):
     """A random ``LlamaForCausalLM`` in eval mode (seed 0): the benchmarks' model. ``intermediate`` defaults to
-    Llama's 8/3 MLP ratio; extra keyword arguments go to ``LlamaConfig``."""
+    Llama's 8/3 MLP ratio; ``kv_heads`` < ``heads`` gives grouped-query attention (as Qwen2.5 / Llama-3); extra
+    keyword arguments go to ``LlamaConfig``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -117,10 +124,23 @@ def random_llama(
         intermediate_size=intermediate or hidden * 8 // 3,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         **{"max_position_embeddings": 8192, **config},
     )
     return LlamaForCausalLM(config).eval()
+
+
+def left_padded(
+    batch: int, tokens: int, pad: int, vocab: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids ``[batch, tokens]`` and their attention mask, the last sample left padded by ``pad`` positions
+    (a batch of prompts of different lengths, as a VLM batch is)."""
+    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if batch > 1 and pad:
+        mask[-1, :pad] = 0
+        ids[-1, :pad] = 0
+    return ids.to(device), mask.to(device)
 
 
 def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any], as_json: bool) -> None:
@@ -138,4 +158,14 @@ def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any],
         print(json.dumps(record, sort_keys=True))
 
 
-__all__ = ["bench_device", "peak_memory", "random_llama", "ratio", "report", "sync", "timed", "timed_pair"]
+__all__ = [
+    "bench_device",
+    "left_padded",
+    "peak_memory",
+    "random_llama",
+    "ratio",
+    "report",
+    "sync",
+    "timed",
+    "timed_pair",
+]
