@@ -2,7 +2,8 @@
 
 A full-weight stage (no adapter: the language model trains, its input embeddings stay frozen, plus an extra head)
 under ZeRO-3 on CPU (gloo), three runs in one launch: 4 uninterrupted steps; the same run stopped after the step-2
-checkpoint; that run resumed from DeepSpeed's engine checkpoint to step 4. Both finished runs save their stage.
+checkpoint; that run resumed from DeepSpeed's engine checkpoint to step 4. Both finished runs save their stage,
+and the resumed stage is loaded (load_stage) onto a base that ZeRO-3 partitioned at load.
 """
 
 from __future__ import annotations
@@ -88,11 +89,31 @@ def run(base: str, out: Path, stop_after: int | None = None, resume: str | None 
     trainer.save_model(str(out / "stage"))
 
 
+def load_partitioned(base: str, stage: Path, out: Path) -> None:
+    """load_stage onto a base partitioned by ZeRO-3 at load: every trained weight, gathered back, equals the file."""
+    from latent_core.trainer import STAGE_WEIGHTS_NAME, load_stage
+    from latent_core.zero3 import gathered, zero3_enabled
+    from safetensors.torch import load_file
+
+    args = LatentTrainingArguments(output_dir=str(out / "load"), deepspeed="zero3", use_cpu=True, ddp_backend="gloo")
+    model = load_model(base)
+    assert zero3_enabled() and args.deepspeed, "the base was not loaded under ZeRO-3"
+    params = dict(model.named_parameters())
+    assert all(p.numel() == 0 for p in params.values()), "the base is not partitioned"
+    load_stage(model, stage)
+    saved = load_file(str(stage / STAGE_WEIGHTS_NAME))
+    with gathered([params[k] for k in saved], modifier_rank=None):
+        diff = max(float((params[k].detach() - v).abs().max()) for k, v in saved.items())
+    if torch.distributed.get_rank() == 0:
+        (out / "partitioned_load_diff.txt").write_text(str(diff))
+
+
 def main(base: str, out: str) -> None:
     root = Path(out)
     run(base, root / "uninterrupted")
     run(base, root / "killed", stop_after=2)
     run(base, root / "killed", resume=str(root / "killed" / "checkpoint-2"))
+    load_partitioned(base, root / "killed" / "stage", root)
 
 
 if __name__ == "__main__":

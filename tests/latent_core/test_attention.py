@@ -514,3 +514,20 @@ def test_gated_rows_are_found_once_per_forward_not_per_layer(monkeypatch):
         first = len(calls)
         model(**inputs)
     assert first == 2 and len(calls) == 4  # gate + recorder rows, once per forward (not once per layer)
+
+
+def test_recording_refuses_reentrant_checkpointing_only():
+    # Reentrant checkpointing runs the layers' forward without grad: recorded rows would carry no gradient, so it is
+    # refused. A model in training mode recording under no_grad without checkpointing (sampling while training) is
+    # not that case and records.
+    model, inputs = _batch("qwen2_5_vl")
+    ids = inputs["input_ids"]
+    rows = torch.zeros_like(ids, dtype=torch.bool)
+    rows[:, -2:] = True
+    model.train()
+    with torch.no_grad(), record_attention(model, rows, image_token_mask(model, ids)) as rec:
+        model(**inputs)
+    assert len(rec.weights) == ids.shape[0]
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="reentrant"), record_attention(model, rows, image_token_mask(model, ids)):
+        model(**inputs)

@@ -17,6 +17,7 @@ import torch
 from latent_core.families import model_parts
 from latent_core.latents import (
     LatentState,
+    _CachedLayerCheckpoint,
     distance_halt,
     forward_with_latents,
     generate_with_latents,
@@ -398,7 +399,11 @@ def _latent_loss_and_grads(family, checkpointing, use_reentrant=False, gate=Fals
     queries[:, ids.shape[1] + len(START) :] = True  # latents, end ids and answer
     keys = "image" if family == "mllama" else torch.nn.functional.pad(image_token_mask(model, ids), (0, total))
     keys = keys if isinstance(keys, str) else keys[:, :total]
+    calls = []
+    attention = model_parts(model).decoder_layers[0].self_attn
+    hook = attention.register_forward_hook(lambda *args: calls.append(1))
     with contextlib.ExitStack() as stack:
+        stack.callback(hook.remove)
         if gate:
             stack.enter_context(attention_bias(model, queries, keys, math.log(0.3)))
         recorder = stack.enter_context(record_attention(model, queries, keys)) if record else None
@@ -407,7 +412,14 @@ def _latent_loss_and_grads(family, checkpointing, use_reentrant=False, gate=Fals
             answer_ids=answer,
         )  # fmt: skip
         loss = fwd.loss + (sum(w.square().sum() for w in recorder.weights) if record else 0)
+        forwards = len(calls)
         loss.backward()
+    # Checkpointed: every language-model forward (prefill, K - 1 latent steps, the tail) ran each layer again in
+    # backward; and the layers' own checkpoint set-up is back as transformers left it.
+    assert forwards == 4 and len(calls) == (8 if checkpointing else 4)
+    for layer in model_parts(model).decoder_layers:
+        assert "_can_checkpoint_with_cache" not in layer.__dict__
+        assert not isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CachedLayerCheckpoint)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     grads.update({f"proj.{n}": p.grad.clone() for n, p in proj.named_parameters()})
     return loss.detach(), grads

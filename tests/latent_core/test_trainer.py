@@ -253,6 +253,57 @@ def test_full_weight_stage_saves_trained_weights_only_and_chains(tmp_path):
     with pytest.raises(StageError, match=r"embedding rows|does not have"):
         load_stage(other, out)
 
+    # For inference: the base the stage names, its weights, the stage's processor; the backbone's logits.
+    from latent_core.inference import load_trained
+
+    loaded, _ = load_trained(out, device="cpu")
+    with torch.no_grad():
+        backbone_inputs = {k: v for k, v in batch.items() if k != "labels"}
+        assert torch.equal(loaded(**backbone_inputs).logits, model.backbone(**backbone_inputs).logits)
+
+
+def test_full_weight_stages_chain_restores_every_part(tmp_path):
+    # LaRe-like: stage A trains the language model; stage B freezes it and trains only the head. Loading stage B
+    # onto the base must restore A's language model too (B saved none of it), even after A is gone from memory.
+    model, base_dir = _full_model(tmp_path, "causal_lm")
+    _, tokenizer = tiny_model("causal_lm")
+
+    def train(model, out, steps=2):
+        trainer = LatentTrainer(
+            model=model,
+            args=_args(tmp_path, max_steps=steps, output_dir=str(tmp_path / "tmp")),
+            train_dataset=Dataset.from_list(ROWS),
+            data_collator=SupervisedCollator(tokenizer),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        trainer.save_model(str(out))
+
+    train(model, tmp_path / "A")
+    from latent_core.hub import load_model
+
+    base = load_stage(load_model(str(base_dir)), tmp_path / "A")
+    base.requires_grad_(False)
+    torch.manual_seed(5)
+    stage_b = WithHead(base, base.config.hidden_size)
+    train(stage_b, tmp_path / "B")
+    assert load_file(str(tmp_path / "B" / STAGE_WEIGHTS_NAME)) == {}  # B trained no weight of the base
+    info = json.loads((tmp_path / "B" / STAGE_INFO_NAME).read_text())
+    assert info["previous_stages"] == [str((tmp_path / "A").resolve())]
+
+    restored = WithHead(load_stage(load_model(info["base_model"]), tmp_path / "B"), base.config.hidden_size)
+    load_extra_modules(restored, tmp_path / "B")
+    for (name, want), (_, got) in zip(stage_b.named_parameters(), restored.named_parameters(), strict=True):
+        assert torch.equal(got, want), name
+    start = load_model(str(base_dir))
+    assert not torch.equal(
+        restored.backbone.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
+    )
+
+    (tmp_path / "A").rename(tmp_path / "A-moved")
+    with pytest.raises(StageError, match="builds on the full-weight stage .*A.* restore it"):
+        load_stage(load_model(info["base_model"]), tmp_path / "B")
+
 
 @pytest.mark.parametrize("kind", ["adapter", "full"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, kind):
@@ -395,6 +446,7 @@ def test_two_process_deepspeed_full_weight_stage_resumes_to_the_same_weights(tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     checkpoint = out / "killed" / "checkpoint-2"
     assert (checkpoint / "global_step2").is_dir() and (checkpoint / STAGE_WEIGHTS_NAME).is_file()
+    assert float((out / "partitioned_load_diff.txt").read_text()) == 0.0  # load_stage into ZeRO-3 partitions
     full, resumed = out / "uninterrupted" / "stage", out / "killed" / "stage"
     for name in (STAGE_WEIGHTS_NAME, EXTRA_MODULES_NAME):
         expected, got = load_file(str(full / name)), load_file(str(resumed / name))

@@ -26,6 +26,7 @@ cross-attention layers, whose keys are the image tiles' patches.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -198,6 +199,7 @@ class _State:
 
 
 _STATES: dict[int, _State] = {}  # id(language-model config) -> state
+_IN_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("latent_checkpointed_layer", default=False)
 
 
 def _mask_at(mask: torch.Tensor, positions: torch.Tensor, extend: bool) -> torch.Tensor:
@@ -378,7 +380,7 @@ def _plan(biases, attention_mask, q_pos, batch, kv_len, causal, memo):
 
 
 def _record(module, recorders, biases, factor, query, key, attention_mask, q_pos, causal, scale, layer, memo) -> None:
-    if module.training and not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+    if _IN_CHECKPOINT.get() and not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         raise RuntimeError(
             "record_attention under reentrant gradient checkpointing would record rows without gradients; use "
             "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
@@ -440,8 +442,17 @@ def _snapshot(state: _State) -> _State:
 
 
 def _run_with_state(snapshot: _State, function, *args, **kwargs):
-    """Run ``function`` with ``snapshot`` installed: activation checkpointing re-runs a layer in backward, after
-    our context may have exited; the recompute must see the same biases or its gradients would be wrong."""
+    """Run ``function`` (a checkpointed layer) with ``snapshot`` installed: activation checkpointing re-runs a
+    layer in backward, after our context may have exited; the recompute must see the same biases or its gradients
+    would be wrong. Marks the call as checkpointed (a recorder refuses a forward without grad there: reentrant)."""
+    token = _IN_CHECKPOINT.set(True)
+    try:
+        return _run_installed(snapshot, function, *args, **kwargs)
+    finally:
+        _IN_CHECKPOINT.reset(token)
+
+
+def _run_installed(snapshot: _State, function, *args, **kwargs):
     config = snapshot.parts.language_model.config
     key = id(config)
     current = _STATES.get(key)

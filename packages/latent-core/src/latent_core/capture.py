@@ -397,7 +397,8 @@ def capture_image_features(model: nn.Module, input_ids: torch.Tensor | None = No
     - image-token families (llava, llava_next, qwen2_5_vl): the language model's ``inputs_embeds`` at the image
       positions of ``input_ids`` (required), in sequence order (llava_next: with its row-end ``image_newline``);
     - mllama: the ``cross_attention_states`` handed to the language model, ``[n_images * tiles * patches, d]``
-      per sample.
+      per sample (padded tiles and images included: the ``aspect_ratio_mask`` of the processor says which are
+      real).
 
     Gradients flow through them when the projector trains. Hooks are removed on exit.
     """
@@ -418,8 +419,9 @@ def capture_image_features(model: nn.Module, input_ids: torch.Tensor | None = No
             return
         cross = kwargs.get("cross_attention_states")
         if cross is not None:  # mllama: [B * images * tiles, patches, d] -> per sample
-            batch = kwargs["cross_attention_mask"].shape[0] if kwargs.get("cross_attention_mask") is not None else 1
-            holder.features = list(cross.reshape(batch, -1, cross.shape[-1]).unbind(0))
+            sequence = kwargs.get("input_ids")
+            sequence = kwargs.get("inputs_embeds") if sequence is None else sequence
+            holder.features = list(cross.reshape(sequence.shape[0], -1, cross.shape[-1]).unbind(0))
             return
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or mask is None or not bool(mask.any()):

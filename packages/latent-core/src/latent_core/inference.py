@@ -1,4 +1,4 @@
-"""Load a trained stage for inference: base model + added tokens + PEFT adapter + extra modules.
+"""Load a trained stage for inference: base model + added tokens + PEFT adapter (or full-weight stage) + extra modules.
 
 A stage directory is what :class:`latent_core.trainer.LatentTrainer` writes (``adapter_config.json``,
 ``adapter_model.safetensors``, ``extra_modules.safetensors`` when any, ``latent_stage.json``, the processor). An
@@ -69,8 +69,10 @@ def load_trained(
     (it has the added tokens), the base model (``base_model`` if given, an alias or path, else the adapter's
     ``base_model_name_or_path``, else ``latent_stage.json``'s ``base_model`` / ``base``), the tokens of
     ``latent_stage.json`` added with the tokenizer's ids, the adapter (``PeftModel.from_pretrained``, new-token rows
-    included) and the extra modules (``TrainableRows``) if any. A directory with ``config.json`` and no adapter is an
-    exported checkpoint and loads with ``load_model``.
+    included) and the extra modules (``TrainableRows``) if any. A full-weight stage (``stage_weights.safetensors``):
+    the same, with its trained weights (and those of the full-weight stages it builds on) copied into the base
+    instead of an adapter; its extra modules are left to the method. A directory with ``config.json`` and no
+    adapter is an exported checkpoint and loads with ``load_model``.
 
     Args:
         stage_dir: the stage output or exported checkpoint directory.
@@ -92,16 +94,17 @@ def load_trained(
     from latent_core.families import require_family
     from latent_core.hub import load_config, load_model, load_processor
     from latent_core.tokens import add_special_tokens
-    from latent_core.trainer import StageError, load_stage, stage_info
+    from latent_core.trainer import STAGE_WEIGHTS_NAME, StageError, load_stage, stage_info
 
     stage_dir = Path(stage_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    if not (stage_dir / "adapter_config.json").is_file():
+    full = (stage_dir / STAGE_WEIGHTS_NAME).is_file()
+    if not full and not (stage_dir / "adapter_config.json").is_file():
         if not (stage_dir / "config.json").is_file():
             raise FileNotFoundError(
-                f"{stage_dir} is neither a trained stage output (no adapter_config.json) nor an exported checkpoint "
-                "(no config.json): pass the directory the trainer or the export wrote"
+                f"{stage_dir} is neither a trained stage output (no adapter_config.json or {STAGE_WEIGHTS_NAME}) nor "
+                "an exported checkpoint (no config.json): pass the directory the trainer or the export wrote"
             )
         if families is not None:
             require_family(load_config(str(stage_dir)), families, method)
@@ -110,15 +113,16 @@ def load_trained(
 
     processor = load_processor(str(stage_dir))
     info = stage_info(stage_dir)
-    adapter_config = json.loads((stage_dir / "adapter_config.json").read_text())
+    adapter_config = {} if full else json.loads((stage_dir / "adapter_config.json").read_text())
     base = base_model or adapter_config.get("base_model_name_or_path") or info.get("base_model") or info.get("base")
     if not base:
-        raise StageError(f"{stage_dir}: the adapter names no base model; pass base_model=<alias or path>")
+        raise StageError(f"{stage_dir}: the stage names no base model; pass base_model=<alias or path>")
     tokens = list(info.get("tokens") or (default_tokens(processor) if default_tokens is not None else []))
     if families is not None:
         require_family(load_config(str(base)), families, method)
     model = load_model(str(base), **kwargs)
     ids = add_special_tokens(model, processor, tokens) if tokens else []  # the tokenizer has them: same ids
-    model = load_stage(model, stage_dir, is_trainable=False)  # checks the embedding rows and the adapter fit
-    _load_extras(model, stage_dir, ids, skip_extra_prefixes)
+    model = load_stage(model, stage_dir, is_trainable=False)  # checks the embedding rows and the weights' fit
+    if not full:  # a full-weight stage's extra modules (heads, extractors) are the method's to attach and load
+        _load_extras(model, stage_dir, ids, skip_extra_prefixes)
     return model.to(device).eval(), processor

@@ -617,6 +617,10 @@ class _CachedLayerCheckpoint:
         return self.checkpoint(run, *args, *grad_values, *prev, **kwargs)[0]
 
 
+# Cache layers that hold only `keys` / `values` tensors, replaced (never written in place) by each update.
+_KEY_VALUE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
 @contextmanager
 def _checkpointing_with_cache(base: nn.Module, cache: Any) -> Iterator[bool]:
     """While a latent run lasts, the checkpointed decoder layers keep ``cache`` (:class:`_CachedLayerCheckpoint`).
@@ -630,6 +634,13 @@ def _checkpointing_with_cache(base: nn.Module, cache: Any) -> Iterator[bool]:
         original = layer.__dict__.get("_gradient_checkpointing_func")
         if original is None or not (layer.training and getattr(layer, "gradient_checkpointing", False)):
             continue
+        kind = type(cache.layers[index]).__name__ if index < len(getattr(cache, "layers", ())) else None
+        if kind not in (None, *_KEY_VALUE_LAYERS):
+            raise ValueError(
+                f"forward_with_latents under activation checkpointing keeps key/value cache layers only; layer "
+                f"{index}'s cache is a {kind} (state updated in place), whose recompute would read later states: "
+                "train this model without activation checkpointing"
+            )
         layer._gradient_checkpointing_func = _CachedLayerCheckpoint(original, cache, index)
         layer._can_checkpoint_with_cache = True
         installed.append((layer, original))

@@ -79,6 +79,10 @@ EXTRA_MODULES_NAME = "extra_modules.safetensors"
 STAGE_WEIGHTS_NAME = "stage_weights.safetensors"
 STAGE_INFO_NAME = "latent_stage.json"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Set on the transformers model by load_stage: the full-weight stages applied to it (absolute paths, in order). A
+# stage saved from it names them ("previous_stages"), so loading that stage re-applies them first: a stage that
+# trains only an extractor on top of a trained LLM still restores that LLM.
+_STAGES_ATTR = "_latent_stages"
 _WEIGHT_FILES = ("adapter_model.safetensors", STAGE_WEIGHTS_NAME, "model.safetensors", "model.safetensors.index.json")
 
 
@@ -220,32 +224,52 @@ def _transformers_model(model: nn.Module) -> tuple[PreTrainedModel | None, str]:
     return None, ""
 
 
-def _copy_into(model: nn.Module, saved: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Copy ``saved`` into ``model``'s parameters of the same names (every key must exist with its shape; under
-    ZeRO-3 the partitioned parameters are gathered and written back).
+def _copy_into(model: nn.Module, path: Path) -> list[str]:
+    """Copy the tensors of the safetensors file ``path`` into ``model``'s parameters of the same names; returns the
+    names. Every key must exist with its shape (checked from the header first). One tensor is read and, under
+    ZeRO-3, one parameter gathered at a time (only the writing rank reads it), so a large stage never sits whole in
+    memory on every rank.
 
     Raises:
         StageError: a key the model lacks or has with another shape.
+        CheckpointError: the file is missing, truncated or not safetensors (its path in the message).
     """
+    from safetensors import SafetensorError, safe_open
+
+    from latent_core.hub import CheckpointError
     from latent_core.zero3 import full_shape, gathered
 
+    check_tensors(path)
     params = dict(model.named_parameters())
-    missing = [k for k in saved if k not in params]
-    if missing:
-        raise StageError(
-            f"{source} holds {missing[:5]} which the model does not have: attach the same extra modules (heads, "
-            "trainable token rows) and add the same tokens before loading the stage"
-        )
-    for key, value in saved.items():
-        if tuple(full_shape(params[key])) != tuple(value.shape):
-            raise StageError(
-                f"{source}: {key} has shape {tuple(value.shape)}, the model's is {tuple(full_shape(params[key]))}"
-            )
-    targets = [params[k] for k in saved]
-    with gathered(targets, modifier_rank=0) as may_write, torch.no_grad():
-        if may_write:
-            for key, param in zip(saved, targets, strict=True):
-                param.copy_(saved[key].to(param.dtype))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            missing = [k for k in keys if k not in params]
+            if missing:
+                raise StageError(
+                    f"{path} holds {missing[:5]} which the model does not have: attach the same extra modules "
+                    "(heads, trainable token rows) and add the same tokens before loading the stage"
+                )
+            for key in keys:
+                shape = tuple(handle.get_slice(key).get_shape())
+                if tuple(full_shape(params[key])) != shape:
+                    raise StageError(
+                        f"{path}: {key} has shape {shape}, the model's is {tuple(full_shape(params[key]))}"
+                    )
+            for key in keys:
+                param = params[key]
+                with gathered([param], modifier_rank=0) as may_write, torch.no_grad():
+                    if may_write:
+                        param.copy_(handle.get_tensor(key).to(param.dtype))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({err})") from None
+    return keys
+
+
+def _applied_stages(model: nn.Module) -> list[str]:
+    """The full-weight stages :func:`load_stage` copied into the transformers model inside ``model``, in order."""
+    base, _ = _transformers_model(model)
+    return list(getattr(base, _STAGES_ATTR, [])) if base is not None else []
 
 
 def _saved_by_peft(name: str) -> bool:
@@ -283,9 +307,7 @@ def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[s
     path = Path(directory) / EXTRA_MODULES_NAME
     if not path.is_file():
         return []
-    saved = load_tensors(path)
-    _copy_into(model, saved, path)
-    return sorted(saved)
+    return sorted(_copy_into(model, path))
 
 
 def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True):
@@ -298,6 +320,9 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
       ``is_trainable=False``);
     - a *full-weight* stage: copies its trained weights into ``model`` (ZeRO-3 partitioned parameters too) and
       returns it; which weights train next is the caller's choice.
+
+    The full-weight stages the stage was trained on top of (``previous_stages`` in ``latent_stage.json``) are
+    copied first, in order, so a chain of stages that each train a part (LaRe's four) restores every part.
 
     Then build the trainer's model around it (attach the same extra modules) and call :func:`load_extra_modules` on
     it: extra parameters are keyed by their names in the model that was given to the trainer.
@@ -322,9 +347,23 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
             f"stage {directory} was trained with {info['embedding_rows']} embedding rows, the model has {embeddings}:"
             f" add its tokens {info.get('tokens', [])} first"
         )
+    applied = list(getattr(model, _STAGES_ATTR, []))
+    for previous in info.get("previous_stages") or []:
+        if previous in applied:
+            continue
+        weights = Path(previous) / STAGE_WEIGHTS_NAME
+        if not weights.is_file():
+            raise StageError(
+                f"stage {directory} builds on the full-weight stage {previous}, which has no {STAGE_WEIGHTS_NAME} "
+                "(moved or deleted?): its trained weights are not in this stage; restore it at that path"
+            )
+        _copy_into(model, weights)
+        applied.append(previous)
     if full:
-        _copy_into(model, load_tensors(directory / STAGE_WEIGHTS_NAME), directory / STAGE_WEIGHTS_NAME)
+        _copy_into(model, directory / STAGE_WEIGHTS_NAME)
+        setattr(model, _STAGES_ATTR, [*applied, str(directory.resolve())])
         return model
+    setattr(model, _STAGES_ATTR, applied)
     check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
@@ -590,6 +629,7 @@ class LatentTrainer(Trainer):
             "base_model": getattr(peft_model.peft_config[peft_model.active_adapter], "base_model_name_or_path", None),
             "embedding_rows": int(num_rows(peft_model.get_input_embeddings())),
             "extra_keys": sorted(extras),
+            "previous_stages": _applied_stages(model),
         }
         self._write_stage_files(output_dir, info)
 
@@ -631,6 +671,7 @@ class LatentTrainer(Trainer):
             "frozen_weights": sum(1 for _, p in base.named_parameters() if not p.requires_grad),
             "embedding_rows": int(num_rows(base.get_input_embeddings())),
             "extra_keys": sorted(extras),
+            "previous_stages": _applied_stages(model),
         }
         self._write_stage_files(output_dir, info)
 
@@ -650,7 +691,7 @@ class LatentTrainer(Trainer):
         weights = Path(resume_from_checkpoint) / STAGE_WEIGHTS_NAME
         if peft_model is None and weights.is_file():  # a full-weight stage's checkpoint
             base, _ = _transformers_model(model)
-            _copy_into(base, load_tensors(weights), weights)
+            _copy_into(base, weights)
             load_extra_modules(model, resume_from_checkpoint)
             return None
         if peft_model is None and isinstance(model, PreTrainedModel):  # a standalone checkpoint
