@@ -24,14 +24,13 @@ flushed write, so a killed writer leaves a readable directory: :func:`read_index
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from latent_core.readers import COT_STAGES
+from latent_core.shards import INDEX_NAME, append_shard, read_index, shard_name
 
 __all__ = [
     "STATES_INDEX_NAME",
@@ -50,7 +49,7 @@ __all__ = [
 THINKING_STAGES: tuple[str, ...] = tuple(s for s in COT_STAGES if s != "conclusion")
 """The CoT stages a thinking token replaces, in answer order (summary, caption, reasoning; METHODS.md §1)."""
 
-STATES_INDEX_NAME = "index.jsonl"
+STATES_INDEX_NAME = INDEX_NAME
 """The index file of a states directory."""
 
 _TOKEN = re.compile(r"<THINKING_OF_([A-Z][A-Z0-9]*?)(?:_(\d+))?>")
@@ -105,37 +104,6 @@ def stage_of_token(token: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def shard_name(j: int) -> str:
-    """File name of shard ``j``."""
-    return f"shard-{j:05d}.safetensors"
-
-
-def read_index(directory: str | Path, *, repair: bool = True) -> list[dict[str, Any]]:
-    """The index lines of a states directory (``[]`` when there is no index). A torn last line (a kill during the
-    append) is dropped, and with ``repair`` the file is rewritten without it.
-
-    Raises:
-        ValueError: a line before the last is not JSON (a corrupted index, not a kill: the message names it).
-    """
-    path = Path(directory) / STATES_INDEX_NAME
-    if not path.is_file():
-        return []
-    entries, torn = [], False
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for number, line in enumerate(lines, 1):
-        try:
-            if not line.endswith("\n"):
-                raise ValueError("incomplete line")
-            entries.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):
-                raise ValueError(f"{path}:{number} is not a JSON line: the index is corrupted") from None
-            torn = True
-    if torn and repair:
-        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
-    return entries
-
-
 def indexed_files(directory: str | Path) -> set[str]:
     """Shard files the index names: the shards a resuming writer skips."""
     return {e["file"] for e in read_index(directory)}
@@ -151,14 +119,10 @@ def write_states_shard(directory: str | Path, j: int, entries: Sequence[dict[str
             counts of entries and tensors differ.
     """
     import torch
-    from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = list(tensors)
     if len(tensors) != len(entries):
         raise ValueError(f"{len(entries)} index entries but {len(tensors)} states")
-    name = shard_name(j)
     shard: dict[str, torch.Tensor] = {}
     lines = []
     for entry, tensor in zip(entries, tensors, strict=True):
@@ -171,15 +135,8 @@ def write_states_shard(directory: str | Path, j: int, entries: Sequence[dict[str
             n += 1
             key = f"{base}#{n}"
         shard[key] = torch.as_tensor(tensor).detach().to("cpu", torch.float32).contiguous()
-        lines.append({**entry, "id": str(entry["id"]), "file": name, "key": key})
-    tmp = directory / (name + ".tmp")
-    save_file(dict(sorted(shard.items())), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / name)
-    with open(directory / STATES_INDEX_NAME, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-        handle.flush()
-        os.fsync(handle.fileno())
-    return name
+        lines.append({**entry, "id": str(entry["id"]), "key": key})
+    return append_shard(directory, j, shard, lines)
 
 
 def load_states(directory: str | Path, stages: Sequence[str] | None = None) -> list[dict[str, Any]]:
