@@ -175,6 +175,91 @@ def make_base_command(
     typer.echo(f"saved to {out}")
 
 
+@app.command("build-lavit-15k")
+def build_lavit_15k(
+    teacher: Annotated[str, typer.Option(help="Teacher (alias, Hub id or path): the paper's is qwen2.5-vl-32b.")],
+    data: Annotated[Path, typer.Option(help="Visual-CoT file: metadata JSONL (bboxs) or a benchmark JSON array.")],
+    images: Annotated[Path, typer.Option(help="Root the rows' image paths are relative to.")],
+    out: Annotated[Path, typer.Option(help="Output directory (shards, index.jsonl, manifest, stats, overlays).")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N rows (after --sources).")] = None,
+    sources: Annotated[
+        list[str] | None, typer.Option("--sources", help="Keep rows of these Visual-CoT sources (repeatable).")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="paper (answer / all / post) or authors (after-image / last:8 / pre).")
+    ] = "paper",
+    queries: Annotated[str | None, typer.Option(help="answer | after-image (default: the preset's).")] = None,
+    layers: Annotated[str | None, typer.Option(help="all | last:N (default: the preset's).")] = None,
+    vsem_norm: Annotated[str | None, typer.Option(help="post | pre the final norm (default: the preset's).")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Top-K of A_traj (Eq. 3).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest teacher answer.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per fused teacher pass.")] = 8,
+    min_alignment: Annotated[float, typer.Option(help="Alignment filter: least A_traj mass inside the bbox.")] = 0.2,
+    difficulty: Annotated[
+        bool, typer.Option(help="Difficulty filter: drop what is answered right without the image.")
+    ] = True,
+    text_model: Annotated[
+        str | None, typer.Option(help="Text model for the difficulty filter (default: the teacher, no image).")
+    ] = None,
+    keep_rejected: Annotated[bool, typer.Option(help="Also store the rejected samples' signals.")] = False,
+    overlays: Annotated[int, typer.Option(min=0, help="PNG overlays of the first N kept and N rejected.")] = 8,
+    judge_model: Annotated[
+        str | None, typer.Option(help="Correctness judge model on an OpenAI-compatible endpoint (optional).")
+    ] = None,
+    judge_base_url: Annotated[str | None, typer.Option(help="The judge endpoint's base URL.")] = None,
+    judge_key_env: Annotated[str, typer.Option(help="Environment variable holding the judge's API key.")] = (
+        "OPENAI_API_KEY"
+    ),
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    device_map: Annotated[
+        str | None, typer.Option(help="'auto' splits a teacher too large for one GPU (transformers' device_map).")
+    ] = None,
+) -> None:
+    """LaViT's teacher data (METHODS.md section 2): one fused teacher pass per batch (answer, attention rows of the
+    answer over the image, V_sem), three counted filters, safetensors shards + index.jsonl + manifest + stats;
+    resumable (rerun the same command)."""
+    import json
+
+    import torch
+    from latent_core.families import require_family
+    from latent_core.hub import load_config, load_model, load_processor
+    from lavit.build import BuildConfig, build, check_settings
+    from lavit.filters import JudgeSettings
+    from lavit.teacher import TeacherOptions
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in ("auto", *dtypes):
+        raise typer.BadParameter("choose auto, bf16, fp16 or fp32", param_hint="--dtype")
+    chosen = dtypes.get(dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    options = TeacherOptions.preset(
+        preset, queries=queries, layers=layers, vsem_norm=vsem_norm, top_k=top_k, max_new_tokens=max_new_tokens
+    )
+    config = BuildConfig(
+        data=str(data), images=str(images), out=str(out), teacher=teacher, options=options, batch_size=batch_size,
+        limit=limit, sources=tuple(sources) if sources else None, min_alignment=min_alignment, difficulty=difficulty,
+        text_model=text_model, keep_rejected=keep_rejected, overlays=overlays,
+        judge=JudgeSettings(judge_model, judge_base_url, judge_key_env) if judge_model else None,
+    )  # fmt: skip
+    check_settings(config)  # a resume with other settings fails before the teacher loads
+    require_family(load_config(teacher), ("qwen2_5_vl", "llava", "llava_next"), "build-lavit-15k (the teacher)")
+    model = load_model(teacher, dtype=chosen, device_map=device_map).eval()
+    if device_map is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    processor = load_processor(teacher)
+    text, text_processor = None, None
+    if text_model:
+        text = load_model(text_model, dtype=chosen, device_map=device_map).eval().to(model.device)
+        text_processor = load_processor(text_model)
+
+    def progress(j: int, counts: dict[str, int]) -> None:
+        kept = counts.get("kept", 0)
+        typer.echo(f"batch {j}: kept {kept}, rejected {sum(counts.values()) - kept}", err=True)
+
+    manifest = build(config, model, processor, text_model=text, text_processor=text_processor, on_batch=progress)
+    typer.echo(json.dumps(manifest["counts"], indent=2))
+    typer.echo(f"written to {out}")
+
+
 def _register_eval() -> None:
     from latent_apps.eval.runner import eval_command
 

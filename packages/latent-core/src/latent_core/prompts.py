@@ -130,7 +130,7 @@ def encode_chats(
     try:
         kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, add_special_tokens=False)
         if images is None or not any(images):
-            if images is not None and hasattr(processor, "image_processor"):
+            if hasattr(processor, "image_processor"):  # a VLM processor's first positional argument is images
                 return processor(text=list(chats), **kwargs)
             return processor(list(chats), **kwargs)
         if not all(images):

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from latent_core.cli import UserError
 from torch import Tensor
 
 __all__ = [
     "PRESETS",
+    "OptionError",
     "TeacherOptions",
     "TeacherOutput",
     "bbox_cell_weights",
@@ -50,6 +52,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class OptionError(UserError, ValueError):
+    """A teacher option that does not exist (the message names the flag and its choices)."""
+
+
 @dataclass(frozen=True)
 class TeacherOptions:
     """How the teacher signals are computed (see the module docstring); ``preset`` fills the first three."""
@@ -62,17 +68,17 @@ class TeacherOptions:
 
     def __post_init__(self) -> None:
         if self.queries not in ("answer", "after-image"):
-            raise ValueError(f"--queries must be 'answer' or 'after-image', got {self.queries!r}")
+            raise OptionError(f"--queries must be 'answer' or 'after-image', got {self.queries!r}")
         if self.vsem_norm not in ("post", "pre"):
-            raise ValueError(f"--vsem-norm must be 'post' or 'pre', got {self.vsem_norm!r}")
+            raise OptionError(f"--vsem-norm must be 'post' or 'pre', got {self.vsem_norm!r}")
         if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+            raise OptionError(f"--top-k must be >= 1, got {self.top_k}")
         layer_indices(self.layers, 1_000_000)  # the spec's syntax
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TeacherOptions:
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose {', '.join(PRESETS)}")
+            raise OptionError(f"unknown preset {name!r}; choose {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def layer_indices(spec: str, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
     kind, _, count = spec.partition(":")
     if kind != "last" or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"--layers must be 'all' or 'last:N' (N >= 1), got {spec!r}")
+        raise OptionError(f"--layers must be 'all' or 'last:N' (N >= 1), got {spec!r}")
     return tuple(range(max(num_layers - int(count), 0), num_layers))
 
 
@@ -165,6 +171,8 @@ class TeacherOutput:
         queries: how many query rows were averaged.
         v_sem: ``[n_image_tokens, d]`` the hidden states at the image positions (``vsem_norm``).
         grid: the merged token grid ``(t, h, w)`` (``h * w * t == n_image_tokens``).
+        cell_px: pixels per merged cell side in the resized image (patch size x merge size: 28 for Qwen2.5-VL), so
+            the resized image is ``(w * cell_px, h * cell_px)``.
     """
 
     answer: str
@@ -174,6 +182,7 @@ class TeacherOutput:
     queries: int
     v_sem: Tensor
     grid: tuple[int, int, int]
+    cell_px: int = 28
 
 
 def _end_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -234,7 +243,9 @@ def teacher_pass(
     generated = out[:, prompt_len:]
     ends = _end_ids(model, tokenizer)
     grids = inputs.get("image_grid_thw")
-    merge = getattr(getattr(processor, "image_processor", None), "merge_size", 2)
+    image_processor = getattr(processor, "image_processor", None)
+    merge = getattr(image_processor, "merge_size", 2)
+    cell_px = getattr(image_processor, "patch_size", 14) * merge
     results = []
     for b in range(batch):
         tokens = generated[b].tolist()
@@ -255,6 +266,7 @@ def teacher_pass(
                 queries=len(sample_rows),
                 v_sem=states.states[b].cpu(),
                 grid=grid,
+                cell_px=cell_px,
             )
         )
     return results

@@ -1,0 +1,351 @@
+"""``build-lavit-15k``: LaViT's teacher data from Visual-CoT, in fused teacher passes, filtered, resumable.
+
+For every batch of Visual-CoT rows (image, question, answer, ground-truth bbox; :func:`latent_core.read_visual_cot`,
+both real layouts) the teacher runs one fused pass (:func:`lavit.teacher.teacher_pass`), then the three filters
+(:mod:`lavit.filters`) decide, in order: correctness, difficulty (answered right without the image), alignment
+(< ``min_alignment`` of the A_traj mass inside the bbox). The output directory holds
+
+- ``shard-NNNNN.safetensors`` (one per batch) with, per kept sample (per rejected one too with ``keep_rejected``),
+  ``<id>/traj_dense`` (the min-max map, Eq. 3), ``<id>/traj_topk_indices`` and ``<id>/traj_topk_values`` (Top-K of
+  it; the L_traj target is the values renormalised), and per image, once (V_sem does not depend on the question),
+  ``vsem/<image>/tokens`` (``[n_image_tokens, d]`` bf16) and ``vsem/<image>/mean`` (``[d]`` fp32);
+- ``index.jsonl``: one line per sample (kept or not): id, source, question, answer, teacher answer, the filter
+  results and the reason of a rejection, alignment, merged grid ``(t, h, w)``, the image, its V_sem keys, the shard
+  ``file`` and the sample's tensor ``keys``, its ``batch``;
+- ``manifest.json``: the teacher, every option, the counts (read report, filters, kept);
+- ``stats.json`` / ``stats.md``: Tables A3 / A4 (samples per source, question / answer length, visual tokens per
+  image), over the kept samples;
+- ``overlays/``: PNGs of A_traj and the bbox over the image for the first ``overlays`` kept and rejected samples.
+
+**Resumable**: a batch is written (shard renamed into place, then its index lines in one flushed append) or not at
+all, so after a kill -9 the same command skips the batches in the index and redoes the rest; the shards come out
+byte-identical to an uninterrupted build. A resume with other options is refused (the manifest names them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from latent_core.cli import UserError
+
+from lavit.filters import JudgeSettings, answers_match, judge_match
+from lavit.teacher import TeacherOptions, alignment, bbox_cell_weights, teacher_pass, trajectory_target
+
+__all__ = ["BuildConfig", "BuildError", "build", "check_settings"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+REJECTIONS = ("incorrect", "answerable_without_image", "misaligned")
+
+
+class BuildError(UserError, ValueError):
+    """A build that cannot go on as asked (a resume with other options, an unreadable output directory)."""
+
+
+@dataclass
+class BuildConfig:
+    """What ``build-lavit-15k`` does; the defaults are the paper's (METHODS.md section 2)."""
+
+    data: str
+    images: str
+    out: str
+    teacher: str
+    options: TeacherOptions = field(default_factory=TeacherOptions)
+    batch_size: int = 8
+    limit: int | None = None
+    sources: tuple[str, ...] | None = None
+    min_alignment: float = 0.2
+    difficulty: bool = True
+    text_model: str | None = None
+    keep_rejected: bool = False
+    overlays: int = 8
+    judge: JudgeSettings | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes the output: a resume must match it exactly."""
+        return {
+            "data": str(Path(self.data).resolve()),
+            "images": str(Path(self.images).resolve()),
+            "teacher": self.teacher,
+            "options": self.options.as_dict(),
+            "batch_size": self.batch_size,
+            "limit": self.limit,
+            "sources": sorted(self.sources) if self.sources else None,
+            "min_alignment": self.min_alignment,
+            "difficulty": self.difficulty,
+            "text_model": self.text_model,
+            "keep_rejected": self.keep_rejected,
+            "judge": None if self.judge is None else {"model": self.judge.model, "base_url": self.judge.base_url},
+        }
+
+
+def _rows(config: BuildConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from latent_core.readers import ReadReport, read_visual_cot
+
+    report = ReadReport(str(config.data))
+    rows, other_source = [], 0
+    for row in read_visual_cot(config.data, config.images, report):
+        if config.sources and row.get("dataset") not in config.sources:
+            other_source += 1
+            continue
+        rows.append(row)
+        if config.limit is not None and len(rows) >= config.limit:
+            break
+    counts = report.as_dict()
+    counts["other_source"] = other_source
+    return rows, counts
+
+
+def check_settings(config: BuildConfig) -> None:
+    """Refuse (:class:`BuildError`) to resume an output directory built with other settings; start a new one's
+    manifest. Cheap: the command calls it before loading the teacher."""
+    _check_manifest(Path(config.out), config.settings())
+
+
+def _check_manifest(out: Path, settings: dict[str, Any]) -> None:
+    path = out / MANIFEST_NAME
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text()).get("settings")
+        except json.JSONDecodeError as err:
+            raise BuildError(f"{path} is not valid JSON ({err}): the output directory is corrupted") from None
+        if saved != settings:
+            changed = sorted(k for k in {*saved, *settings} if saved.get(k) != settings.get(k))
+            raise BuildError(
+                f"{out} holds a build with other settings ({', '.join(changed)}): resuming would mix two builds. "
+                "Rerun with the settings it was made with, or choose another --out"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+
+
+def _image_key(row: dict[str, Any], images: str) -> str:
+    path = Path(row["image"])
+    try:
+        return path.resolve().relative_to(Path(images).resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _final(answer: str) -> str:
+    """The answer a filter compares: the ``<CONCLUSION>`` of a staged (LLaVA-CoT) answer, else the whole answer."""
+    from latent_core.readers import conclusion_of
+
+    return conclusion_of(answer) or answer
+
+
+def _text_answers(model: Any, processor: Any, questions: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers of ``model`` to ``questions`` without any image (the difficulty filter)."""
+    from latent_core.prompts import encode_chats, render_prompts
+
+    text_only = not hasattr(processor, "image_processor")
+    chats = render_prompts(processor, questions, [0] * len(questions), text_only=text_only)
+    inputs = encode_chats(processor, chats, None, padding_side="left").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return [
+        text.strip()
+        for text in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
+
+
+def _overlay(
+    path: Path, image: Any, dense: torch.Tensor, grid: tuple[int, int, int], bbox: list[float], title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    width, height = image.size
+    fig, ax = plt.subplots(figsize=(4, 4 * height / max(width, 1)))
+    ax.imshow(image)
+    heat = dense.reshape(grid[0], grid[1], grid[2])[0].numpy()
+    ax.imshow(heat, cmap="inferno", alpha=0.5, extent=(0, width, height, 0), interpolation="nearest")
+    x0, y0, x1, y1 = bbox
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=2))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def build(
+    config: BuildConfig,
+    model: Any,
+    processor: Any,
+    *,
+    text_model: Any = None,
+    text_processor: Any = None,
+    judge_client: Any = None,
+    on_batch: Callable[[int, dict[str, int]], None] | None = None,
+) -> dict[str, Any]:
+    """Build (or resume) the teacher data of ``config`` with the teacher ``model`` / ``processor``; returns the
+    manifest (settings and counts). ``text_model`` / ``text_processor``: the difficulty filter's model (default: the
+    teacher without the image). ``on_batch(j, counts)`` is called after each written batch (progress)."""
+    from latent_core.prompts import question_text
+    from latent_core.shards import append_shard, read_index
+    from PIL import Image
+
+    out = Path(config.out)
+    settings = config.settings()
+    _check_manifest(out, settings)
+    rows, read_counts = _rows(config)
+    done_lines = read_index(out)
+    done = {line["batch"] for line in done_lines}
+    stored = {line["vsem_key"] for line in done_lines if line.get("vsem_key")}
+    counts = Counter(line["reason"] or "kept" for line in done_lines)
+    overlays: Counter[str] = Counter()
+    overlays_dir = out / "overlays"
+    if overlays_dir.is_dir():
+        overlays.update(p.name.split("-", 1)[0] for p in overlays_dir.glob("*.png"))
+    text_model, text_processor = text_model or model, text_processor or processor
+    size = config.batch_size
+    for j in range((len(rows) + size - 1) // size):
+        if j in done:
+            continue
+        batch = rows[j * size : (j + 1) * size]
+        images = [Image.open(row["image"]).convert("RGB") for row in batch]
+        questions = [question_text(row["question"]) for row in batch]
+        outs = teacher_pass(model, processor, images, questions, config.options)
+        correct: list[bool | None] = []
+        judged: list[str | None] = []
+        finals = [_final(result.answer) for result in outs]
+        for row, final in zip(batch, finals, strict=True):
+            verdict, error = answers_match(final, row["answer"]), None
+            if not verdict and config.judge is not None:
+                verdict, error = judge_match(row["question"], final, row["answer"], config.judge, judge_client)
+            correct.append(verdict)
+            judged.append(error)
+        blind: list[str | None] = [None] * len(batch)
+        ask = [i for i, ok in enumerate(correct) if ok] if config.difficulty else []
+        if ask:
+            answers = _text_answers(
+                text_model, text_processor, [questions[i] for i in ask], config.options.max_new_tokens
+            )
+            for i, answer in zip(ask, answers, strict=True):
+                blind[i] = _final(answer)
+        tensors: dict[str, torch.Tensor] = {}
+        lines = []
+        for i, (row, result) in enumerate(zip(batch, outs, strict=True)):
+            traj = trajectory_target(result.scores, config.options.top_k)
+            t, h, w = result.grid
+            cells = bbox_cell_weights(row["bbox"], row["image_size"], (w * result.cell_px, h * result.cell_px), (h, w))
+            share = alignment(traj["dense"], cells.repeat(t))
+            blind_correct = None if blind[i] is None else answers_match(blind[i], row["answer"])
+            if correct[i] is None:
+                reason = "judge_error"
+            elif not correct[i]:
+                reason = "incorrect"
+            elif blind_correct:
+                reason = "answerable_without_image"
+            elif share < config.min_alignment:
+                reason = "misaligned"
+            else:
+                reason = None
+            kept = reason is None
+            counts[reason or "kept"] += 1
+            sid = str(row["id"])
+            line = {
+                "id": sid, "source": row.get("dataset"), "question": row["question"], "answer": row["answer"],
+                "teacher_answer": result.answer, "teacher_final": finals[i], "truncated": result.truncated,
+                "correct": correct[i],
+                "judge_error": judged[i], "text_answer": blind[i], "text_correct": blind_correct,
+                "alignment": round(share, 6), "kept": kept, "reason": reason, "grid": list(result.grid),
+                "image_tokens": int(result.scores.numel()), "queries": result.queries,
+                "image": _image_key(row, config.images), "bbox": row["bbox"], "batch": j, "keys": None,
+                "vsem_key": None,
+            }  # fmt: skip
+            if kept or config.keep_rejected:
+                keys = {"traj_dense": f"{sid}/traj_dense", "traj_topk_indices": f"{sid}/traj_topk_indices",
+                        "traj_topk_values": f"{sid}/traj_topk_values"}  # fmt: skip
+                tensors[keys["traj_dense"]] = traj["dense"].contiguous()
+                tensors[keys["traj_topk_indices"]] = traj["indices"].to(torch.int64).contiguous()
+                tensors[keys["traj_topk_values"]] = traj["values"].contiguous()
+                image_key = line["image"]
+                vsem = {"tokens": f"vsem/{image_key}/tokens", "mean": f"vsem/{image_key}/mean"}
+                if image_key not in stored:
+                    tensors[vsem["tokens"]] = result.v_sem.to(torch.bfloat16).contiguous()
+                    tensors[vsem["mean"]] = result.v_sem.float().mean(0).contiguous()
+                    stored.add(image_key)
+                    line["vsem_key"] = image_key
+                line["keys"] = {**keys, "vsem_tokens": vsem["tokens"], "vsem_mean": vsem["mean"]}
+            lines.append(line)
+            group = "kept" if kept else "rejected"
+            if overlays[group] < config.overlays:
+                overlays[group] += 1
+                title = f"{sid}: {finals[i][:30]!r} ({reason or 'kept'}, {share:.2f} in bbox)"
+                name = f"{group}-{overlays[group]:03d}-{sid.replace('/', '_')}.png"
+                _overlay(overlays_dir / name, images[i], traj["dense"], result.grid, row["bbox"], title)
+        append_shard(out, j, tensors, lines)
+        if on_batch is not None:
+            on_batch(j, dict(counts))
+    manifest = _finish(out, settings, read_counts, rows)
+    return manifest
+
+
+def _finish(out: Path, settings: dict[str, Any], read_counts: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
+    """Counts from the index (so a resumed build reports the whole build), stats, and the manifest."""
+    from latent_core.shards import read_index
+
+    lines = read_index(out)
+    by_reason = Counter(line["reason"] or "kept" for line in lines)
+    counts = {
+        "read": read_counts,
+        "samples": len(lines),
+        "kept": by_reason.get("kept", 0),
+        "rejected": {reason: by_reason.get(reason, 0) for reason in REJECTIONS},
+        "errors": {"judge": by_reason.get("judge_error", 0)},
+        "truncated_answers": sum(1 for line in lines if line["truncated"]),
+        "images_with_vsem": sum(1 for line in lines if line.get("vsem_key")),
+    }
+    stats = _stats([line for line in lines if line["kept"]])
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "stats.md").write_text(_stats_markdown(stats, counts))
+    manifest = {"settings": settings, "counts": counts}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _stats(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tables A3 / A4 over the kept samples: samples per source, question / answer words, visual tokens per image."""
+
+    def summary(values: list[int]) -> dict[str, float | int | None]:
+        if not values:
+            return {"mean": None, "min": None, "max": None}
+        return {"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
+
+    images = {line["image"]: line["image_tokens"] for line in lines}
+    return {
+        "samples": len(lines),
+        "per_source": dict(sorted(Counter(str(line["source"]) for line in lines).items())),
+        "question_words": summary([len(line["question"].split()) for line in lines]),
+        "answer_words": summary([len(line["answer"].split()) for line in lines]),
+        "visual_tokens_per_image": summary(list(images.values())),
+        "images": len(images),
+    }
+
+
+def _stats_markdown(stats: dict[str, Any], counts: dict[str, Any]) -> str:
+    out = ["# LaViT teacher data", "", f"Samples read: {counts['samples']}, kept: {counts['kept']}.", ""]
+    out += ["| filter | rejected |", "| --- | ---: |"]
+    out += [f"| {reason} | {n} |" for reason, n in counts["rejected"].items()]
+    out += ["", "| source | kept samples |", "| --- | ---: |"]
+    out += [f"| {source} | {n} |" for source, n in stats["per_source"].items()]
+    out += ["", "| length | mean | min | max |", "| --- | ---: | ---: | ---: |"]
+    for name in ("question_words", "answer_words", "visual_tokens_per_image"):
+        s = stats[name]
+        out.append(f"| {name.replace('_', ' ')} | {s['mean']} | {s['min']} | {s['max']} |")
+    return "\n".join(out) + "\n"
