@@ -12,7 +12,7 @@ from latent_apps.shapes import make_shapes
 from latent_core.shards import INDEX_NAME
 from latent_core.testing import tiny_model
 from lavit import build as build_module
-from lavit.build import BuildConfig, BuildError, build
+from lavit.build import BuildConfig, BuildError, build, read_teacher_data
 from lavit.filters import JudgeSettings, answers_match, normalize_answer
 from lavit.teacher import TeacherOptions, TeacherOutput
 
@@ -152,9 +152,55 @@ def test_kill_and_resume_gives_identical_bytes(shapes, tmp_path):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     lines = (tmp_path / "full" / INDEX_NAME).read_text().splitlines()
     assert len({json.loads(line)["id"] for line in lines}) == len(lines) > 0  # no duplicates
+    # Every sample's signals read back, its image's V_sem resolved from whichever shard holds it.
+    samples = list(read_teacher_data(tmp_path / "full", kept_only=False))
+    assert len(samples) == len(lines) and len({s["image"] for s in samples}) < len(samples)  # images are shared
+    for sample in samples:
+        assert sample["traj_dense"].shape == (sample["image_tokens"],) and sample["traj_topk_indices"].numel() == min(
+            8, sample["image_tokens"]
+        )
+        assert sample["vsem_tokens"].shape[0] == sample["image_tokens"]
+        torch.testing.assert_close(sample["vsem_mean"], sample["vsem_tokens"].float().mean(0), atol=1e-2, rtol=0)
 
     with pytest.raises(BuildError, match="other settings.*min_alignment"):
         build(_config(shapes, tmp_path / "full", min_alignment=0.5), model, processor)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_build_gives_the_records_of_one_process(shapes, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model, processor = tiny_model("qwen2_5_vl")
+    one = _config(shapes, tmp_path / "one")
+    build(one, model.eval(), processor)
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name("build_worker.py")), one.data, one.images, str(two)]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (two / "parts" / "rank-001" / INDEX_NAME).is_file()
+
+    def records(root):
+        out = []
+        for line in map(json.loads, (root / INDEX_NAME).read_text().splitlines()):
+            shard = load_file(str(root / line.pop("file")))
+            tensors = {k: shard[v] for k, v in (line["keys"] or {}).items() if v in shard}
+            line.pop("vsem_key")  # which line stores an image's V_sem depends on how batches are shared
+            out.append((line, tensors))
+        return out
+
+    got, want = records(two), records(tmp_path / "one")
+    assert [line for line, _ in got] == [line for line, _ in want] and len(want) > 3
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        for key in b.keys() & a.keys():
+            assert torch.equal(a[key], b[key]), key
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == len(want)
 
 
 def test_command_on_the_shapes_task_with_a_shipped_base(shapes, tmp_path):

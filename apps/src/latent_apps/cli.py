@@ -240,24 +240,41 @@ def build_lavit_15k(
         text_model=text_model, keep_rejected=keep_rejected, overlays=overlays,
         judge=JudgeSettings(judge_model, judge_base_url, judge_key_env) if judge_model else None,
     )  # fmt: skip
-    check_settings(config)  # a resume with other settings fails before the teacher loads
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():  # torchrun: one teacher replica per rank
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 or world == 1:
+        check_settings(config)  # a resume with other settings fails before the teacher loads
     require_family(load_config(teacher), ("qwen2_5_vl", "llava", "llava_next"), "build-lavit-15k (the teacher)")
     model = load_model(teacher, dtype=chosen, device_map=device_map).eval()
-    if device_map is None and torch.cuda.is_available():
-        model = model.to("cuda")
+    if device_map is None:
+        model = model.to(device)
     processor = load_processor(teacher)
     text, text_processor = None, None
     if text_model:
         text = load_model(text_model, dtype=chosen, device_map=device_map).eval().to(model.device)
         text_processor = load_processor(text_model)
 
+    prefix = f"[rank {torch.distributed.get_rank()}] " if torch.distributed.is_initialized() else ""
+
     def progress(j: int, counts: dict[str, int]) -> None:
         kept = counts.get("kept", 0)
-        typer.echo(f"batch {j}: kept {kept}, rejected {sum(counts.values()) - kept}", err=True)
+        typer.echo(f"{prefix}batch {j}: kept {kept}, rejected {sum(counts.values()) - kept}", err=True)
 
-    manifest = build(config, model, processor, text_model=text, text_processor=text_processor, on_batch=progress)
-    typer.echo(json.dumps(manifest["counts"], indent=2))
-    typer.echo(f"written to {out}")
+    try:
+        manifest = build(config, model, processor, text_model=text, text_processor=text_processor, on_batch=progress)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if "counts" in manifest:  # rank 0 (or the only process) reports the whole build
+        typer.echo(json.dumps(manifest["counts"], indent=2))
+        typer.echo(f"written to {out}")
 
 
 def _register_eval() -> None:

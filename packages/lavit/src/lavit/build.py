@@ -8,7 +8,8 @@ both real layouts) the teacher runs one fused pass (:func:`lavit.teacher.teacher
 - ``shard-NNNNN.safetensors`` (one per batch) with, per kept sample (per rejected one too with ``keep_rejected``),
   ``<id>/traj_dense`` (the min-max map, Eq. 3), ``<id>/traj_topk_indices`` and ``<id>/traj_topk_values`` (Top-K of
   it; the L_traj target is the values renormalised), and per image, once (V_sem does not depend on the question),
-  ``vsem/<image>/tokens`` (``[n_image_tokens, d]`` bf16) and ``vsem/<image>/mean`` (``[d]`` fp32);
+  ``vsem/<image>/tokens`` (``[n_image_tokens, d]`` bf16) and ``vsem/<image>/mean`` (``[d]`` fp32), in the shard of
+  the line whose ``vsem_key`` names the image (its first sample); :func:`read_teacher_data` resolves it;
 - ``index.jsonl``: one line per sample (kept or not): id, source, question, answer, teacher answer, the filter
   results and the reason of a rejection, alignment, merged grid ``(t, h, w)``, the image, its V_sem keys, the shard
   ``file`` and the sample's tensor ``keys``, its ``batch``;
@@ -16,6 +17,11 @@ both real layouts) the teacher runs one fused pass (:func:`lavit.teacher.teacher
 - ``stats.json`` / ``stats.md``: Tables A3 / A4 (samples per source, question / answer length, visual tokens per
   image), over the kept samples;
 - ``overlays/``: PNGs of A_traj and the bbox over the image for the first ``overlays`` kept and rejected samples.
+
+**Scale-out**: under ``torchrun --nproc_per_node N`` (one node or several) every rank holds a teacher replica and
+builds a disjoint share of the batches into ``parts/rank-NNN/``; rank 0 then merges the indexes into one
+``index.jsonl`` whose ``file`` entries point into the parts. A teacher too large for one GPU is split with
+``--device-map auto`` in a single process instead.
 
 **Resumable**: a batch is written (shard renamed into place, then its index lines in one flushed append) or not at
 all, so after a kill -9 the same command skips the batches in the index and redoes the rest; the shards come out
@@ -27,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,7 @@ from latent_core.cli import UserError
 from lavit.filters import JudgeSettings, answers_match, judge_match
 from lavit.teacher import TeacherOptions, alignment, bbox_cell_weights, teacher_pass, trajectory_target
 
-__all__ = ["BuildConfig", "BuildError", "build", "check_settings"]
+__all__ = ["BuildConfig", "BuildError", "build", "check_settings", "read_teacher_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,22 +205,32 @@ def build(
     from latent_core.shards import append_shard, read_index
     from PIL import Image
 
-    out = Path(config.out)
+    root = Path(config.out)
     settings = config.settings()
-    _check_manifest(out, settings)
+    rank, world = _distributed()
+    if rank == 0:
+        _check_manifest(root, settings)
+    _barrier(world)
+    if rank > 0:
+        _check_manifest(root, settings)
+    # One process writes into the output directory; under torchrun each rank builds the batches j with
+    # j % world == rank into parts/rank-NNN/ (its own shards and index, resumable alike) and rank 0 merges.
+    out = root if world == 1 else root / "parts" / f"rank-{rank:03d}"
     rows, read_counts = _rows(config)
     done_lines = read_index(out)
     done = {line["batch"] for line in done_lines}
     stored = {line["vsem_key"] for line in done_lines if line.get("vsem_key")}
     counts = Counter(line["reason"] or "kept" for line in done_lines)
     overlays: Counter[str] = Counter()
-    overlays_dir = out / "overlays"
+    if rank > 0:  # the pictures come from rank 0's batches only
+        overlays.update({"kept": config.overlays, "rejected": config.overlays})
+    overlays_dir = root / "overlays"
     if overlays_dir.is_dir():
         overlays.update(p.name.split("-", 1)[0] for p in overlays_dir.glob("*.png"))
     text_model, text_processor = text_model or model, text_processor or processor
     size = config.batch_size
     for j in range((len(rows) + size - 1) // size):
-        if j in done:
+        if j in done or j % world != rank:
             continue
         batch = rows[j * size : (j + 1) * size]
         images = [Image.open(row["image"]).convert("RGB") for row in batch]
@@ -292,8 +308,41 @@ def build(
         append_shard(out, j, tensors, lines)
         if on_batch is not None:
             on_batch(j, dict(counts))
-    manifest = _finish(out, settings, read_counts, rows)
-    return manifest
+    _barrier(world)
+    if world > 1:
+        if rank > 0:
+            return {"settings": settings, "rank": rank}
+        _merge_parts(root, world)
+    return _finish(root, settings, read_counts, rows)
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of a torchrun launch (the process group already set up), else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _merge_parts(root: Path, world: int) -> None:
+    """Rank 0: one ``index.jsonl`` over every rank's part, in batch order, each line's ``file`` relative to
+    ``root`` (written to a temporary file and renamed, so a kill leaves the old index or the new one)."""
+    import os
+
+    from latent_core.shards import INDEX_NAME, read_index
+
+    lines = []
+    for rank in range(world):
+        part = Path("parts") / f"rank-{rank:03d}"
+        lines += [{**line, "file": (part / line["file"]).as_posix()} for line in read_index(root / part)]
+    lines.sort(key=lambda line: line["batch"])  # stable: a batch's lines keep their order
+    tmp = root / (INDEX_NAME + ".tmp")
+    tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, root / INDEX_NAME)
 
 
 def _finish(out: Path, settings: dict[str, Any], read_counts: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
@@ -349,3 +398,43 @@ def _stats_markdown(stats: dict[str, Any], counts: dict[str, Any]) -> str:
         s = stats[name]
         out.append(f"| {name.replace('_', ' ')} | {s['mean']} | {s['min']} | {s['max']} |")
     return "\n".join(out) + "\n"
+
+
+def read_teacher_data(directory: str | Path, kept_only: bool = True) -> Iterator[dict[str, Any]]:
+    """The samples of a built directory in index order: each index line plus its tensors ``traj_dense``,
+    ``traj_topk_indices``, ``traj_topk_values``, ``vsem_tokens`` and ``vsem_mean`` (the image's V_sem, from whichever
+    shard holds it). ``kept_only``: skip the rejected samples.
+
+    Raises:
+        FileNotFoundError: no ``index.jsonl`` in ``directory``.
+    """
+    from latent_core.hub import load_tensors
+    from latent_core.shards import INDEX_NAME, read_index
+
+    root = Path(directory)
+    if not (root / INDEX_NAME).is_file():
+        raise FileNotFoundError(f"{root} has no {INDEX_NAME}: build it with `uv run apps/cli build-lavit-15k`")
+    lines = read_index(root, repair=False)
+    vsem_file = {line["vsem_key"]: line["file"] for line in lines if line.get("vsem_key")}
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+
+    def shard(name: str) -> dict[str, torch.Tensor]:
+        if name not in shards:
+            shards.clear()  # one shard in memory at a time (index order visits a shard's lines together)
+            shards[name] = load_tensors(root / name)
+        return shards[name]
+
+    for line in lines:
+        if (kept_only and not line["kept"]) or not line.get("keys"):
+            continue
+        keys = line["keys"]
+        tensors = {
+            name: shard(line["file"])[keys[name]] for name in ("traj_dense", "traj_topk_indices", "traj_topk_values")
+        }
+        vsem = (
+            load_tensors(root / vsem_file[line["image"]])
+            if vsem_file[line["image"]] != line["file"]
+            else shard(line["file"])
+        )
+        tensors["vsem_tokens"], tensors["vsem_mean"] = vsem[keys["vsem_tokens"]], vsem[keys["vsem_mean"]]
+        yield {**line, **tensors}
