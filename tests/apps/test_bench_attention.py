@@ -42,7 +42,7 @@ def test_benches_run_where_they_say(monkeypatch):
     assert ratio(3.0, 0) is None and ratio(3.0, 2.0) == 1.5  # an empty measurement is no ratio, not a crash
     assert bench_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for bench in ("gating", "attention-capture", "latent-loop", "latent-train"):
+    for bench in ("gating", "attention-capture", "latent-loop", "latent-train", "lavit-teacher"):
         result = CliRunner().invoke(app, ["bench", bench, "--device", "cuda"])
         assert result.exit_code == 2 and result.output.startswith("error: --device cuda: no CUDA device"), bench
 
@@ -58,3 +58,16 @@ def test_latent_train_bench_small(capsys):
     assert {"time_ratio", "peak_mem_ratio", "max_grad_diff"} <= record.keys()
     assert record["max_grad_diff"] <= 1e-4 and record["loss_diff"] <= 1e-5
     assert 0 < record["ours_peak_bytes"] and 0 < record["coconut_peak_bytes"]
+
+
+def test_lavit_teacher_bench_small(capsys):
+    # The fused pass and the authors' three passes give the same S_j and V_sem.
+    from latent_apps.bench import lavit_teacher
+
+    record = lavit_teacher.run(
+        as_json=True, batch=2, image_px=112, new_tokens=4, layers=2, hidden=64, heads=4, kv_heads=2, repeats=1
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(record))
+    assert {"throughput_ratio", "peak_mem_ratio", "max_abs_diff"} <= record.keys()
+    assert record["config"]["image_tokens"] == 16 and record["max_abs_diff"] <= 1e-5 and record["vsem_max_diff"] <= 1e-5

@@ -111,9 +111,11 @@ def test_each_filter_is_counted_and_a_failing_judge_is_an_error(shapes, tmp_path
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["samples"] == 2 and stats["per_source"] == {"shapes": 2}
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
-    # Without a judge the wrong answer is simply incorrect.
-    config.judge, config.out = None, str(tmp_path / "plain")
+    # Without a judge the wrong answer is simply incorrect; without V_sem tokens only their mean is stored.
+    config.judge, config.out, config.vsem_tokens = None, str(tmp_path / "plain"), False
     assert build(config, None, None)["counts"]["rejected"]["incorrect"] == 1
+    kept = list(read_teacher_data(tmp_path / "plain"))
+    assert len(kept) == 2 and all(s["vsem_tokens"] is None and s["vsem_mean"].shape == (4,) for s in kept)
 
 
 # ------------------------------------------------------------------------------------------ resume, refusals

@@ -202,6 +202,9 @@ def build_lavit_15k(
         str | None, typer.Option(help="Text model for the difficulty filter (default: the teacher, no image).")
     ] = None,
     keep_rejected: Annotated[bool, typer.Option(help="Also store the rejected samples' signals.")] = False,
+    vsem_tokens: Annotated[
+        bool, typer.Option(help="Store V_sem per image token (bf16) besides its mean (what training uses).")
+    ] = True,
     overlays: Annotated[int, typer.Option(min=0, help="PNG overlays of the first N kept and N rejected.")] = 8,
     judge_model: Annotated[
         str | None, typer.Option(help="Correctness judge model on an OpenAI-compatible endpoint (optional).")
@@ -237,7 +240,7 @@ def build_lavit_15k(
     config = BuildConfig(
         data=str(data), images=str(images), out=str(out), teacher=teacher, options=options, batch_size=batch_size,
         limit=limit, sources=tuple(sources) if sources else None, min_alignment=min_alignment, difficulty=difficulty,
-        text_model=text_model, keep_rejected=keep_rejected, overlays=overlays,
+        text_model=text_model, keep_rejected=keep_rejected, overlays=overlays, vsem_tokens=vsem_tokens,
         judge=JudgeSettings(judge_model, judge_base_url, judge_key_env) if judge_model else None,
     )  # fmt: skip
     import os
@@ -391,6 +394,14 @@ def bench_latent_loop(
 def bench_latent_train(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
     """One training step of K=4 latents with the gate and recorder: our cached loop vs Coconut's K+1 full passes."""
     from latent_apps.bench.latent_train import run
+
+    run(as_json, device=device)
+
+
+@bench_app.command("lavit-teacher")
+def bench_lavit_teacher(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
+    """build-lavit-15k's fused teacher pass vs the authors' three passes (generate; features; eager attention)."""
+    from latent_apps.bench.lavit_teacher import run
 
     run(as_json, device=device)
 

@@ -8,7 +8,8 @@ both real layouts) the teacher runs one fused pass (:func:`lavit.teacher.teacher
 - ``shard-NNNNN.safetensors`` (one per batch) with, per kept sample (per rejected one too with ``keep_rejected``),
   ``<id>/traj_dense`` (the min-max map, Eq. 3), ``<id>/traj_topk_indices`` and ``<id>/traj_topk_values`` (Top-K of
   it; the L_traj target is the values renormalised), and per image, once (V_sem does not depend on the question),
-  ``vsem/<image>/tokens`` (``[n_image_tokens, d]`` bf16) and ``vsem/<image>/mean`` (``[d]`` fp32), in the shard of
+  ``vsem/<image>/tokens`` (``[n_image_tokens, d]`` bf16; left out with ``vsem_tokens=False``: 2-13 MB per image for
+  the 32B teacher, while training uses the mean by default) and ``vsem/<image>/mean`` (``[d]`` fp32), in the shard of
   the line whose ``vsem_key`` names the image (its first sample); :func:`read_teacher_data` resolves it;
 - ``index.jsonl``: one line per sample (kept or not): id, source, question, answer, teacher answer, the filter
   results and the reason of a rejection, alignment, merged grid ``(t, h, w)``, the image, its V_sem keys, the shard
@@ -74,6 +75,7 @@ class BuildConfig:
     keep_rejected: bool = False
     overlays: int = 8
     judge: JudgeSettings | None = None
+    vsem_tokens: bool = True
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the output: a resume must match it exactly."""
@@ -89,6 +91,7 @@ class BuildConfig:
             "difficulty": self.difficulty,
             "text_model": self.text_model,
             "keep_rejected": self.keep_rejected,
+            "vsem_tokens": self.vsem_tokens,
             "judge": None if self.judge is None else {"model": self.judge.model, "base_url": self.judge.base_url},
         }
 
@@ -293,11 +296,13 @@ def build(
                 image_key = line["image"]
                 vsem = {"tokens": f"vsem/{image_key}/tokens", "mean": f"vsem/{image_key}/mean"}
                 if image_key not in stored:
-                    tensors[vsem["tokens"]] = result.v_sem.to(torch.bfloat16).contiguous()
+                    if config.vsem_tokens:
+                        tensors[vsem["tokens"]] = result.v_sem.to(torch.bfloat16).contiguous()
                     tensors[vsem["mean"]] = result.v_sem.float().mean(0).contiguous()
                     stored.add(image_key)
                     line["vsem_key"] = image_key
-                line["keys"] = {**keys, "vsem_tokens": vsem["tokens"], "vsem_mean": vsem["mean"]}
+                line["keys"] = {**keys, "vsem_tokens": vsem["tokens"] if config.vsem_tokens else None,
+                                "vsem_mean": vsem["mean"]}  # fmt: skip
             lines.append(line)
             group = "kept" if kept else "rejected"
             if overlays[group] < config.overlays:
@@ -436,5 +441,6 @@ def read_teacher_data(directory: str | Path, kept_only: bool = True) -> Iterator
             if vsem_file[line["image"]] != line["file"]
             else shard(line["file"])
         )
-        tensors["vsem_tokens"], tensors["vsem_mean"] = vsem[keys["vsem_tokens"]], vsem[keys["vsem_mean"]]
+        tensors["vsem_mean"] = vsem[keys["vsem_mean"]]
+        tensors["vsem_tokens"] = vsem[keys["vsem_tokens"]] if keys.get("vsem_tokens") else None
         yield {**line, **tensors}
