@@ -222,3 +222,12 @@ def test_command_on_the_shapes_task_with_a_shipped_base(shapes, tmp_path):
     assert again.exit_code == 0  # overlays only change the pictures, not the data: not a setting
     other = CliRunner().invoke(app, [*args, "--top-k", "4"])
     assert other.exit_code == 2 and other.output.startswith("error:") and "options" in other.output
+    # The difficulty filter with a named text model (the shipped text base) instead of the teacher without image.
+    # Long enough answers that the base gets some right, so the filter runs on them.
+    text_args = [*args[:8], str(tmp_path / "with-text"), *args[9:13], "--max-new-tokens", "300",
+                 "--text-model", str(REPO / "data/base/causal_lm")]  # fmt: skip
+    result = CliRunner().invoke(app, text_args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "with-text" / INDEX_NAME).read_text().splitlines()]
+    assert any(line["correct"] for line in lines)
+    assert all((line["text_answer"] is not None) == bool(line["correct"]) for line in lines)
