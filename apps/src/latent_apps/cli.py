@@ -264,14 +264,30 @@ def build_lavit_15k(
         text = load_model(text_model, dtype=chosen, device_map=device_map).eval().to(model.device)
         text_processor = load_processor(text_model)
 
-    prefix = f"[rank {torch.distributed.get_rank()}] " if torch.distributed.is_initialized() else ""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def progress(j: int, counts: dict[str, int]) -> None:
+    prefix = f"rank {torch.distributed.get_rank()}: " if torch.distributed.is_initialized() else ""
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )  # fmt: skip
+    task = bar.add_task(f"{prefix}batches", total=None)
+
+    def progress(j: int, counts: dict[str, int], remaining: int) -> None:
         kept = counts.get("kept", 0)
-        typer.echo(f"{prefix}batch {j}: kept {kept}, rejected {sum(counts.values()) - kept}", err=True)
+        rejected = sum(counts.values()) - kept
+        if j < 0:
+            bar.update(task, total=remaining, completed=0)
+        else:
+            bar.advance(task)
+        bar.update(task, description=f"{prefix}kept {kept}, rejected {rejected}")
 
     try:
-        manifest = build(config, model, processor, text_model=text, text_processor=text_processor, on_batch=progress)
+        with bar:
+            manifest = build(
+                config, model, processor, text_model=text, text_processor=text_processor, on_batch=progress
+            )
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

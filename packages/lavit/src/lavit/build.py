@@ -199,11 +199,12 @@ def build(
     text_model: Any = None,
     text_processor: Any = None,
     judge_client: Any = None,
-    on_batch: Callable[[int, dict[str, int]], None] | None = None,
+    on_batch: Callable[[int, dict[str, int], int], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) the teacher data of ``config`` with the teacher ``model`` / ``processor``; returns the
     manifest (settings and counts). ``text_model`` / ``text_processor``: the difficulty filter's model (default: the
-    teacher without the image). ``on_batch(j, counts)`` is called after each written batch (progress)."""
+    teacher without the image). ``on_batch(j, counts, remaining)`` is called before the first batch (``j = -1``) and
+    after each written one, with the kept / rejected counts so far and this process's batches still to do."""
     from latent_core.prompts import question_text
     from latent_core.shards import append_shard, read_index
     from PIL import Image
@@ -232,9 +233,10 @@ def build(
         overlays.update(p.name.split("-", 1)[0] for p in overlays_dir.glob("*.png"))
     text_model, text_processor = text_model or model, text_processor or processor
     size = config.batch_size
-    for j in range((len(rows) + size - 1) // size):
-        if j in done or j % world != rank:
-            continue
+    todo = [j for j in range((len(rows) + size - 1) // size) if j not in done and j % world == rank]
+    if on_batch is not None:
+        on_batch(-1, dict(counts), len(todo))
+    for n, j in enumerate(todo):
         batch = rows[j * size : (j + 1) * size]
         images = [Image.open(row["image"]).convert("RGB") for row in batch]
         questions = [question_text(row["question"]) for row in batch]
@@ -312,7 +314,7 @@ def build(
                 _overlay(overlays_dir / name, images[i], traj["dense"], result.grid, row["bbox"], title)
         append_shard(out, j, tensors, lines)
         if on_batch is not None:
-            on_batch(j, dict(counts))
+            on_batch(j, dict(counts), len(todo) - n - 1)
     _barrier(world)
     if world > 1:
         if rank > 0:
