@@ -1,0 +1,140 @@
+"""The LaViT student's forward against an eager reference: the recorded latent rows and L_traj equal a hand
+computation from eager attention (output_attentions) over the same sequence, in both latent modes and under
+activation checkpointing; L_traj is non-zero with gradients into the attention projections; the gate leaves the
+latent and prompt rows alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from latent_core.families import image_token_mask, model_parts
+from latent_core.prompts import encode_chats, render_prompts
+from latent_core.testing import tiny_image, tiny_model
+from latent_core.tokens import add_special_tokens
+from lavit.config import latent_tokens
+from lavit.model import LavitStudent
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+QUESTIONS = ["How many red circles are there?", "Is there a small yellow star?"]
+K = 3
+
+
+def _student(mode: str, seed: int = 0):
+    model, processor = tiny_model("qwen2_5_vl", seed=seed)
+    ids = add_special_tokens(model, processor, latent_tokens(K))
+    torch.manual_seed(seed + 1)
+    return LavitStudent(model, ids, teacher_hidden=12, mode=mode), processor
+
+
+def _batch(processor):
+    chats = render_prompts(processor, QUESTIONS, [1, 1])
+    images = [[tiny_image(0, size=84)], [tiny_image(1, size=84)]]
+    prompt = dict(encode_chats(processor, chats, images, padding_side="left"))
+    answer = torch.tensor([[11, 12, 13], [14, 15, 0]])
+    labels = answer.clone()
+    labels[1, -1] = -100
+    return prompt, answer, labels
+
+
+def _targets(prompt, student):
+    n = int(image_token_mask(student.backbone, prompt["input_ids"])[0].sum())
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in prompt["image_grid_thw"].tolist()]
+    torch.manual_seed(3)
+    targets = [torch.softmax(torch.randn(n), 0) for _ in grids]
+    return targets, grids
+
+
+def _eager_rows(student, prompt, answer, latents):
+    """Each sample alone (no padding), the whole sequence in one eager forward with output_attentions: the latent
+    positions' rows over the image keys, mean over heads and layers. Continuous mode: the latent positions after the
+    first take the loop's latents as input embeddings."""
+    eager = copy.deepcopy(student.backbone)
+    eager.set_attn_implementation("eager")
+    parts = model_parts(eager)
+    rows = []
+    for b in range(answer.shape[0]):
+        real = prompt["attention_mask"][b].bool()
+        ids = torch.cat([prompt["input_ids"][b][real], torch.tensor(student.latent_ids), answer[b]])[None]
+        types = torch.cat([prompt["mm_token_type_ids"][b][real], torch.zeros(K + answer.shape[1], dtype=torch.long)])
+        full = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": types[None],
+            "pixel_values": prompt["pixel_values"][_pixel_slice(prompt, b)],
+            "image_grid_thw": prompt["image_grid_thw"][b : b + 1],
+        }
+        captured: dict = {}
+
+        def grab(module, args, kwargs, captured=captured):
+            captured.update(kwargs)
+
+        hook = parts.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        with torch.no_grad():
+            eager(**full)
+        hook.remove()
+        embeds = captured["inputs_embeds"].clone()
+        start = int(real.sum())
+        if latents is not None:
+            embeds[0, start + 1 : start + K] = latents[b].detach()
+        with torch.no_grad():
+            out = parts.language_model(
+                inputs_embeds=embeds, position_ids=captured["position_ids"], output_attentions=True, use_cache=False
+            )
+        image = image_token_mask(eager, ids)[0]
+        att = torch.stack(out.attentions)[:, 0].mean((0, 1))  # [S, S]
+        rows.append(att[start : start + K][:, image])
+    return rows
+
+
+def _pixel_slice(prompt, b):
+    sizes = (prompt["image_grid_thw"].prod(-1)).tolist()
+    start = sum(sizes[:b])
+    return slice(start, start + sizes[b])
+
+
+def _hand_traj(target, rows):
+    total = 0.0
+    for row in rows:
+        q = row / row.sum()
+        total += sum(float(p) * math.log(float(p) / float(qq)) for p, qq in zip(target, q, strict=True) if p > 0)
+    return total
+
+
+@pytest.mark.parametrize(("mode", "checkpointing"), [("continuous", False), ("continuous", True), ("discrete", False)])
+def test_l_traj_equals_a_hand_computation_from_eager_attention(mode, checkpointing):
+    student, processor = _student(mode)
+    student.train()
+    if checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    prompt, answer, labels = _batch(processor)
+    targets, grids = _targets(prompt, student)
+    out = student(answer, labels, traj_targets=targets, traj_grids=grids, vsem_mean=torch.randn(2, 12), **prompt)
+    want_rows = _eager_rows(student, prompt, answer, out["latents"])
+    for got, want in zip(out["attention_rows"], want_rows, strict=True):
+        assert got.shape == (K, want.shape[1])
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+    hand = sum(_hand_traj(t, r) for t, r in zip(targets, want_rows, strict=True)) / 2
+    traj = out["aux_losses"]["traj"]
+    assert float(traj.detach()) > 0 and abs(float(traj.detach()) - hand) < 1e-4
+    student.zero_grad(set_to_none=True)
+    traj.backward()
+    layer = model_parts(student.backbone).decoder_layers[0].self_attn
+    for proj in (layer.q_proj, layer.k_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert set(out["aux_losses"]) == {"concept", "traj"} and out["latent_hidden"].shape == (2, 64)
+
+
+def test_the_gate_touches_only_the_answer_rows():
+    student, processor = _student("discrete")
+    student.eval()
+    prompt, answer, labels = _batch(processor)
+    with torch.no_grad():
+        open_gate = student(answer, labels, **prompt)
+        student.gamma = 1e-6
+        closed = student(answer, labels, **prompt)
+    for a, b in zip(open_gate["attention_rows"], closed["attention_rows"], strict=True):
+        torch.testing.assert_close(a, b)  # latent rows keep the image
+    assert not torch.allclose(open_gate["loss"], closed["loss"])  # the answer rows lose it
