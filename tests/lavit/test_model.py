@@ -6,6 +6,7 @@ latent and prompt rows alone."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -138,3 +139,53 @@ def test_the_gate_touches_only_the_answer_rows():
     for a, b in zip(open_gate["attention_rows"], closed["attention_rows"], strict=True):
         torch.testing.assert_close(a, b)  # latent rows keep the image
     assert not torch.allclose(open_gate["loss"], closed["loss"])  # the answer rows lose it
+
+
+def test_a_few_training_steps_on_built_teacher_data(tmp_path):
+    # The builder's output -> rows -> batches -> LatentTrainer with the gate stepped by Eq. 5: every loss logged by
+    # name, the gate rising, phi and the LLM trained.
+    from latent_apps.shapes import make_shapes
+    from latent_core.attention import gate_schedule
+    from latent_core.trainer import LatentTrainer
+    from lavit.build import BuildConfig, build
+    from lavit.config import LavitConfig
+    from lavit.data import LavitCollator, teacher_rows
+    from lavit.teacher import TeacherOptions
+
+    shapes = tmp_path / "shapes"
+    make_shapes(n=4, seed=0, out=shapes, test_fraction=0.5)
+    teacher, teacher_processor = tiny_model("qwen2_5_vl", seed=5)
+    config = BuildConfig(
+        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(tmp_path / "data"),
+        teacher="tiny", options=TeacherOptions(max_new_tokens=2), batch_size=4, keep_rejected=True, overlays=0,
+    )  # fmt: skip
+    build(config, teacher.eval(), teacher_processor)
+    # keep_rejected stored every sample's signals; train on all of them here (the random teacher keeps none).
+    index = tmp_path / "data" / "index.jsonl"
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
+    rows = teacher_rows(tmp_path / "data")
+    assert len(rows) == len(lines) and abs(float(rows[0]["traj_target"].sum()) - 1) < 1e-6
+
+    student, processor = _student("continuous")
+    student.phi = type(student.phi)(64, rows[0]["vsem_mean"].shape[0])
+    args = LavitConfig(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
+        gate_warmup=3, logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    gammas = []
+
+    def gate(step):
+        student.gamma = gate_schedule(step, args.gate_warmup, args.gate_eps, args.gate)
+        gammas.append(student.gamma)
+
+    before = student.phi.net[0].weight.detach().clone()
+    trainer = LatentTrainer(
+        model=student, args=args, train_dataset=rows, data_collator=LavitCollator(processor), step_schedules=[gate]
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all({"ntp_loss", "concept_loss", "traj_loss"} <= h.keys() for h in logged)
+    assert gammas[0] < 1e-5 and gammas[-1] == 1.0 and gammas == sorted(gammas)
+    assert not torch.equal(student.phi.net[0].weight.detach(), before)
