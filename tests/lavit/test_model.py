@@ -189,3 +189,29 @@ def test_a_few_training_steps_on_built_teacher_data(tmp_path):
     assert logged and all({"ntp_loss", "concept_loss", "traj_loss"} <= h.keys() for h in logged)
     assert gammas[0] < 1e-5 and gammas[-1] == 1.0 and gammas == sorted(gammas)
     assert not torch.equal(student.phi.net[0].weight.detach(), before)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "discrete"])
+def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
+    # Table 3's "w/o latent tokens": with mask_latents the answer's queries give the latent keys exactly zero
+    # attention (without it they do not). The released code's flag masked placeholder ids in the prompt, which leaves
+    # the latent attention as it was: this test fails on it.
+    from latent_core.attention import record_attention
+    from lavit.generate import generate_answers
+
+    student, processor = _student(mode)
+    model = student.backbone.eval()
+    images = [tiny_image(0, size=84), tiny_image(1, size=84)]
+    prompt_len = _batch(processor)[0]["input_ids"].shape[1]
+    queries = torch.zeros(2, prompt_len + K, dtype=torch.bool)  # every position after them: the answer
+    latent_keys = torch.zeros_like(queries)
+    latent_keys[:, prompt_len:] = True
+    got = {}
+    for mask in (False, True):
+        with record_attention(model, queries, latent_keys, extend_queries=True) as rec:
+            out = generate_answers(
+                model, processor, images, QUESTIONS, student.latent_ids, mode, max_new_tokens=6, mask_latents=mask
+            )
+        assert out.latent_steps == [K, K] and len(out.texts) == 2
+        got[mask] = max(float(w.abs().max()) for w in rec.weights)
+    assert got[True] == 0.0 and got[False] > 0

@@ -1,0 +1,94 @@
+"""Decoding with the LaViT student: batched and KV-cached; prefill, the K latent steps, then the answer.
+
+- continuous: :func:`latent_core.generate_with_latents` (``<v-trace_1>`` ends the prefill, K - 1 continuous steps on
+  the cache, then ordinary ``generate``);
+- discrete: the K latent tokens appended to the prompt, then ordinary ``generate``.
+
+``mask_latents`` is Table 3's "w/o latent tokens": the answer's queries get a hard mask (``-inf``, through
+:func:`latent_core.attention_bias`) on the K latent positions, so no answer token attends to them while everything
+else is unchanged. The first answer token is still predicted at the last latent position (the block ends the
+prompt), whose own input is a latent. (The released code's flag masked placeholder ids in the prompt and so changed
+nothing; ANCHORS.md.)
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from latent_core.attention import attention_bias
+from latent_core.latents import generate_with_latents
+from latent_core.prompts import encode_chats, render_prompts
+
+__all__ = ["LavitAnswers", "generate_answers"]
+
+
+@dataclass
+class LavitAnswers:
+    """Decoded answers: ``texts``, ``token_counts`` (generated tokens per answer, end of turn excluded),
+    ``latent_steps`` (latent positions per sample: K)."""
+
+    texts: list[str]
+    token_counts: list[int]
+    latent_steps: list[int]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: list[Any],
+    questions: list[str],
+    latent_ids: list[int],
+    mode: str = "continuous",
+    max_new_tokens: int = 64,
+    mask_latents: bool = False,
+) -> LavitAnswers:
+    """Greedy answers of the student ``model`` (the backbone, latent tokens added) to ``questions`` (user texts,
+    :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    inputs = dict(
+        encode_chats(processor, render_prompts(processor, questions, [1] * len(questions)), [[i] for i in images])
+    )
+    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    batch, prompt_len = inputs["input_ids"].shape
+    k = len(latent_ids)
+    answer_start = prompt_len + k
+    with ExitStack() as stack:
+        if mask_latents:
+            queries = torch.zeros((batch, answer_start), dtype=torch.bool, device=model.device)
+            keys = torch.zeros_like(queries)
+            keys[:, prompt_len:answer_start] = True
+            stack.enter_context(attention_bias(model, queries, keys, float("-inf"), extend_queries=True))
+        generation = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        if mode == "continuous":
+            sequences = generate_with_latents(model, inputs, k - 1, start_ids=latent_ids[:1], **generation).sequences
+        else:
+            latent = torch.tensor(latent_ids, device=model.device).expand(batch, -1)
+            full = dict(inputs)
+            full["input_ids"] = torch.cat([inputs["input_ids"], latent], 1)
+            full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(latent)], 1)
+            if "mm_token_type_ids" in inputs:
+                full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(latent)], 1)
+            sequences = model.generate(**full, **generation)[:, answer_start:]
+    ends = {
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        *_list(getattr(model.generation_config, "eos_token_id", None)),
+    }
+    counts = []
+    for row in sequences.tolist():
+        counts.append(next((i for i, token in enumerate(row) if token in ends), len(row)))
+    texts = [
+        tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+        for row, n in zip(sequences.tolist(), counts, strict=True)
+    ]
+    return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch)
+
+
+def _list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
