@@ -215,3 +215,39 @@ def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
         assert out.latent_steps == [K, K] and len(out.texts) == 2
         got[mask] = max(float(w.abs().max()) for w in rec.weights)
     assert got[True] == 0.0 and got[False] > 0
+
+
+def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
+    # `lavit train` on a build made by the shipped Qwen2.5-VL base (the student: a tiny one saved like a checkpoint):
+    # the stage holds the LLM's weights (not the frozen vision tower) and phi, and lavit_train.json the curves.
+    from latent_apps.shapes import make_shapes
+    from latent_core.testing import save_tiny_model
+    from lavit.build import BuildConfig, build
+    from lavit.cli import app
+    from lavit.teacher import TeacherOptions
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    shapes = tmp_path / "shapes"
+    make_shapes(n=2, seed=0, out=shapes, test_fraction=0.5)
+    teacher, teacher_processor = tiny_model("qwen2_5_vl", seed=5)
+    config = BuildConfig(
+        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(tmp_path / "data"),
+        teacher="tiny", options=TeacherOptions(max_new_tokens=2), batch_size=4, keep_rejected=True, overlays=0,
+    )  # fmt: skip
+    build(config, teacher.eval(), teacher_processor)
+    index = tmp_path / "data" / "index.jsonl"
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
+    base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
+    args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
+            "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--gate-warmup", "1",
+            "--num-latents", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stage = tmp_path / "run" / "student"
+    weights = load_file(str(stage / "stage_weights.safetensors"))
+    assert weights and not any("visual" in k for k in weights)
+    assert any(k.startswith("phi.") for k in load_file(str(stage / "extra_modules.safetensors")))
+    summary = json.loads((stage / "lavit_train.json").read_text())
+    assert summary["steps"] == 2 and summary["gamma"][0] < 1e-5 and summary["loss_curves"]["traj_loss"]
