@@ -251,3 +251,20 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     assert any(k.startswith("phi.") for k in load_file(str(stage / "extra_modules.safetensors")))
     summary = json.loads((stage / "lavit_train.json").read_text())
     assert summary["steps"] == 2 and summary["gamma"][0] < 1e-5 and summary["loss_curves"]["traj_loss"]
+
+    # `latent eval --method lavit` decodes the stage on the shapes TSV, with and without the latents masked.
+    from latent_apps.cli import app as latent_app
+
+    for flag, name in (([], "eval"), (["--mask-latents"], "masked")):
+        args = ["eval", "--model", str(stage), "--method", "lavit", "--bench", str(shapes / "test" / "shapes_mc.tsv"),
+                "--out", str(tmp_path / name), "--limit", "2", "--max-new-tokens", "4", *flag]  # fmt: skip
+        result = CliRunner().invoke(latent_app, args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["method_options"] == ({"mask_latents": True} if flag else {})
+        samples = [
+            json.loads(line) for line in next((tmp_path / name).glob("*/samples.jsonl")).read_text().splitlines()
+        ]
+        assert len(samples) == 2 and all(s["latent_steps"] == 2 for s in samples)
+    refused = CliRunner().invoke(latent_app, ["eval", "--model", str(stage), "--bench", "x.tsv", "--mask-latents"])
+    assert refused.exit_code == 2 and "--method lavit" in refused.output

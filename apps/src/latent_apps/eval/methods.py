@@ -245,4 +245,4 @@ register_method("plain", PlainMethod)
 register_method("cot", CotMethod)
 
 # Method adapters of the method packages register themselves on import.
-from latent_apps.eval import heima_method  # noqa: E402, F401  (registers "heima")
+from latent_apps.eval import heima_method, lavit_method  # noqa: E402, F401  (register "heima", "lavit")

@@ -667,6 +667,12 @@ def eval_command(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Skip samples already in samples.jsonl (default).")
     ] = True,
+    mask_latents: Annotated[
+        bool,
+        typer.Option(
+            "--mask-latents", help="--method lavit: mask the latent positions for the answer (Table 3's w/o latents)."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a method on benchmark files: greedy decoding, answer extraction, per-sample JSONL (resumable)
     and summary.json / summary.md with accuracy next to the majority baseline (and the blank-image control with
@@ -680,10 +686,13 @@ def eval_command(
         get_method(method)
     except UnknownMethodError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
+    if mask_latents and method != "lavit":
+        raise typer.BadParameter("--mask-latents masks a LaViT student's latent positions: use it with --method lavit")
     # A bad alias / checkpoint / file, a model that is not available, a resume mismatch: one line (latent_core.cli).
     summary = run_eval(
-        model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images
-    )
+        model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images,
+        method_options={"mask_latents": True} if mask_latents else None,
+    )  # fmt: skip
     table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={summary['max_new_tokens']})")
     for column in TABLE_COLUMNS:
         table.add_column(column, justify="left" if column == "bench" else "right")

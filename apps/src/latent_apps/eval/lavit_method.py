@@ -1,0 +1,76 @@
+"""The ``lavit`` evaluation method: the LaViT student's batched, KV-cached decoding (prefill, K latent steps, the
+answer), registered as ``lavit`` when this module is imported (``latent_apps.eval`` imports it).
+
+Prompts are the training ones (:func:`latent_apps.eval.methods.build_prompt_text` with no instruction, as
+:class:`lavit.data.LavitCollator` asks), one image per sample, LEFT-padded, greedy
+(:func:`lavit.generate.generate_answers`). ``mask_latents=True`` (``latent eval --method lavit --mask-latents``) is
+Table 3's "w/o latent tokens": the answer's queries get a hard mask on the latent positions. Each sample reports its
+generated tokens (the end of turn included), ``latent_steps`` (K) and ``truncated``.
+
+``--model`` is a ``lavit train`` stage (``<run>/student``: the trained weights on the base it names, with the latent
+tokens of its ``latent_stage.json``) or, for a control, any checkpoint (decoded with the latent block too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from latent_apps.eval.methods import Generation, build_prompt_text, register_method
+
+__all__ = ["LavitMethod"]
+
+
+class LavitMethod:
+    """Batched greedy decoding of a LaViT student (see the module docstring)."""
+
+    name = "lavit"
+    instruction = None
+    staged = False
+    default_max_new_tokens = 64
+
+    def __init__(self, mask_latents: bool = False, mode: str | None = None) -> None:
+        self.mask_latents = mask_latents
+        self.mode = mode
+        self.latent_ids: list[int] | None = None
+
+    def load(self, model: str) -> tuple[Any, Any]:
+        """``(model, processor)`` for ``--model``: a ``lavit train`` stage on its base, or a checkpoint."""
+        from latent_core.inference import load_trained
+        from latent_core.trainer import stage_info
+
+        loaded, processor = load_trained(model, families=("qwen2_5_vl",), method="latent eval --method lavit")
+        info = stage_info(model)
+        tokens = info.get("tokens") or []
+        if not tokens:
+            raise ValueError(f"{model} names no latent tokens in latent_stage.json: is it a `lavit train` stage?")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.latent_ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
+        self.mode = self.mode or info.get("mode", "continuous")
+        return loaded, processor
+
+    def __call__(
+        self, model: Any, processor: Any, samples: Sequence[dict[str, Any]], max_new_tokens: int
+    ) -> list[Generation]:
+        from lavit.generate import generate_answers
+
+        if self.latent_ids is None:
+            raise ValueError("the lavit method needs its model loaded through LavitMethod.load (a `lavit train` stage)")
+        images = [sample["image"].convert("RGB") for sample in samples]
+        texts = [build_prompt_text(sample, self.instruction) for sample in samples]
+        answers = generate_answers(
+            model, processor, images, texts, self.latent_ids, self.mode or "continuous", max_new_tokens,
+            mask_latents=self.mask_latents,
+        )  # fmt: skip
+        return [
+            Generation(
+                text=text,
+                generated_tokens=min(count + 1, max_new_tokens),
+                latent_steps=steps,
+                truncated=count >= max_new_tokens,
+            )
+            for text, count, steps in zip(answers.texts, answers.token_counts, answers.latent_steps, strict=True)
+        ]
+
+
+register_method("lavit", LavitMethod)
