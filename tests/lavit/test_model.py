@@ -240,10 +240,10 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in index.read_text().splitlines()]
     index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
     base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
-    args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
+    train_args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
             "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--gate-warmup", "1",
             "--num-latents", "2"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, train_args)
     assert result.exit_code == 0, result.output
     stage = tmp_path / "run" / "student"
     weights = load_file(str(stage / "stage_weights.safetensors"))
@@ -268,3 +268,18 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
         assert len(samples) == 2 and all(s["latent_steps"] == 2 for s in samples)
     refused = CliRunner().invoke(latent_app, ["eval", "--model", str(stage), "--bench", "x.tsv", "--mask-latents"])
     assert refused.exit_code == 2 and "--method lavit" in refused.output
+
+    # The control: naive SFT on the same samples, decoded by the same method with the same prompt, no latent block.
+    result = CliRunner().invoke(app, [*train_args, "--naive"])
+    assert result.exit_code == 0, result.output
+    naive = tmp_path / "run" / "naive"
+    assert json.loads((naive / "latent_stage.json").read_text())["mode"] == "naive"
+    assert not any("visual" in k for k in load_file(str(naive / "stage_weights.safetensors")))
+    args = ["eval", "--model", str(naive), "--method", "lavit", "--bench", str(shapes / "test" / "shapes_mc.tsv"),
+            "--out", str(tmp_path / "naive-eval"), "--limit", "2", "--max-new-tokens", "4"]  # fmt: skip
+    result = CliRunner().invoke(latent_app, args)
+    assert result.exit_code == 0, result.output
+    samples = [
+        json.loads(line) for line in next((tmp_path / "naive-eval").glob("*/samples.jsonl")).read_text().splitlines()
+    ]
+    assert all(s["latent_steps"] == 0 for s in samples)

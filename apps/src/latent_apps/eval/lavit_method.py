@@ -8,7 +8,8 @@ Table 3's "w/o latent tokens": the answer's queries get a hard mask on the laten
 generated tokens (the end of turn included), ``latent_steps`` (K) and ``truncated``.
 
 ``--model`` is a ``lavit train`` stage (``<run>/student``: the trained weights on the base it names, with the latent
-tokens of its ``latent_stage.json``) or, for a control, any checkpoint (decoded with the latent block too).
+tokens of its ``latent_stage.json``); a ``lavit train --naive`` stage (the control) is decoded with the same prompt
+and no latent block.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ class LavitMethod:
 
         loaded, processor = load_trained(model, families=("qwen2_5_vl",), method="latent eval --method lavit")
         info = stage_info(model)
+        self.mode = self.mode or info.get("mode", "continuous")
         tokens = info.get("tokens") or []
-        if not tokens:
+        if not tokens and self.mode != "naive":
             raise ValueError(f"{model} names no latent tokens in latent_stage.json: is it a `lavit train` stage?")
         tokenizer = getattr(processor, "tokenizer", processor)
         self.latent_ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
-        self.mode = self.mode or info.get("mode", "continuous")
         return loaded, processor
 
     def __call__(
@@ -58,6 +59,8 @@ class LavitMethod:
             raise ValueError("the lavit method needs its model loaded through LavitMethod.load (a `lavit train` stage)")
         images = [sample["image"].convert("RGB") for sample in samples]
         texts = [build_prompt_text(sample, self.instruction) for sample in samples]
+        if self.mode == "naive":  # the naive-SFT control: the same prompt, no latent block
+            return self._plain(model, processor, samples, texts, max_new_tokens)
         answers = generate_answers(
             model, processor, images, texts, self.latent_ids, self.mode or "continuous", max_new_tokens,
             mask_latents=self.mask_latents,
@@ -71,6 +74,24 @@ class LavitMethod:
             )
             for text, count, steps in zip(answers.texts, answers.token_counts, answers.latent_steps, strict=True)
         ]
+
+    def _plain(self, model, processor, samples, texts, max_new_tokens) -> list[Generation]:
+        import torch
+
+        from latent_apps.eval.methods import build_inputs, count_generated, eos_token_ids
+
+        inputs, prompt_length = build_inputs(model, processor, samples, texts)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        ends = eos_token_ids(model, processor)
+        results = []
+        for row in out[:, prompt_length:]:
+            n = count_generated(row, ends)
+            ended = any(int(t) in ends for t in row[:n])
+            text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            results.append(Generation(text=text, generated_tokens=n, latent_steps=0, truncated=not ended))
+        return results
 
 
 register_method("lavit", LavitMethod)

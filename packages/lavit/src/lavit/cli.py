@@ -39,6 +39,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Data order and initialisation seed.")] = 0,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3, zero3_offload or a JSON config.")] = None,
     activation_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing in the LLM.")] = False,
+    naive: Annotated[
+        bool, typer.Option("--naive", help="The control: naive SFT on the same samples (no latents, no teacher).")
+    ] = False,
 ) -> None:
     """Train the LaViT student: K latent tokens aligned with the teacher (L_concept, L_traj) under the curriculum
     gate, the LLM fully fine-tuned with the vision tower frozen; the stage and lavit_train.json go to <out>/student."""
@@ -55,7 +58,7 @@ def train(
     if mode is not None:
         overrides["latent_mode"] = mode
     config = LavitConfig.preset(preset, **overrides)
-    summary = train_student(config, data, model, out)
+    summary = train_student(config, data, model, out, naive=naive)
     shown = {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "samples", "output_dir")}
     typer.echo(json.dumps(shown, indent=2))
 

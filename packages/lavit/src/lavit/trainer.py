@@ -30,9 +30,13 @@ def train_student(
     *,
     model: Any = None,
     processor: Any = None,
+    naive: bool = False,
 ) -> dict[str, Any]:
     """Train the student on a build's kept samples; returns the summary. ``model`` / ``processor`` (or a factory)
-    replace loading ``model_name`` (tests pass tiny models)."""
+    replace loading ``model_name`` (tests pass tiny models).
+
+    ``naive``: the paper's control, naive SFT on the same samples (image, question -> answer, text supervision
+    only: no latent tokens, no teacher signals, no gate), same optimisation; saved in ``<out>/naive``."""
     from latent_core.families import model_parts
     from latent_core.tokens import add_special_tokens
     from latent_core.trainer import LatentTrainer, load_base
@@ -46,10 +50,12 @@ def train_student(
     base, processor = load_base(
         model_name, model, processor, bf16=config.bf16, families=SUPPORTED_FAMILIES, method="lavit train"
     )
-    ids = add_special_tokens(base, processor, latent_tokens(config.num_latents))
     vision = model_parts(base).vision_tower
     if vision is not None:
         vision.requires_grad_(False)  # Table A1: vision tower frozen, LLM trained
+    if naive:
+        return _train_naive(config, base, processor, rows, Path(out or config.output_dir) / "naive")
+    ids = add_special_tokens(base, processor, latent_tokens(config.num_latents))
     student = LavitStudent(base, ids, teacher_hidden=int(rows[0]["vsem_mean"].shape[-1]), mode=config.latent_mode)
     gammas: list[float] = []
 
@@ -74,6 +80,30 @@ def train_student(
         for name in ("loss", "ntp_loss", "concept_loss", "traj_loss")
     }
     summary["loss_curves"] = losses
+    if trainer.args.should_save:
+        (out / "lavit_train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict[str, Any]], out: Path) -> dict:
+    from latent_core.collate import SupervisedCollator
+    from latent_core.prompts import question_text
+    from latent_core.trainer import LatentTrainer
+
+    samples = [
+        {"id": row["id"], "prompt": question_text(row["question"]), "answer": row["answer"], "image": str(row["image"])}
+        for row in rows
+    ]
+    trainer = LatentTrainer(
+        model=base,
+        args=config,
+        train_dataset=samples,
+        data_collator=SupervisedCollator(processor),
+        processing_class=processor,
+        stage_info={"method": "lavit", "mode": "naive", "tokens": []},
+    )
+    summary = trainer.train_and_save(out, "lavit_train.json", samples=len(rows))
+    summary["loss_curves"] = {"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
     if trainer.args.should_save:
         (out / "lavit_train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
