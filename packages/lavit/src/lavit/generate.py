@@ -4,6 +4,10 @@
   the cache, then ordinary ``generate``);
 - discrete: the K latent tokens appended to the prompt, then ordinary ``generate``.
 
+``latents`` (continuous mode) replaces what is fed at the latent steps, for the latent diagnostics
+(:mod:`lavit.analysis`): ``zero`` feeds zeros, ``shuffle`` feeds another sample's hidden state (a fixed permutation
+of the batch, seed 0); ``real`` (default) is the student's own.
+
 ``mask_latents`` is Table 3's "w/o latent tokens": the answer's queries get a hard mask (``-inf``, through
 :func:`latent_core.attention_bias`) on the K latent positions, so no answer token attends to them while everything
 else is unchanged. The first answer token is still predicted at the last latent position (the block ends the
@@ -28,11 +32,13 @@ __all__ = ["LavitAnswers", "generate_answers"]
 @dataclass
 class LavitAnswers:
     """Decoded answers: ``texts``, ``token_counts`` (generated tokens per answer, end of turn excluded),
-    ``latent_steps`` (latent positions per sample: K)."""
+    ``latent_steps`` (latent positions per sample: K), ``latents`` (continuous mode: ``[B, K - 1, d]`` what was fed
+    at the continuous latent steps; ``None`` in discrete mode)."""
 
     texts: list[str]
     token_counts: list[int]
     latent_steps: list[int]
+    latents: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -45,6 +51,7 @@ def generate_answers(
     mode: str = "continuous",
     max_new_tokens: int = 64,
     mask_latents: bool = False,
+    latents: str = "real",
 ) -> LavitAnswers:
     """Greedy answers of the student ``model`` (the backbone, latent tokens added) to ``questions`` (user texts,
     :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring."""
@@ -63,9 +70,15 @@ def generate_answers(
             keys[:, prompt_len:answer_start] = True
             stack.enter_context(attention_bias(model, queries, keys, float("-inf"), extend_queries=True))
         generation = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        fed = None
         if mode == "continuous":
-            sequences = generate_with_latents(model, inputs, k - 1, start_ids=latent_ids[:1], **generation).sequences
+            out = generate_with_latents(
+                model, inputs, k - 1, step_fn=_step_fn(latents, batch), start_ids=latent_ids[:1], **generation
+            )
+            sequences, fed = out.sequences, out.latents
         else:
+            if latents != "real":
+                raise ValueError("zeroed / shuffled latents need continuous mode (discrete latents are tokens)")
             latent = torch.tensor(latent_ids, device=model.device).expand(batch, -1)
             full = dict(inputs)
             full["input_ids"] = torch.cat([inputs["input_ids"], latent], 1)
@@ -85,7 +98,21 @@ def generate_answers(
         tokenizer.decode(row[:n], skip_special_tokens=True).strip()
         for row, n in zip(sequences.tolist(), counts, strict=True)
     ]
-    return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch)
+    return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch, latents=fed)
+
+
+def _step_fn(kind: str, batch: int):
+    """What the continuous latent steps feed: the hidden state (``real``), zeros, or another sample's state."""
+    if kind == "real":
+        return None
+    if kind == "zero":
+        return lambda hidden, state: torch.zeros_like(hidden)
+    if kind == "shuffle":
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(0))
+        if batch > 1 and bool((order == torch.arange(batch)).any()):  # no sample keeps its own
+            order = torch.roll(torch.arange(batch), 1)
+        return lambda hidden, state: hidden[order.to(hidden.device)]
+    raise ValueError(f"latents must be 'real', 'zero' or 'shuffle', got {kind!r}")
 
 
 def _list(value: Any) -> list[int]:
