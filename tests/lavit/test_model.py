@@ -90,6 +90,27 @@ def _eager_rows(student, prompt, answer, latents):
     return rows
 
 
+def _built_teacher_data(tmp_path, scenes):
+    """A shapes task and a build-lavit-15k output of it in ``tmp_path / "data"`` (a random tiny teacher; every sample
+    stored with keep_rejected and marked kept, since that teacher keeps none); returns the shapes dir and the lines."""
+    from latent_apps.shapes import make_shapes
+    from lavit.build import BuildConfig, build
+    from lavit.teacher import TeacherOptions
+
+    shapes = tmp_path / "shapes"
+    make_shapes(n=scenes, seed=0, out=shapes, test_fraction=0.5)
+    teacher, teacher_processor = tiny_model("qwen2_5_vl", seed=5)
+    config = BuildConfig(
+        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(tmp_path / "data"),
+        teacher="tiny", options=TeacherOptions(max_new_tokens=2), batch_size=4, keep_rejected=True, overlays=0,
+    )  # fmt: skip
+    build(config, teacher.eval(), teacher_processor)
+    index = tmp_path / "data" / "index.jsonl"
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
+    return shapes, lines
+
+
 def _pixel_slice(prompt, b):
     sizes = (prompt["image_grid_thw"].prod(-1)).tolist()
     start = sum(sizes[:b])
@@ -144,26 +165,12 @@ def test_the_gate_touches_only_the_answer_rows():
 def test_a_few_training_steps_on_built_teacher_data(tmp_path):
     # The builder's output -> rows -> batches -> LatentTrainer with the gate stepped by Eq. 5: every loss logged by
     # name, the gate rising, phi and the LLM trained.
-    from latent_apps.shapes import make_shapes
     from latent_core.attention import gate_schedule
     from latent_core.trainer import LatentTrainer
-    from lavit.build import BuildConfig, build
     from lavit.config import LavitConfig
     from lavit.data import LavitCollator, teacher_rows
-    from lavit.teacher import TeacherOptions
 
-    shapes = tmp_path / "shapes"
-    make_shapes(n=4, seed=0, out=shapes, test_fraction=0.5)
-    teacher, teacher_processor = tiny_model("qwen2_5_vl", seed=5)
-    config = BuildConfig(
-        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(tmp_path / "data"),
-        teacher="tiny", options=TeacherOptions(max_new_tokens=2), batch_size=4, keep_rejected=True, overlays=0,
-    )  # fmt: skip
-    build(config, teacher.eval(), teacher_processor)
-    # keep_rejected stored every sample's signals; train on all of them here (the random teacher keeps none).
-    index = tmp_path / "data" / "index.jsonl"
-    lines = [json.loads(line) for line in index.read_text().splitlines()]
-    index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
+    shapes, lines = _built_teacher_data(tmp_path, scenes=4)
     rows = teacher_rows(tmp_path / "data")
     assert len(rows) == len(lines) and abs(float(rows[0]["traj_target"].sum()) - 1) < 1e-6
 
@@ -220,25 +227,12 @@ def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
 def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     # `lavit train` on a build made by the shipped Qwen2.5-VL base (the student: a tiny one saved like a checkpoint):
     # the stage holds the LLM's weights (not the frozen vision tower) and phi, and lavit_train.json the curves.
-    from latent_apps.shapes import make_shapes
     from latent_core.testing import save_tiny_model
-    from lavit.build import BuildConfig, build
     from lavit.cli import app
-    from lavit.teacher import TeacherOptions
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    shapes = tmp_path / "shapes"
-    make_shapes(n=2, seed=0, out=shapes, test_fraction=0.5)
-    teacher, teacher_processor = tiny_model("qwen2_5_vl", seed=5)
-    config = BuildConfig(
-        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(tmp_path / "data"),
-        teacher="tiny", options=TeacherOptions(max_new_tokens=2), batch_size=4, keep_rejected=True, overlays=0,
-    )  # fmt: skip
-    build(config, teacher.eval(), teacher_processor)
-    index = tmp_path / "data" / "index.jsonl"
-    lines = [json.loads(line) for line in index.read_text().splitlines()]
-    index.write_text("".join(json.dumps({**line, "kept": True}) + "\n" for line in lines))
+    shapes, _ = _built_teacher_data(tmp_path, scenes=2)
     base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
     train_args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
             "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--gate-warmup", "1",

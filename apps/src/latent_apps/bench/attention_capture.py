@@ -20,7 +20,16 @@ from typing import Any
 import torch
 from latent_core.attention import record_attention
 
-from latent_apps.bench.common import bench_device, left_padded, peak_memory, random_llama, ratio, report, timed_pair
+from latent_apps.bench.common import (
+    bench_device,
+    fmt_ratio,
+    left_padded,
+    peak_memory,
+    random_llama,
+    ratio,
+    report,
+    timed_pair,
+)
 
 GOALS = {"peak_mem_ratio": 0.3, "time_ratio": 0.7, "max_abs_diff": 1e-5, "max_grad_diff": 1e-5}
 
@@ -114,11 +123,11 @@ def run(
         "max_grad_diff": grad_diff,
     }
     table = [
-        ("time_ratio (ours / eager)", _fmt(record["time_ratio"]), f"<= {GOALS['time_ratio']}"),
-        ("peak_mem_ratio (ours / eager)", _fmt(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
+        ("time_ratio (ours / eager)", fmt_ratio(record["time_ratio"]), f"<= {GOALS['time_ratio']}"),
+        ("peak_mem_ratio (ours / eager)", fmt_ratio(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
         ("max_abs_diff", f"{record['max_abs_diff']:.2e}", f"<= {GOALS['max_abs_diff']}"),
-        ("train_time_ratio (forward + backward)", _fmt(record["train_time_ratio"]), f"<= {GOALS['time_ratio']}"),
-        ("train_peak_mem_ratio", _fmt(record["train_peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
+        ("train_time_ratio (forward + backward)", fmt_ratio(record["train_time_ratio"]), f"<= {GOALS['time_ratio']}"),
+        ("train_peak_mem_ratio", fmt_ratio(record["train_peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
         ("max_grad_diff", f"{grad_diff:.2e}", f"<= {GOALS['max_grad_diff']}"),
         (
             "ours / eager seconds (inference, train)",
@@ -153,7 +162,3 @@ def _max_grad_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def _loss(rows: torch.Tensor) -> torch.Tensor:
     """A loss on the recorded rows (as L_traj is): their squared sum, so every row's gradient differs."""
     return rows.square().sum()
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

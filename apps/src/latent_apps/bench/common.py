@@ -143,6 +143,11 @@ def left_padded(
     return ids.to(device), mask.to(device)
 
 
+def fmt_ratio(value: float | None) -> str:
+    """A ratio for a bench table: three decimals, ``n/a`` when nothing was measured (:func:`ratio` gave ``None``)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def report(title: str, rows: list[tuple[str, str, str]], record: dict[str, Any], as_json: bool) -> None:
     """Print a (metric, value, goal) table, then, with ``as_json``, the record as one JSON line (last line)."""
     from rich.console import Console

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from latent_core.attention import attention_bias, gate_bias
 
-from latent_apps.bench.common import bench_device, left_padded, random_llama, ratio, report, timed_pair
+from latent_apps.bench.common import bench_device, fmt_ratio, left_padded, random_llama, ratio, report, timed_pair
 
 GOAL = 1.15
 
@@ -87,8 +87,8 @@ def run(
         "ungated_rows_max_diff": float(diff.max()),
     }
     table = [
-        ("time_ratio (gated / plain forward)", _fmt(record["time_ratio"]), f"<= {GOAL}"),
-        ("backward_time_ratio (forward + backward)", _fmt(record["backward_time_ratio"]), f"<= {GOAL}"),
+        ("time_ratio (gated / plain forward)", fmt_ratio(record["time_ratio"]), f"<= {GOAL}"),
+        ("backward_time_ratio (forward + backward)", fmt_ratio(record["backward_time_ratio"]), f"<= {GOAL}"),
         ("gated / plain seconds", f"{t_gated:.4f} / {t_plain:.4f}", ""),
         ("gated / plain step seconds", f"{t_gated_step:.4f} / {t_plain_step:.4f}", ""),
         ("max |diff| on ungated rows", f"{record['ungated_rows_max_diff']:.1e}", "~0"),
@@ -96,7 +96,3 @@ def run(
     title = f"gating: batch {batch} x {tokens} tokens (padded), {layers} layers, {heads}/{kv_heads} heads"
     report(title, table, record, as_json)
     return record
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

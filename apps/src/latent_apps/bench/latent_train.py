@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from latent_core.attention import attention_bias, gate_bias, record_attention
 from latent_core.latents import forward_with_latents
 
-from latent_apps.bench.common import bench_device, left_padded, peak_memory, random_llama, ratio, report, timed_pair
+from latent_apps.bench.common import (
+    bench_device,
+    fmt_ratio,
+    left_padded,
+    peak_memory,
+    random_llama,
+    ratio,
+    report,
+    timed_pair,
+)
 
 GOALS = {"time_ratio": 0.5, "peak_mem_ratio": 0.7, "max_grad_diff": 1e-4}
 VOCAB = 1024
@@ -137,8 +146,8 @@ def run(
         "loss_diff": float((loss_ours - loss_coconut).abs()),
     }
     table = [
-        ("time_ratio (ours / Coconut K+1 passes)", _fmt(record["time_ratio"]), f"<= {GOALS['time_ratio']}"),
-        ("peak_mem_ratio", _fmt(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
+        ("time_ratio (ours / Coconut K+1 passes)", fmt_ratio(record["time_ratio"]), f"<= {GOALS['time_ratio']}"),
+        ("peak_mem_ratio", fmt_ratio(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
         ("max_grad_diff", f"{grad_diff:.1e}", f"<= {GOALS['max_grad_diff']:.0e}"),
         ("loss_diff", f"{record['loss_diff']:.1e}", "~0"),
         ("ours / Coconut seconds", f"{t_ours:.3f} / {t_coconut:.3f}", ""),
@@ -150,7 +159,3 @@ def run(
     )
     report(title, table, record, as_json)
     return record
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

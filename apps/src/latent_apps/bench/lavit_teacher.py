@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from latent_apps.bench.common import bench_device, peak_memory, ratio, report, timed_pair
+from latent_apps.bench.common import bench_device, fmt_ratio, peak_memory, ratio, report, timed_pair
 
 GOALS = {"throughput_ratio": 2.0, "peak_mem_ratio": 0.5, "max_abs_diff": 1e-5}
 QUESTIONS = [
@@ -154,9 +154,9 @@ def run(
         "vsem_max_diff": vsem_diff,
     }
     table = [
-        ("throughput_ratio (ours / authors' 3 passes)", _fmt(record["throughput_ratio"]),
+        ("throughput_ratio (ours / authors' 3 passes)", fmt_ratio(record["throughput_ratio"]),
          f">= {GOALS['throughput_ratio']}"),
-        ("peak_mem_ratio", _fmt(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
+        ("peak_mem_ratio", fmt_ratio(record["peak_mem_ratio"]), f"<= {GOALS['peak_mem_ratio']}"),
         ("max_abs_diff of S_j", f"{diff:.1e}", f"<= {GOALS['max_abs_diff']:.0e}"),
         ("max diff of V_sem", f"{vsem_diff:.1e}", ""),
         ("ours / authors samples per s", f"{batch / t_ours:.2f} / {batch / t_authors:.2f}", ""),
@@ -168,7 +168,3 @@ def run(
     )
     report(title, table, record, as_json)
     return record
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

@@ -74,15 +74,7 @@ def train_student(
         stage_info={"method": "lavit", "tokens": latent_tokens(config.num_latents), "mode": config.latent_mode},
     )
     out = Path(out or config.output_dir) / "student"
-    summary = trainer.train_and_save(out, "lavit_train.json", gamma=gammas, samples=len(rows))
-    losses = {
-        name: [h[name] for h in trainer.state.log_history if name in h]
-        for name in ("loss", "ntp_loss", "concept_loss", "traj_loss")
-    }
-    summary["loss_curves"] = losses
-    if trainer.args.should_save:
-        (out / "lavit_train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return _train_and_summarise(trainer, out, gamma=gammas, samples=len(rows))
 
 
 def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict[str, Any]], out: Path) -> dict:
@@ -102,8 +94,15 @@ def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict
         processing_class=processor,
         stage_info={"method": "lavit", "mode": "naive", "tokens": []},
     )
-    summary = trainer.train_and_save(out, "lavit_train.json", samples=len(rows))
-    summary["loss_curves"] = {"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    return _train_and_summarise(trainer, out, samples=len(rows))
+
+
+def _train_and_summarise(trainer: Any, out: Path, **facts: Any) -> dict[str, Any]:
+    """Train and save the stage; ``lavit_train.json`` gets the trainer's summary plus every logged loss curve."""
+    summary = trainer.train_and_save(out, "lavit_train.json", **facts)
+    history = trainer.state.log_history
+    names = ("loss", "ntp_loss", "concept_loss", "traj_loss")
+    summary["loss_curves"] = {name: [h[name] for h in history if name in h] for name in names}
     if trainer.args.should_save:
         (out / "lavit_train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
