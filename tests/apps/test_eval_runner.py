@@ -367,9 +367,9 @@ def test_eval_command_cli(bench, model_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["benches"]["shapes_mini"]["n"] == 2
 
 
-def test_blink_and_mmvp_folders(tmp_path):
-    """BLINK (per-task parquet, up to four images per question; the task is the category) and the MMVP layout
-    run through the same runner; the readers' skip reports reach the summary."""
+def test_blink_mmvp_and_vstar_folders(tmp_path):
+    """BLINK (per-task parquet, up to four images per question; the task is the category), the MMVP layout and a
+    V* bench folder run through the same runner; the readers' skip reports reach the summary."""
     from latent_apps.eval.runner import run_eval
     from latent_core.testing import tiny_model
 
@@ -378,7 +378,7 @@ def test_blink_and_mmvp_folders(tmp_path):
     summary = run_eval(
         model,
         "plain",
-        [fixtures / "blink", fixtures / "mmvp"],
+        [fixtures / "blink", fixtures / "mmvp", fixtures / "vstar"],
         tmp_path / "out",
         batch_size=2,
         max_new_tokens=2,
@@ -390,4 +390,7 @@ def test_blink_and_mmvp_folders(tmp_path):
     assert len(records) == 3 and all(r["kind"] == "choice" for r in records)
     mmvp = [json.loads(line) for line in (tmp_path / "out" / "mmvp" / "samples.jsonl").read_text().splitlines()]
     assert len(mmvp) == 2 and all(r["gold"] in ("A", "B") for r in mmvp)
-    assert summary is not None
+    vstar = [json.loads(line) for line in (tmp_path / "out" / "vstar" / "samples.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in vstar} == {"direct_attributes", "relative_position"} and len(vstar) == 3
+    assert all(r["options"][r["gold"]] == {"sa_1": "red", "sa_2": "blue", "sa_3": "left"}[r["id"][-4:]] for r in vstar)
+    assert summary["benches"]["vstar"]["skipped"]["total_skipped"] == 5

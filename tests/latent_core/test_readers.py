@@ -20,6 +20,7 @@ from latent_core.readers import (
     read_reasoning,
     read_visual_cot,
     read_vlmevalkit_tsv,
+    read_vstar,
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "data" / "fixtures"
@@ -233,3 +234,26 @@ def test_fixture_script_is_deterministic(tmp_path):
         data = (tmp_path / "one" / rel).read_bytes()
         assert data == (tmp_path / "two" / rel).read_bytes(), rel
         assert data == (FIXTURES / rel).read_bytes(), f"{rel} differs from the committed fixture: re-run the script"
+
+
+def test_vstar_fixture():
+    rows, report = _read(read_vstar, FIXTURES / "vstar")
+    assert [r["id"] for r in rows] == ["direct_attributes/sa_1", "direct_attributes/sa_2", "relative_position/sa_3"]
+    assert report.skipped == {
+        "malformed_json": 1, "missing_image": 1, "bad_options": 1, "bad_bbox": 1, "missing_field:question": 1,
+    }  # fmt: skip
+    cup, ball, position = rows
+    # the right option is the released file's options[0], wherever the shuffle put it
+    assert cup["options"][cup["answer"]] == "red" and sorted(cup["options"].values()) == sorted(
+        ["red", "blue", "green", "yellow"]
+    )
+    assert ball["options"][ball["answer"]] == "blue" and position["options"][position["answer"]] == "left"
+    assert cup["category"] == "direct_attributes" and position["category"] == "relative_position"
+    # [x, y, w, h] -> corners
+    assert cup["bbox"] == [[8, 12, 24, 32]] and position["bbox"] == [[4, 4, 14, 14], [30, 30, 40, 40]]
+    assert cup["image"].size == (48, 48) and cup["target_object"] == ["cup"]
+    # the order is fixed by (seed, id): the same on a second read, and the right option is not always first
+    again, _ = _read(read_vstar, FIXTURES / "vstar")
+    assert [r["options"] for r in again] == [r["options"] for r in rows]
+    letters = {next(iter(_read(read_vstar, FIXTURES / "vstar", seed=s)[0]))["answer"] for s in range(12)}
+    assert len(letters) > 1

@@ -1,12 +1,12 @@
 """`latent eval`: run an evaluation method over benchmark files and account for every sample.
 
 For each benchmark (a VLMEvalKit TSV; a BLINK folder of per-task parquet files, each task a category; an MMVP
-folder; readers are chosen by suffix or folder layout, see :data:`READERS` and :func:`register_reader`) the
-runner streams samples in batches through the method (greedy, see
-:mod:`latent_apps.eval.methods`), extracts the answer (:mod:`latent_apps.eval.extract`; kind ``choice`` when the
-sample has options, else ``yes_no`` / ``number`` / ``text`` by the gold answer's shape) and appends one JSON
-record per sample to ``<out>/<bench>/samples.jsonl``, flushed after every batch, so a killed run loses at most
-one batch. ``<bench>`` is the file name without suffix.
+folder; a V* bench folder of per-image JSON, its options shuffled with a fixed seed; readers are chosen by suffix
+or folder layout, see :data:`READERS` and :func:`register_reader`) the runner streams samples in batches through
+the method (greedy, see :mod:`latent_apps.eval.methods`), extracts the answer (:mod:`latent_apps.eval.extract`;
+kind ``choice`` when the sample has options, else ``yes_no`` / ``number`` / ``text`` by the gold answer's shape)
+and appends one JSON record per sample to ``<out>/<bench>/samples.jsonl``, flushed after every batch, so a killed
+run loses at most one batch. ``<bench>`` is the file name without suffix.
 
 Record fields: ``id, index, category, question, options, gold, kind, prediction`` (the generated text),
 ``extracted, correct, generated_tokens, reasoning_tokens, latent_steps, latency_s``.
@@ -82,6 +82,13 @@ def _read_mmvp(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
     return read_mmvp(path, report=report), report
 
 
+def _read_vstar(path: Path) -> tuple[Iterator[dict[str, Any]], Any]:
+    from latent_core.readers import ReadReport, read_vstar
+
+    report = ReadReport()
+    return read_vstar(path, report=report), report
+
+
 def _find_image_root(path: Path, image: str) -> Path:
     """The directory that LLaVA-CoT ``image`` paths of ``path`` are relative to: the file's folder or the nearest
     ancestor where ``image`` exists (the shapes task keeps ``images/`` next to ``train/`` and ``test/``)."""
@@ -153,6 +160,8 @@ def _reader_for(path: Path, image_root: Path | None = None) -> Reader:
             return _read_mmvp
         if path.is_dir() and any(path.rglob("*.parquet")):
             return _read_blink
+        if path.is_dir() and (any(path.glob("*/*.json")) or any(path.glob("*.json"))):
+            return _read_vstar
         if not path.exists():
             raise FileNotFoundError(f"benchmark {path} does not exist")
     reader = READERS.get(path.suffix.lower())

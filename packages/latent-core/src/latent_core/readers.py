@@ -12,7 +12,7 @@ is missing, the file is not in the expected format) raise :class:`FileNotFoundEr
 - :func:`read_visual_cot`: Visual-CoT samples with a pixel bbox (metadata JSONL, or the LLaVA-style
   ``"image": [path, "path###[x0, y0, x1, y1]"]`` form);
 - :func:`read_reasoning`: LaRe reasoning data (flat fields, or conversations with ``<think>..</think>``);
-- :func:`read_vlmevalkit_tsv`, :func:`read_mmvp`, :func:`read_blink`: the evaluation formats.
+- :func:`read_vlmevalkit_tsv`, :func:`read_mmvp`, :func:`read_vstar`, :func:`read_blink`: the evaluation formats.
 
 Skip reasons (stable strings, used as report keys): ``malformed_json``, ``not_an_object``,
 ``missing_field:<name>``, ``missing_image``, ``undecodable_image``, ``unknown_image_ref``, ``bad_conversation``,
@@ -49,6 +49,7 @@ __all__ = [
     "read_reasoning",
     "read_visual_cot",
     "read_vlmevalkit_tsv",
+    "read_vstar",
     "reasoning_token_count",
 ]
 
@@ -638,6 +639,82 @@ def read_mmvp(root: str | Path, report: ReadReport | None = None) -> Iterator[di
             "answer": answer,
             "image": image,
             "image_path": image_path,
+        }
+    _finish(report, owned)
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def read_vstar(root: str | Path, report: ReadReport | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """V* bench (METHODS.md section 5) as released: per category folder (``direct_attributes``,
+    ``relative_position``) one ``<name>.json`` next to its image ``<name>.jpg``, the JSON holding ``question``,
+    ``options`` (a list whose **first** entry is always the right one), ``bbox`` (``[x, y, w, h]`` per target
+    object) and ``target_object``.
+
+    Because the right option always comes first, the options are shuffled before lettering, with a generator seeded
+    by ``seed`` and the row id (the same order on every run and machine, independent of the reading order). Yields
+    ``{"id": "<category>/<name>", "category", "question", "options": {"A": ..}, "answer": letter, "image",
+    "image_path", "bbox": [[x0, y0, x1, y1], ...] (corners, pixels), "target_object"}``.
+
+    Raises :class:`FileNotFoundError` when ``root`` is not a folder or holds no JSON. Skipped and counted:
+    ``malformed_json``, ``not_an_object``, ``missing_field:<name>``, ``bad_options`` (fewer than two, or not
+    strings), ``bad_bbox`` (not ``[x, y, w, h]`` with w, h > 0), ``missing_image``, ``undecodable_image``.
+    """
+    import random
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"V* bench folder not found: {root}")
+    files = sorted(root.glob("*.json")) + sorted(root.glob("*/*.json"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no V* bench JSON files (<category>/<name>.json next to <name>.jpg)")
+    report, owned = _start(report, str(root))
+    for file in files:
+        row_id = file.relative_to(root).with_suffix("").as_posix()
+        try:
+            obj = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            report.skip("malformed_json", row_id)
+            continue
+        if not isinstance(obj, dict):
+            report.skip("not_an_object", row_id)
+            continue
+        missing = next((k for k in ("question", "options", "bbox") if not obj.get(k)), None)
+        if missing:
+            report.skip(f"missing_field:{missing}", row_id)
+            continue
+        options = obj["options"]
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+            report.skip("bad_options", row_id)
+            continue
+        boxes = obj["bbox"]
+        boxes = [boxes] if boxes and _number(boxes[0]) else boxes
+        if not all(isinstance(b, list) and len(b) == 4 and all(map(_number, b)) and min(b[2:]) > 0 for b in boxes):
+            report.skip("bad_bbox", row_id)
+            continue
+        image_path = next((file.with_suffix(s) for s in _IMAGE_SUFFIXES if file.with_suffix(s).is_file()), None)
+        if image_path is None:
+            report.skip("missing_image", row_id)
+            continue
+        image = _load_image_file(image_path)
+        if image is None:
+            report.skip("undecodable_image", row_id)
+            continue
+        order = list(range(len(options)))
+        random.Random(f"{seed}:{row_id}").shuffle(order)
+        lettered = {_LETTERS[i]: options[j] for i, j in enumerate(order)}
+        report.keep()
+        yield {
+            "id": row_id,
+            "category": file.parent.name if file.parent != root else None,
+            "question": str(obj["question"]).strip(),
+            "options": lettered,
+            "answer": _LETTERS[order.index(0)],
+            "image": image,
+            "image_path": image_path,
+            "bbox": [[x, y, x + w, y + h] for x, y, w, h in boxes],
+            "target_object": obj.get("target_object"),
         }
     _finish(report, owned)
 
