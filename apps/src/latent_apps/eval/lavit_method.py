@@ -37,17 +37,13 @@ class LavitMethod:
 
     def load(self, model: str) -> tuple[Any, Any]:
         """``(model, processor)`` for ``--model``: a ``lavit train`` stage on its base, or a checkpoint."""
-        from latent_core.inference import load_trained
-        from latent_core.trainer import stage_info
+        from lavit.generate import load_student
 
-        loaded, processor = load_trained(model, families=("qwen2_5_vl",), method="latent eval --method lavit")
-        info = stage_info(model)
-        self.mode = self.mode or info.get("mode", "continuous")
-        tokens = info.get("tokens") or []
-        if not tokens and self.mode != "naive":
-            raise ValueError(f"{model} names no latent tokens in latent_stage.json: is it a `lavit train` stage?")
-        tokenizer = getattr(processor, "tokenizer", processor)
-        self.latent_ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
+        loaded, processor, latent_ids, mode = load_student(model, method="latent eval --method lavit")
+        if mode == "plain":
+            raise ValueError(f"{model} is not a `lavit train` stage (its latent_stage.json names no lavit method)")
+        self.mode = self.mode or mode
+        self.latent_ids = latent_ids or []
         return loaded, processor
 
     def __call__(

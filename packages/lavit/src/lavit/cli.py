@@ -1,6 +1,7 @@
 """The ``lavit`` command line.
 
 lavit train --data <build-lavit-15k output> [--model qwen2.5-vl-3b] [--out runs/lavit] [--preset paper|authors]
+lavit analyze --model NAME=PATH [--model ...] --teacher NAME --data <bench> [--limit N] [--out runs/lavit-analysis]
 """
 
 import json
@@ -61,6 +62,45 @@ def train(
     summary = train_student(config, data, model, out, naive=naive)
     shown = {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "samples", "output_dir")}
     typer.echo(json.dumps(shown, indent=2))
+
+
+@app.command()
+def analyze(
+    model: Annotated[
+        list[str],
+        typer.Option(help="NAME=PATH, repeatable: a lavit train stage, a naive-SFT stage, a base or the teacher."),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Inputs: a TSV (MMStar, the shapes test split), an MMVP or V* folder, or a Visual-CoT JSONL."
+        ),
+    ],  # fmt: skip
+    teacher: Annotated[str | None, typer.Option(help="The NAME whose map the others' KL is taken to.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/lavit-analysis"),
+    limit: Annotated[int, typer.Option(min=1, help="Only the first N samples.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer budget of each model.")] = 64,
+    overlays: Annotated[int, typer.Option(min=0, help="Side-by-side PNG overlays of the first N samples.")] = 8,
+    images: Annotated[Path | None, typer.Option(help="Image root of a Visual-CoT JSONL.")] = None,
+) -> None:
+    """Table 2 / Figure 5: each model's attention over the image while it answers (entropy, salient regions,
+    coefficient of variation, KL to the teacher), side-by-side overlays, and for LaViT students the latent
+    diagnostics (zeroed, shuffled, masked latents; change rates; mean pairwise cosine)."""
+    from latent_core.cli import UserError
+
+    from lavit.analysis import analyze_models, read_samples
+
+    models = {}
+    for spec in model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--model {spec!r}: expected NAME=PATH")
+        models[name] = path
+    summary = analyze_models(
+        models, read_samples(data, limit, images), out, teacher, batch_size, max_new_tokens, overlays
+    )
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:

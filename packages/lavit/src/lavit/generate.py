@@ -26,19 +26,44 @@ from latent_core.attention import attention_bias
 from latent_core.latents import generate_with_latents
 from latent_core.prompts import encode_chats, render_prompts
 
-__all__ = ["LavitAnswers", "generate_answers"]
+from lavit.model import append_tokens
+
+__all__ = ["LavitAnswers", "generate_answers", "load_student"]
 
 
 @dataclass
 class LavitAnswers:
     """Decoded answers: ``texts``, ``token_counts`` (generated tokens per answer, end of turn excluded),
     ``latent_steps`` (latent positions per sample: K), ``latents`` (continuous mode: ``[B, K - 1, d]`` what was fed
-    at the continuous latent steps; ``None`` in discrete mode)."""
+    at the continuous latent steps; ``None`` in discrete mode), ``sequences`` (each answer's token ids, end of turn
+    excluded)."""
 
     texts: list[str]
     token_counts: list[int]
     latent_steps: list[int]
     latents: torch.Tensor | None = None
+    sequences: list[list[int]] | None = None
+
+
+def load_student(path: str, method: str = "lavit") -> tuple[Any, Any, list[int] | None, str]:
+    """``(model, processor, latent_ids, mode)`` for a ``lavit train`` stage (on the base its ``latent_stage.json``
+    names), a naive-SFT stage (``latent_ids`` ``None``, mode ``naive``) or any Qwen2.5-VL checkpoint (a base or
+    a teacher: ``None``, ``plain``); eval mode."""
+    from latent_core.inference import load_trained
+    from latent_core.trainer import stage_info
+
+    model, processor = load_trained(path, families=("qwen2_5_vl",), method=method)
+    info = stage_info(path)
+    if info.get("method") != "lavit":
+        return model, processor, None, "plain"
+    mode = info.get("mode", "continuous")
+    tokens = info.get("tokens") or []
+    if mode == "naive":
+        return model, processor, None, mode
+    if not tokens:
+        raise ValueError(f"{path} names no latent tokens in latent_stage.json: is it a `lavit train` stage?")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return model, processor, [tokenizer.convert_tokens_to_ids(token) for token in tokens], mode
 
 
 @torch.no_grad()
@@ -80,11 +105,7 @@ def generate_answers(
             if latents != "real":
                 raise ValueError("zeroed / shuffled latents need continuous mode (discrete latents are tokens)")
             latent = torch.tensor(latent_ids, device=model.device).expand(batch, -1)
-            full = dict(inputs)
-            full["input_ids"] = torch.cat([inputs["input_ids"], latent], 1)
-            full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(latent)], 1)
-            if "mm_token_type_ids" in inputs:
-                full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(latent)], 1)
+            full = append_tokens(inputs, latent)
             sequences = model.generate(**full, **generation)[:, answer_start:]
     ends = {
         tokenizer.eos_token_id,
@@ -98,7 +119,8 @@ def generate_answers(
         tokenizer.decode(row[:n], skip_special_tokens=True).strip()
         for row, n in zip(sequences.tolist(), counts, strict=True)
     ]
-    return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch, latents=fed)
+    sequences = [row[:n] for row, n in zip(sequences.tolist(), counts, strict=True)]
+    return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch, latents=fed, sequences=sequences)
 
 
 def _step_fn(kind: str, batch: int):

@@ -34,9 +34,20 @@ from torch import Tensor
 
 from lavit.losses import ConceptHead, concept_loss, resample_trajectory, trajectory_loss
 
-__all__ = ["LavitStudent"]
+__all__ = ["LavitStudent", "append_tokens"]
 
 _PROMPT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def append_tokens(inputs: dict[str, Any], ids: Tensor) -> dict[str, Any]:
+    """The prompt batch ``inputs`` with the text tokens ``ids`` ``[B, n]`` appended to every row (attention mask
+    ones, text token type): one teacher-forced pass over prompt + ``ids``."""
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
+    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    return full
 
 
 class LavitStudent(LatentModel):
@@ -126,15 +137,7 @@ class LavitStudent(LatentModel):
         """The released code's form: prompt + the K latent tokens + the answer, one teacher-forced pass."""
         batch = answer_ids.shape[0]
         latent = torch.tensor(self.latent_ids, device=answer_ids.device).expand(batch, -1)
-        full = dict(inputs)
-        full["input_ids"] = torch.cat([inputs["input_ids"], latent, answer_ids], 1)
-        extra = full["input_ids"].shape[1] - inputs["input_ids"].shape[1]
-        full["attention_mask"] = torch.cat(
-            [inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, extra)], 1
-        )
-        if "mm_token_type_ids" in inputs:
-            types = inputs["mm_token_type_ids"]
-            full["mm_token_type_ids"] = torch.cat([types, types.new_zeros(batch, extra)], 1)
+        full = append_tokens(inputs, torch.cat([latent, answer_ids], 1))
         out = self.backbone.model(**full)
         hidden = out.last_hidden_state
         start = inputs["input_ids"].shape[1]
