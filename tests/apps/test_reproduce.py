@@ -94,3 +94,59 @@ def test_direct_rows_keep_only_the_conclusion():
     assert direct_rows([row]) == [
         {"id": "a", "prompt": "How many?", "image": "x.png", "answer": "<CONCLUSION>B</CONCLUSION>"}
     ]
+
+
+@pytest.mark.slow
+def test_reduced_lavit_reproduction(tmp_path):
+    """`latent reproduce lavit` end to end from a made Qwen2.5-VL base (teacher and student alike here), on teacher
+    data built from it (every sample stored and marked kept: a 3-step teacher keeps none); the record's numbers
+    are those of the evaluation and analysis files it wrote; a re-run reuses everything."""
+    from latent_apps.reproduce.lavit import LavitRun, reproduce_lavit
+    from latent_core.inference import load_trained
+    from lavit.build import BuildConfig, build
+    from lavit.teacher import TeacherOptions
+
+    shapes = tmp_path / "shapes"
+    make_shapes(8, 2, shapes, test_fraction=0.25)
+    base = tmp_path / "base"
+    make_base("qwen2_5_vl", shapes, base, steps=3, batch_size=4, threads=1, eval_samples=0, show_progress=False,
+              vision_warmup_steps=2, vision_freeze_steps=1)  # fmt: skip
+    data = tmp_path / "teacher-data"
+    config = BuildConfig(
+        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(data), teacher=str(base),
+        options=TeacherOptions(max_new_tokens=4), batch_size=8, limit=8, keep_rejected=True, overlays=0,
+    )  # fmt: skip
+    build(config, *load_trained(str(base)))
+    index = data / "index.jsonl"
+    index.write_text(
+        "".join(json.dumps({**json.loads(x), "kept": True}) + "\n" for x in index.read_text().splitlines())
+    )
+    out = tmp_path / "run"
+    run = LavitRun(
+        out=out, teacher=base, student=base, shapes=shapes, teacher_data=data, steps=2, gate_warmup=1, batch_size=4,
+        num_latents=2, ablations=False, eval_samples=4, eval_batch_size=4, analysis_samples=2,
+        analysis_max_new_tokens=4, show_progress=False,
+    )  # fmt: skip
+    results = reproduce_lavit(run, command="test")
+    record = results["record"]
+    assert set(record) >= {
+        "naive_accuracy", "lavit_accuracy", "masked_latents_accuracy", "student_teacher_kl_naive",
+        "student_teacher_kl_lavit", "entropy_base", "entropy_teacher", "entropy_lavit", "wall_s",
+    }  # fmt: skip
+    for label, directory in (
+        ("naive SFT", "naive-sft"),
+        ("LaViT", "lavit"),
+        ("LaViT, latents masked", "lavit-latents-masked"),
+    ):
+        samples = [json.loads(x) for x in (out / "eval" / directory / "shapes_mc" / "samples.jsonl").open()]
+        assert len(samples) == 4
+        assert results["eval"][label]["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 4)
+    assert record["masked_latents_accuracy"] == results["eval"]["LaViT, latents masked"]["accuracy"]
+    rows = [json.loads(x) for x in (out / "analysis" / "samples.jsonl").open()]
+    lavit_kl = [r["kl_to_teacher"] for r in rows if r["model"] == "LaViT"]
+    assert record["student_teacher_kl_lavit"] == pytest.approx(sum(lavit_kl) / len(lavit_kl))
+    assert (out / "results.md").is_file() and (
+        out / "train" / "lavit" / "student" / "stage_weights.safetensors"
+    ).is_file()
+    again = reproduce_lavit(run, command="test")
+    assert again["eval"] == results["eval"] and again["record"]["wall_s"] < record["wall_s"]

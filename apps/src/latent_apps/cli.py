@@ -380,6 +380,53 @@ def reproduce_heima_command(
     typer.echo(json.dumps(results["record"]))
 
 
+@reproduce_app.command("lavit")
+def reproduce_lavit_command(
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")] = Path("runs/reproduce/lavit"),
+    teacher: Annotated[Path | None, typer.Option(help="Teacher (default: data/base/qwen2_5_vl-small).")] = None,
+    student: Annotated[Path | None, typer.Option(help="Student base (default: data/base/qwen2_5_vl).")] = None,
+    shapes: Annotated[
+        Path | None, typer.Option(help="The bases' shapes data (default: regenerated into <out>/shapes).")
+    ] = None,
+    teacher_data: Annotated[
+        Path | None, typer.Option(help="A build-lavit-15k output to reuse (default: built into <out>/teacher-data).")
+    ] = None,
+    build_samples: Annotated[int, typer.Option(min=1, help="Train questions the teacher answers.")] = 4000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of every student.")] = 1500,
+    gate_warmup: Annotated[int, typer.Option(min=0, help="T_w of Eq. 5.")] = 600,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Every student's peak learning rate.")] = 1e-3,
+    num_latents: Annotated[int, typer.Option(min=2, help="K latent tokens.")] = 4,
+    ablations: Annotated[bool, typer.Option(help="Also train w/o L_traj, w/o L_concept, w/o curriculum.")] = True,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 800,
+    analysis_samples: Annotated[int, typer.Option(min=1, help="Test questions of the attention analysis.")] = 200,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+) -> None:
+    """LaViT in one run from the shipped bases: teacher data from the small Qwen2.5-VL, then naive SFT, LaViT and
+    its ablations from the tiny one with the same steps, evaluated on the test split (blank-image, masked-latent
+    and majority controls) and analysed (attention entropy, KL to the teacher, latent diagnostics). Writes
+    results.json and results.md; prints the table and a JSON line."""
+    import json
+
+    from latent_apps.reproduce.lavit import LavitRun, reproduce_lavit
+
+    run = LavitRun(
+        out=out, teacher=teacher, student=student, shapes=shapes, teacher_data=teacher_data,
+        build_samples=build_samples, steps=steps, gate_warmup=gate_warmup, batch_size=batch_size,
+        learning_rate=learning_rate, num_latents=num_latents, ablations=ablations, eval_samples=eval_samples,
+        analysis_samples=analysis_samples, seed=seed,
+    )  # fmt: skip
+    command = (
+        f"uv run apps/cli reproduce lavit --out {out} --build-samples {build_samples} --steps {steps} "
+        f"--gate-warmup {gate_warmup} --batch-size {batch_size} --learning-rate {learning_rate} --seed {seed}"
+        + (f" --teacher-data {teacher_data}" if teacher_data else "")
+        + ("" if ablations else " --no-ablations")
+    )
+    results = reproduce_lavit(run, command=command)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(json.dumps(results["record"]))
+
+
 bench_app = MethodTyper(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",

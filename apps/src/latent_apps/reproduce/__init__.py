@@ -2,5 +2,6 @@
 (``data/base``): one command per method, each writing ``results.json``, a markdown table, a plot, and one JSON
 record on its last stdout line.
 
-- :mod:`latent_apps.reproduce.heima`: ``latent reproduce heima``.
+- :mod:`latent_apps.reproduce.heima`: ``latent reproduce heima``;
+- :mod:`latent_apps.reproduce.lavit`: ``latent reproduce lavit``.
 """
