@@ -277,3 +277,115 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
         json.loads(line) for line in next((tmp_path / "naive-eval").glob("*/samples.jsonl")).read_text().splitlines()
     ]
     assert all(s["latent_steps"] == 0 for s in samples)
+
+
+def _naive_loop(student, prompt, answer, labels, vsem):
+    """The reference for continuous mode: no KV cache, no latent-core loop. Each sample alone (no padding); each
+    latent step re-runs the language model over the whole sequence so far (Coconut's recompute) and feeds the last
+    position's final-norm state as the next input embedding; then one pass over prompt + latents + answer. Returns
+    (ntp summed over tokens, number of tokens, concept summed over samples)."""
+    parts = model_parts(student.backbone)
+    ntp, count, concept = 0.0, 0, 0.0
+    for b in range(answer.shape[0]):
+        real = prompt["attention_mask"][b].bool()
+        ids = torch.cat([prompt["input_ids"][b][real], torch.tensor(student.latent_ids), answer[b]])[None]
+        types = torch.cat([prompt["mm_token_type_ids"][b][real], torch.zeros(K + answer.shape[1], dtype=torch.long)])
+        full = {
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types[None],
+            "pixel_values": prompt["pixel_values"][_pixel_slice(prompt, b)],
+            "image_grid_thw": prompt["image_grid_thw"][b : b + 1],
+        }  # fmt: skip
+        captured: dict = {}
+        hook = parts.language_model.register_forward_pre_hook(
+            lambda m, a, kw, captured=captured: captured.update(kw), with_kwargs=True
+        )
+        student.backbone(**full)  # the embeddings (image features in place) and M-RoPE positions of the sequence
+        hook.remove()
+        embeds, positions = captured["inputs_embeds"], captured["position_ids"]
+        start = int(real.sum())
+        for i in range(1, K):
+            states = parts.language_model(
+                inputs_embeds=embeds[:, : start + i], position_ids=positions[..., : start + i], use_cache=False
+            ).last_hidden_state
+            embeds = torch.cat([embeds[:, : start + i], states[:, -1:], embeds[:, start + i + 1 :]], 1)
+        hidden = parts.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        logits = parts.lm_head(hidden[:, start + K - 1 : start + K - 1 + answer.shape[1]]).float()[0]
+        keep = labels[b] != -100
+        ntp = ntp + torch.nn.functional.cross_entropy(logits[keep], labels[b][keep], reduction="sum")
+        count += int(keep.sum())
+        h_z = hidden[0, start + K - 1]
+        concept = concept + 1 - torch.nn.functional.cosine_similarity(student.phi(h_z)[None], vsem[b : b + 1])[0]
+    return ntp, count, concept
+
+
+def test_continuous_mode_equals_a_naive_recompute_loop():
+    """Losses and every gradient of the cached continuous forward equal a no-cache recompute loop per sample."""
+    student, processor = _student("continuous")
+    student.train()
+    reference = copy.deepcopy(student)
+    prompt, answer, labels = _batch(processor)
+    vsem = torch.randn(2, 12)
+    out = student(answer, labels, vsem_mean=vsem, **prompt)
+    ntp, count, concept = _naive_loop(reference, prompt, answer, labels, vsem)
+    torch.testing.assert_close(out["loss"], ntp / count, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["aux_losses"]["concept"], concept / 2, atol=1e-5, rtol=1e-5)
+    (out["loss"] + 0.3 * out["aux_losses"]["concept"]).backward()
+    (ntp / count + 0.3 * concept / 2).backward()
+    compared = 0
+    for (name, got), want in zip(student.named_parameters(), reference.parameters(), strict=True):
+        if want.grad is None:
+            assert got.grad is None or float(got.grad.abs().max()) == 0, name
+            continue
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4, msg=name)
+        compared += 1
+    assert compared > 20
+
+
+def test_discrete_mode_is_one_pass(monkeypatch):
+    student, processor = _student("discrete")
+    prompt, answer, labels = _batch(processor)
+    calls = []
+    layer = model_parts(student.backbone).decoder_layers[0]
+    hook = layer.register_forward_hook(lambda m, a, o: calls.append(1))
+    student(answer, labels, **prompt)
+    hook.remove()
+    assert len(calls) == 1
+
+
+def test_the_closed_gate_leaves_the_analytic_share_and_keeps_causality():
+    """gamma = 1e-6 (Eq. 5 at t = 0): in the first layer each answer row's image mass is exactly
+    gamma m / (gamma m + 1 - m) of its open-gate mass m (per head); in every layer it is below 1e-4; prompt and
+    latent rows are not gated; changing the last answer token changes no earlier row."""
+    from latent_core.attention import record_attention
+
+    student, processor = _student("discrete")
+    student.eval()
+    prompt, answer, labels = _batch(processor)
+    total = prompt["input_ids"].shape[1] + K + answer.shape[1]
+    image = torch.nn.functional.pad(image_token_mask(student.backbone, prompt["input_ids"]), (0, K + answer.shape[1]))
+    rows = prompt["attention_mask"].bool()
+    rows = torch.nn.functional.pad(rows, (0, K + answer.shape[1]), value=True)  # every real position
+    response = torch.zeros_like(rows)
+    response[:, prompt["input_ids"].shape[1] + K :] = True
+    everything = torch.ones(2, total, dtype=torch.bool)
+
+    def run(gamma, tokens):
+        student.gamma = gamma
+        with torch.no_grad(), record_attention(student.backbone, rows, everything, reduce="none", heads="none") as rec:
+            student(tokens, labels, **prompt)
+        return rec.weights  # per sample [layers, rows, heads, keys]
+
+    opened, closed = run(1.0, answer), run(1e-6, answer)
+    for b in range(2):
+        first_answer = int(rows[b].sum()) - answer.shape[1]
+        m_open = opened[b][..., image[b]].sum(-1)  # [layers, rows, heads]
+        m_closed = closed[b][..., image[b]].sum(-1)
+        analytic = 1e-6 * m_open[0] / (1e-6 * m_open[0] + 1 - m_open[0])
+        torch.testing.assert_close(m_closed[0, first_answer:], analytic[first_answer:], atol=1e-12, rtol=1e-3)
+        assert float(m_closed[:, first_answer:].max()) < 1e-4 and float(m_open[:, first_answer:].min()) > 1e-3
+        torch.testing.assert_close(closed[b][:, :first_answer], opened[b][:, :first_answer])  # prompt and latents
+    changed = answer.clone()
+    changed[:, -1] = 99
+    later = run(1e-6, changed)
+    for b in range(2):
+        torch.testing.assert_close(later[b][:, :-1], closed[b][:, :-1])  # every row before the last one
