@@ -200,8 +200,8 @@ def test_a_few_training_steps_on_built_teacher_data(tmp_path):
 
 @pytest.mark.parametrize("mode", ["continuous", "discrete"])
 def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
-    # Table 3's "w/o latent tokens": with mask_latents the answer's queries give the latent keys exactly zero
-    # attention (without it they do not). The released code's flag masked placeholder ids in the prompt, which leaves
+    # Table 3's "w/o latent tokens": with mask_latents the queries that produce the answer (the last latent position
+    # and the answer tokens) give the latent keys exactly zero attention (without it they do not). The released code's flag masked placeholder ids in the prompt, which leaves
     # the latent attention as it was: this test fails on it.
     from latent_core.attention import record_attention
     from lavit.generate import generate_answers
@@ -211,6 +211,7 @@ def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
     images = [tiny_image(0, size=84), tiny_image(1, size=84)]
     prompt_len = _batch(processor)[0]["input_ids"].shape[1]
     queries = torch.zeros(2, prompt_len + K, dtype=torch.bool)  # every position after them: the answer
+    queries[:, -1] = True  # and the last latent position, which predicts the first answer token
     latent_keys = torch.zeros_like(queries)
     latent_keys[:, prompt_len:] = True
     got = {}

@@ -397,7 +397,9 @@ def reproduce_lavit_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     learning_rate: Annotated[float, typer.Option(help="Every student's peak learning rate.")] = 1e-3,
     num_latents: Annotated[int, typer.Option(min=2, help="K latent tokens.")] = 4,
-    ablations: Annotated[bool, typer.Option(help="Also train w/o L_traj, w/o L_concept, w/o curriculum.")] = True,
+    ablations: Annotated[
+        bool, typer.Option(help="Also train w/o L_traj, w/o L_concept, w/o curriculum, single stage.")
+    ] = True,
     eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 800,
     analysis_samples: Annotated[int, typer.Option(min=1, help="Test questions of the attention analysis.")] = 200,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,

@@ -8,11 +8,13 @@
 (:mod:`lavit.analysis`): ``zero`` feeds zeros, ``shuffle`` feeds another sample's hidden state (a fixed permutation
 of the batch, seed 0); ``real`` (default) is the student's own.
 
-``mask_latents`` is Table 3's "w/o latent tokens": the answer's queries get a hard mask (``-inf``, through
-:func:`latent_core.attention_bias`) on the K latent positions, so no answer token attends to them while everything
-else is unchanged. The first answer token is still predicted at the last latent position (the block ends the
-prompt), whose own input is a latent. (The released code's flag masked placeholder ids in the prompt and so changed
-nothing; ANCHORS.md.)
+``mask_latents`` is Table 3's "w/o latent tokens" (masking the latent tokens at inference): every query that
+produces the answer - the last latent position, which predicts the first answer token, and every answer token - gets
+a hard mask (``-inf``, through :func:`latent_core.attention_bias`) on the K latent keys, so the answer is computed
+from the prompt alone; everything before is unchanged. The last latent position keeps its own input in its residual
+stream: the fixed ``<v-trace_K>`` embedding in discrete mode, z_{K-1} in continuous mode (the zeroed and shuffled
+latents of ``latents`` are the controls that remove the content). (The released code's flag masked placeholder ids
+in the prompt and so changed nothing; ANCHORS.md.)
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def generate_answers(
     with ExitStack() as stack:
         if mask_latents:
             queries = torch.zeros((batch, answer_start), dtype=torch.bool, device=model.device)
+            queries[:, answer_start - 1] = True  # the last latent position predicts the first answer token
             keys = torch.zeros_like(queries)
             keys[:, prompt_len:answer_start] = True
             stack.enter_context(attention_bias(model, queries, keys, float("-inf"), extend_queries=True))
