@@ -28,6 +28,9 @@ def demo(
     questions_n: Annotated[
         int, typer.Option("--questions", min=1, help="Shapes test questions for the shipped-model comparison.")
     ] = 48,
+    lavit: Annotated[
+        bool, typer.Option(help="Also run LaViT's pipeline briefly: teacher data, a few student steps, overlays.")
+    ] = True,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
     the demo image and question; then the shipped base (CoT) against the shipped Heima (from `reproduce heima`) on
@@ -97,9 +100,34 @@ def demo(
             f"every Heima stage, the one-shot ablation and the interpreters: "
             f"data/reproduced/heima-{SHIPPED_FAMILY}/results.md (README: Results at CPU scale)"
         )
+    if lavit:
+        import tempfile
+
+        from latent_apps.demo import run_lavit
+
+        with tempfile.TemporaryDirectory(prefix="latent-demo-lavit-") as work:
+            extra["lavit"] = v = run_lavit(Path(work), out / "lavit")
+        b, t = v["build"], v["train"]
+        dropped = ", ".join(f"{k} {n}" for k, n in b["rejected"].items())
+        console.print(
+            f"LaViT (pipeline check, {v['seconds']:.0f} s): the small base as teacher kept {b['kept']} of "
+            f"{b['samples']} train questions (dropped {dropped}); a student from the tiny base trained {t['steps']} "
+            f"steps (loss {t['first_loss']:.2f} -> {t['last_loss']:.2f})"
+        )
+        table = Table(title="LaViT demo: answers on shapes test questions; attention overlays in " + v["overlays"])
+        for column in ("model", "question", "answer", "correct", "attention entropy", "KL to teacher"):
+            table.add_column(column, justify="left" if column in ("model", "question", "answer") else "right")
+        for row in v["answers"]:
+            table.add_row(
+                row["model"], row["id"], row["final"], str(row.get("correct")),
+                f"{row['response_entropy']:.2f}", f"{row.get('kl_to_teacher', 0):.3f}",
+            )  # fmt: skip
+        console.print(table)
+        console.print("the claim, against naive SFT and with its controls: uv run apps/cli reproduce lavit (README)")
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
-    console.print(f"{len(records)} families{' + heima' if heima else ''} in {seconds:.1f} s; summary: {path}")
+    shown = "".join(f" + {name}" for name in ("heima", "lavit") if name in extra)
+    console.print(f"{len(records)} families{shown} in {seconds:.1f} s; summary: {path}")
 
 
 @app.command("make-shapes")

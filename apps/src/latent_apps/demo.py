@@ -168,3 +168,51 @@ def run_shipped(work: Path, family: str = SHIPPED_FAMILY, n: int = 48, batch_siz
         )["benches"][bench.stem]  # fmt: skip
         rows[label] = eval_row(summary)
     return {"family": family, "n": n, "rows": rows, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20, n: int = 4) -> dict:
+    """LaViT's pipeline on the shipped bases, in brief: ``build-lavit-15k`` with the small Qwen2.5-VL base as teacher
+    on the first ``build_questions`` train questions, ``steps`` training steps of a LaViT student from the tiny base,
+    then the student's latent decoding and the teacher's on ``n`` test questions with side-by-side attention overlays
+    written to ``out/overlays`` (:func:`lavit.analysis.analyze_models`). A pipeline check: the claim is
+    ``reproduce lavit``'s (README)."""
+    from latent_core.inference import load_trained
+    from lavit.analysis import analyze_models, read_samples
+    from lavit.build import BuildConfig, build
+    from lavit.config import LavitConfig
+    from lavit.teacher import TeacherOptions
+    from lavit.trainer import train_student
+
+    from latent_apps.base import base_shapes
+
+    root = find_demo_data().parents[2] / "data" / "base"
+    teacher, student = root / "qwen2_5_vl-small", root / "qwen2_5_vl"
+    start = time.perf_counter()
+    shapes = base_shapes(teacher, work / "shapes")
+    config = BuildConfig(
+        data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(work / "teacher-data"),
+        teacher=str(teacher), options=TeacherOptions(max_new_tokens=400), batch_size=build_questions,
+        limit=build_questions, overlays=0,
+    )  # fmt: skip
+    manifest = build(config, *load_trained(str(teacher), families=("qwen2_5_vl",)))
+    args = LavitConfig.preset(
+        "paper", output_dir=str(work / "lavit"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        gate_warmup=steps // 2, logging_steps=5, report_to=[], remove_unused_columns=False, save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        trained = train_student(args, work / "teacher-data", str(student), work / "lavit")
+    samples = read_samples(shapes / "test" / "shapes_mc.tsv", n)
+    models = {"teacher": str(teacher), "LaViT (demo)": str(work / "lavit" / "student")}
+    analysis = analyze_models(models, samples, out, teacher="teacher", batch_size=n, max_new_tokens=400, overlays=n)
+    return {
+        "build": manifest["counts"],
+        "train": {k: trained.get(k) for k in ("steps", "samples", "first_loss", "last_loss")},
+        "analysis": analysis["models"],
+        "answers": [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()],
+        "overlays": str(out / "overlays"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }

@@ -52,6 +52,7 @@ def placeholder_for(tokenizer: Any, placeholder: str | None = None) -> str:
     reserved = sorted((int(m.group(1)), token) for token in tokenizer.get_vocab() if (m := _RESERVED.fullmatch(token)))
     return reserved[0][1] if reserved else DEFAULT_PLACEHOLDER
 
+
 DEFAULT_TEMPLATE = "According to question: {question}, can you explain the thinking progress {placeholder}?"
 """The explanatory prompt of paper 000 section 3.3 (METHODS.md §1); ``{question}`` and ``{placeholder}`` are filled."""
 

@@ -284,7 +284,8 @@ def analyze_models(
     """Table 2 / Figure 5 and the latent diagnostics for a set of models on the same samples.
 
     For every model (name -> a ``lavit train`` stage, a naive-SFT stage or any Qwen2.5-VL checkpoint) and sample:
-    the greedy answer (scored against the gold one with :func:`lavit.filters.answers_match`) and its response maps
+    the greedy answer (its ``<CONCLUSION>`` when it writes one, scored against the gold one with
+    :func:`lavit.filters.answers_match`) and its response maps
     (:func:`response_maps`) with :func:`attention_stats`; the KL of each model's maps to the ``teacher`` model's
     response map (resampled onto the model's grid when grids differ). For a LaViT student, the diagnostics: answers
     with the latents zeroed, shuffled across the batch (continuous mode) and masked, their accuracies and change
@@ -294,6 +295,8 @@ def analyze_models(
     ``<out>/overlays/<n>.png`` (the first ``overlays`` samples, one panel per model). ``loader(path) -> (model,
     processor, latent_ids, mode)`` defaults to :func:`lavit.generate.load_student`.
     """
+    from latent_core.readers import conclusion_of
+
     from lavit.filters import answers_match
     from lavit.generate import generate_answers, load_student
     from lavit.losses import resample_trajectory
@@ -326,9 +329,10 @@ def analyze_models(
         maps[name] = found
         rows = []
         for sample, got in zip(samples, found, strict=True):
-            row = {"id": sample["id"], "model": name, "answer": got.answer, "grid": list(got.grid)}
+            final = conclusion_of(got.answer) or got.answer  # a chain-of-thought model's <CONCLUSION>
+            row = {"id": sample["id"], "model": name, "answer": got.answer, "final": final, "grid": list(got.grid)}
             if sample.get("answer") is not None:
-                row["correct"] = answers_match(got.answer, str(sample["answer"]))
+                row["correct"] = answers_match(final, str(sample["answer"]))
             row.update({f"answer_{k}": v for k, v in attention_stats(got.answer_map).items()})
             row.update({f"response_{k}": v for k, v in attention_stats(got.response_map).items()})
             if got.latent_map is not None:
@@ -341,7 +345,7 @@ def analyze_models(
                 row["kl_to_teacher_answer"] = map_kl(target, got.answer_map)
                 if got.latent_map is not None:
                     row["kl_to_teacher_latent"] = map_kl(target, got.latent_map)
-        keys = sorted({key for row in rows for key in row if key not in ("id", "model", "answer", "grid")})
+        keys = sorted({key for row in rows for key in row if key not in ("id", "model", "answer", "final", "grid")})
         entry: dict[str, Any] = {"path": str(models[name]), "mode": mode}
         entry.update({key: _mean([float(row[key]) for row in rows if key in row]) for key in keys})
         answers = [got.answer for got in found]
