@@ -36,7 +36,10 @@ def test_apps_cli_runs_as_directory_and_script():
 
 
 def test_demo_runs_every_family_and_the_shipped_models(tmp_path):
-    result = runner.invoke(latent_app, ["demo", "--out", str(tmp_path), "--max-new-tokens", "4", "--questions", "24"])
+    result = runner.invoke(
+        latent_app,
+        ["demo", "--out", str(tmp_path), "--max-new-tokens", "4", "--questions", "24", "--lavit-questions", "8"],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["family"] for r in summary["families"]] == list(TINY_FAMILIES)
@@ -60,6 +63,14 @@ def test_demo_runs_every_family_and_the_shipped_models(tmp_path):
     assert heima["thinking_tokens"] == 3
     assert heima["generated_tokens"] < base["generated_tokens"] / 4
     assert "shipped mllama base (CoT) vs shipped Heima" in result.output
+    # LaViT's pipeline on the shipped bases (8 build questions): the build's counts add up, a student trained, both
+    # models answered the 4 test questions and the overlays were written.
+    lavit = summary["lavit"]
+    build = lavit["build"]
+    assert build["samples"] == 8 and build["kept"] + sum(build["rejected"].values()) == 8 and build["kept"] >= 1
+    assert lavit["train"]["steps"] == 20 and len(lavit["answers"]) == 8
+    assert lavit["analysis"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert sorted(p.name for p in (tmp_path / "lavit" / "overlays").iterdir()) == [f"00{i}.png" for i in range(4)]
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

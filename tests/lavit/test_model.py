@@ -201,8 +201,9 @@ def test_a_few_training_steps_on_built_teacher_data(tmp_path):
 @pytest.mark.parametrize("mode", ["continuous", "discrete"])
 def test_mask_latents_cuts_the_answer_off_the_latent_positions(mode):
     # Table 3's "w/o latent tokens": with mask_latents the queries that produce the answer (the last latent position
-    # and the answer tokens) give the latent keys exactly zero attention (without it they do not). The released code's flag masked placeholder ids in the prompt, which leaves
-    # the latent attention as it was: this test fails on it.
+    # and the answer tokens) give the latent keys exactly zero attention (without it they do not). The released
+    # code's flag masked placeholder ids in the prompt, which leaves the latent attention as it was: this test fails
+    # on it.
     from latent_core.attention import record_attention
     from lavit.generate import generate_answers
 

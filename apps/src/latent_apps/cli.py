@@ -31,6 +31,9 @@ def demo(
     lavit: Annotated[
         bool, typer.Option(help="Also run LaViT's pipeline briefly: teacher data, a few student steps, overlays.")
     ] = True,
+    lavit_questions: Annotated[
+        int, typer.Option(min=1, help="Train questions the LaViT section's teacher answers.")
+    ] = 32,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
     the demo image and question; then the shipped base (CoT) against the shipped Heima (from `reproduce heima`) on
@@ -70,13 +73,14 @@ def demo(
     console = Console(width=max(Console().width, 110))
     console.print(table)
     extra = {}
-    if heima:
-        import tempfile
+    import tempfile
 
+    scratch = tempfile.TemporaryDirectory(prefix="latent-demo-")  # one shapes data set for both sections
+    work = Path(scratch.name)
+    if heima:
         from latent_apps.demo import SHIPPED_FAMILY, run_shipped
 
-        with tempfile.TemporaryDirectory(prefix="latent-demo-shipped-") as work:
-            extra["heima"] = h = run_shipped(Path(work), n=questions_n)
+        extra["heima"] = h = run_shipped(work, n=questions_n)
         table = Table(
             title=f"shipped {SHIPPED_FAMILY} base (CoT) vs shipped Heima: first {h['n']} shapes test questions; "
             "blank = images blanked, majority = most common answer per question kind"
@@ -101,12 +105,9 @@ def demo(
             f"data/reproduced/heima-{SHIPPED_FAMILY}/results.md (README: Results at CPU scale)"
         )
     if lavit:
-        import tempfile
-
         from latent_apps.demo import run_lavit
 
-        with tempfile.TemporaryDirectory(prefix="latent-demo-lavit-") as work:
-            extra["lavit"] = v = run_lavit(Path(work), out / "lavit")
+        extra["lavit"] = v = run_lavit(work, out / "lavit", build_questions=lavit_questions)
         b, t = v["build"], v["train"]
         dropped = ", ".join(f"{k} {n}" for k, n in b["rejected"].items())
         console.print(
@@ -124,6 +125,7 @@ def demo(
             )  # fmt: skip
         console.print(table)
         console.print("the claim, against naive SFT and with its controls: uv run apps/cli reproduce lavit (README)")
+    scratch.cleanup()
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
     shown = "".join(f" + {name}" for name in ("heima", "lavit") if name in extra)
