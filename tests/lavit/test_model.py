@@ -262,6 +262,18 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
             json.loads(line) for line in next((tmp_path / name).glob("*/samples.jsonl")).read_text().splitlines()
         ]
         assert len(samples) == 2 and all(s["latent_steps"] == 2 for s in samples)
+    # `lavit generate`: the same decoding as a command, one line per question, the gold answer and its score.
+    from lavit.filters import answers_match
+
+    for extra in ([], ["--latents", "zero"], ["--mask-latents"]):
+        answers = tmp_path / "answers.jsonl"
+        gen_args = ["generate", "--stage", str(stage), "--data", str(shapes / "test" / "shapes_mc.tsv"), "--out",
+                    str(answers), "--limit", "2", "--max-new-tokens", "4", *extra]  # fmt: skip
+        result = CliRunner().invoke(app, gen_args)
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert len(rows) == 2 and all(r["latent_steps"] == 2 and r["gold"] in "ABCD" for r in rows)
+        assert all(r["correct"] == answers_match(r["answer"], r["gold"]) for r in rows)
     refused = CliRunner().invoke(latent_app, ["eval", "--model", str(stage), "--bench", "x.tsv", "--mask-latents"])
     assert refused.exit_code == 2 and "--method lavit" in refused.output
 

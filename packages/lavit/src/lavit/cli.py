@@ -1,6 +1,7 @@
 """The ``lavit`` command line.
 
 lavit train --data <build-lavit-15k output> [--model qwen2.5-vl-3b] [--out runs/lavit] [--preset paper|authors]
+lavit generate --stage <run>/student --data <bench> [--out answers.jsonl] [--mask-latents] [--latents real|zero|shuffle]
 lavit analyze --model NAME=PATH [--model ...] --teacher NAME --data <bench> [--limit N] [--out runs/lavit-analysis]
 """
 
@@ -62,6 +63,60 @@ def train(
     summary = train_student(config, data, model, out, naive=naive)
     shown = {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "samples", "output_dir")}
     typer.echo(json.dumps(shown, indent=2))
+
+
+@app.command()
+def generate(
+    stage: Annotated[str, typer.Option(help="A lavit train stage (<run>/student, or <run>/naive for the control).")],
+    data: Annotated[Path, typer.Option(help="Questions: a TSV, an MMVP or V* folder, or a Visual-CoT JSONL.")],
+    out: Annotated[Path, typer.Option(help="Answers JSONL (one line per question).")] = Path(
+        "runs/lavit-answers.jsonl"
+    ),
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    mask_latents: Annotated[
+        bool, typer.Option("--mask-latents", help="Table 3's 'w/o latent tokens': the answer cannot attend to them.")
+    ] = False,
+    latents: Annotated[
+        str, typer.Option(help="real | zero | shuffle (continuous mode): what the latent steps feed.")
+    ] = ("real"),
+    images: Annotated[Path | None, typer.Option(help="Image root of a Visual-CoT JSONL.")] = None,
+) -> None:
+    """Batched, KV-cached greedy decoding with a trained student: prefill, the K latent steps, then the answer
+    (a naive-SFT stage answers with no latent block). Writes one JSON line per question: id, answer, gold,
+    correct, generated tokens, latent steps."""
+    from lavit.analysis import read_samples
+    from lavit.filters import answers_match
+    from lavit.generate import generate_answers, load_student
+
+    model, processor, latent_ids, mode = load_student(stage, method="lavit generate")
+    if mode == "plain":
+        raise typer.BadParameter(f"{stage} is not a lavit train stage", param_hint="--stage")
+    samples = read_samples(data, limit, images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    right = 0
+    with out.open("w", encoding="utf-8") as handle:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images_, texts = [s["image"] for s in chunk], [s["text"] for s in chunk]
+            if latent_ids:
+                got = generate_answers(
+                    model, processor, images_, texts, latent_ids, mode, max_new_tokens, mask_latents, latents
+                )
+                answers, counts, steps = got.texts, got.token_counts, got.latent_steps
+            else:  # the naive-SFT control: the same prompt, no latent block
+                from lavit.analysis import response_maps
+
+                got = response_maps(model, processor, images_, texts, None, max_new_tokens=max_new_tokens)
+                answers, counts, steps = [g.answer for g in got], [len(g.answer_ids) for g in got], [0] * len(got)
+            for sample, answer, count, step in zip(chunk, answers, counts, steps, strict=True):
+                gold = sample.get("answer")
+                correct = None if gold is None else answers_match(answer, str(gold))
+                right += bool(correct)
+                row = {"id": sample["id"], "answer": answer, "gold": gold, "correct": correct}
+                handle.write(json.dumps({**row, "generated_tokens": count, "latent_steps": step}) + "\n")
+    typer.echo(f"{len(samples)} answers ({right} correct) written to {out}")
 
 
 @app.command()
