@@ -262,6 +262,23 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
             json.loads(line) for line in next((tmp_path / name).glob("*/samples.jsonl")).read_text().splitlines()
         ]
         assert len(samples) == 2 and all(s["latent_steps"] == 2 for s in samples)
+    # --latent-diagnostics: every sample also answered with zeroed, shuffled and masked latents; the masked control's
+    # predictions are those of the --mask-latents run; the summary's rates are the records' means.
+    args = ["eval", "--model", str(stage), "--method", "lavit", "--bench", str(shapes / "test" / "shapes_mc.tsv"),
+            "--out", str(tmp_path / "diag"), "--limit", "2", "--max-new-tokens", "4",
+            "--latent-diagnostics"]  # fmt: skip
+    result = CliRunner().invoke(latent_app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in next((tmp_path / "diag").glob("*/samples.jsonl")).read_text().splitlines()]
+    masked = [json.loads(x) for x in next((tmp_path / "masked").glob("*/samples.jsonl")).read_text().splitlines()]
+    assert [r["controls"]["masked"]["prediction"] for r in records] == [r["prediction"] for r in masked]
+    controls = json.loads((tmp_path / "diag" / "summary.json").read_text())["benches"]["shapes_mc"]["latent_controls"]
+    assert sorted(controls) == ["masked", "shuffle", "zero"]
+    for name, entry in controls.items():
+        rows = [r["controls"][name] for r in records]
+        assert all(c["changed"] == (c["extracted"] != r["extracted"]) for c, r in zip(rows, records, strict=True))
+        assert entry["n"] == 2 and entry["change_rate"] == sum(c["changed"] for c in rows) / 2
+
     # `lavit generate`: the same decoding as a command, one line per question, the gold answer and its score.
     from lavit.filters import answers_match
 

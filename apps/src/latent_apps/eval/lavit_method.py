@@ -4,8 +4,10 @@ answer), registered as ``lavit`` when this module is imported (``latent_apps.eva
 Prompts are the training ones (:func:`latent_apps.eval.methods.build_prompt_text` with no instruction, as
 :class:`lavit.data.LavitCollator` asks), one image per sample, LEFT-padded, greedy
 (:func:`lavit.generate.generate_answers`). ``mask_latents=True`` (``latent eval --method lavit --mask-latents``) is
-Table 3's "w/o latent tokens": the answer's queries get a hard mask on the latent positions. Each sample reports its
-generated tokens (the end of turn included), ``latent_steps`` (K) and ``truncated``.
+Table 3's "w/o latent tokens": the answer's queries get a hard mask on the latent positions. ``diagnostics=True``
+(``--latent-diagnostics``) also answers each sample with the latents zeroed, shuffled across the batch (continuous
+mode) and masked; the runner scores them and the summary's ``latent_controls`` gives accuracy and change rate.
+Each sample reports its generated tokens (the end of turn included), ``latent_steps`` (K) and ``truncated``.
 
 ``--model`` is a ``lavit train`` stage (``<run>/student``: the trained weights on the base it names, with the latent
 tokens of its ``latent_stage.json``); a ``lavit train --naive`` stage (the control) is decoded with the same prompt
@@ -15,6 +17,7 @@ and no latent block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from latent_apps.eval.methods import Generation, build_prompt_text, register_method
@@ -30,8 +33,9 @@ class LavitMethod:
     staged = False
     default_max_new_tokens = 64
 
-    def __init__(self, mask_latents: bool = False, mode: str | None = None) -> None:
+    def __init__(self, mask_latents: bool = False, mode: str | None = None, diagnostics: bool = False) -> None:
         self.mask_latents = mask_latents
+        self.diagnostics = diagnostics
         self.mode = mode
         self.latent_ids: list[int] | None = None
 
@@ -57,18 +61,28 @@ class LavitMethod:
         texts = [build_prompt_text(sample, self.instruction) for sample in samples]
         if self.mode == "naive":  # the naive-SFT control: the same prompt, no latent block
             return self._plain(model, processor, samples, texts, max_new_tokens)
-        answers = generate_answers(
-            model, processor, images, texts, self.latent_ids, self.mode or "continuous", max_new_tokens,
-            mask_latents=self.mask_latents,
-        )  # fmt: skip
+        mode = self.mode or "continuous"
+        run = partial(generate_answers, model, processor, images, texts, self.latent_ids, mode, max_new_tokens)
+        answers = run(mask_latents=self.mask_latents)
+        controls: list[dict[str, str]] = [{} for _ in samples]
+        if self.diagnostics:  # the latent diagnostics: zeroed / shuffled latents (continuous mode), masked latents
+            runs = {"masked": {"mask_latents": True}}
+            if mode == "continuous":
+                runs = {"zero": {"latents": "zero"}, "shuffle": {"latents": "shuffle"}, **runs}
+            for name, kwargs in runs.items():
+                for row, text in zip(controls, run(**kwargs).texts, strict=True):
+                    row[name] = text
         return [
             Generation(
                 text=text,
                 generated_tokens=min(count + 1, max_new_tokens),
                 latent_steps=steps,
                 truncated=count >= max_new_tokens,
+                controls=control or None,
             )
-            for text, count, steps in zip(answers.texts, answers.token_counts, answers.latent_steps, strict=True)
+            for text, count, steps, control in zip(
+                answers.texts, answers.token_counts, answers.latent_steps, controls, strict=True
+            )
         ]
 
     def _plain(self, model, processor, samples, texts, max_new_tokens) -> list[Generation]:

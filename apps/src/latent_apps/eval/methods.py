@@ -67,6 +67,8 @@ class Generation:
             batch wall time / batch size.
         thinking_tokens: generated thinking tokens (Heima), ``None`` for methods without them.
         truncated: the generation stopped at ``max_new_tokens`` without an end-of-sequence token.
+        controls: the answer texts of the same sample under controls (LaViT's latent diagnostics: ``zero``,
+            ``shuffle``, ``masked``), scored like the answer and summarised as ``latent_controls``; ``None`` if none.
     """
 
     text: str
@@ -76,6 +78,7 @@ class Generation:
     latency_s: float | None = None
     thinking_tokens: int | None = None
     truncated: bool = False
+    controls: dict[str, str] | None = None
 
 
 class EvalMethod(Protocol):

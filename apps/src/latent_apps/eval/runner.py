@@ -268,7 +268,25 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_latent_steps": _mean(r["latent_steps"] for r in records if r["latent_steps"] is not None),
         "mean_latency_s": _mean(latencies),
         "tokens_per_s": sum(tokens) / sum(latencies) if latencies and sum(latencies) > 0 else None,
+        **_control_summary(records),
     }
+
+
+def _control_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``latent_controls``: per control (zeroed / shuffled / masked latents) its accuracy and the rate at which the
+    extracted answer changed, over the records that carry it; empty when none does."""
+    names = sorted({name for r in records for name in r.get("controls") or {}})
+    if not names:
+        return {}
+    out = {}
+    for name in names:
+        rows = [r["controls"][name] for r in records if name in (r.get("controls") or {})]
+        out[name] = {
+            "n": len(rows),
+            "accuracy": sum(bool(c["correct"]) for c in rows) / len(rows),
+            "change_rate": sum(bool(c["changed"]) for c in rows) / len(rows),
+        }
+    return {"latent_controls": out}
 
 
 def majority_baseline(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -338,7 +356,7 @@ def _record(sample: dict[str, Any], gen: Generation, latency_s: float, staged: b
     unanswered = scope is None
     extracted = None if unanswered else extract_answer(scope, kind, options or None)
     index = sample.get("index")
-    return {
+    record = {
         "id": str(sample["id"]),
         "index": index if isinstance(index, int | str) or index is None else str(index),
         "category": sample.get("category"),
@@ -357,6 +375,15 @@ def _record(sample: dict[str, Any], gen: Generation, latency_s: float, staged: b
         "latent_steps": gen.latent_steps,
         "latency_s": latency_s,
     }
+    if gen.controls:  # the same sample under controls, scored the same way; "changed": another extracted answer
+        record["controls"] = {}
+        for name, text in gen.controls.items():
+            other = extract_answer(text, kind, options or None)
+            record["controls"][name] = {
+                "prediction": text, "extracted": other, "correct": is_correct(other, gold, kind),
+                "changed": other != extracted,
+            }  # fmt: skip
+    return record
 
 
 def _run_batch(model, processor, method: EvalMethod, batch, max_new_tokens: int, f) -> None:
@@ -682,6 +709,14 @@ def eval_command(
             "--mask-latents", help="--method lavit: mask the latent positions for the answer (Table 3's w/o latents)."
         ),
     ] = False,
+    latent_diagnostics: Annotated[
+        bool,
+        typer.Option(
+            "--latent-diagnostics",
+            help="--method lavit: also answer with the latents zeroed, shuffled across the batch and masked; the "
+            "summary's latent_controls gives each one's accuracy and answer-change rate.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a method on benchmark files: greedy decoding, answer extraction, per-sample JSONL (resumable)
     and summary.json / summary.md with accuracy next to the majority baseline (and the blank-image control with
@@ -695,12 +730,16 @@ def eval_command(
         get_method(method)
     except UnknownMethodError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
-    if mask_latents and method != "lavit":
-        raise typer.BadParameter("--mask-latents masks a LaViT student's latent positions: use it with --method lavit")
+    if (mask_latents or latent_diagnostics) and method != "lavit":
+        flag = "--mask-latents" if mask_latents else "--latent-diagnostics"
+        raise typer.BadParameter(f"{flag} acts on a LaViT student's latent positions: use it with --method lavit")
+    options = {"mask_latents": True} if mask_latents else {}
+    if latent_diagnostics:
+        options["diagnostics"] = True
     # A bad alias / checkpoint / file, a model that is not available, a resume mismatch: one line (latent_core.cli).
     summary = run_eval(
         model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images,
-        method_options={"mask_latents": True} if mask_latents else None,
+        method_options=options or None,
     )  # fmt: skip
     table = Table(title=f"{summary['method']} on {summary['model']} (max_new_tokens={summary['max_new_tokens']})")
     for column in TABLE_COLUMNS:
