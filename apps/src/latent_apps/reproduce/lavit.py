@@ -171,7 +171,11 @@ def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
     from latent_apps.reproduce.heima import eval_row
 
     bench = shapes / "test" / "shapes_mc.tsv"
-    jobs = [(name, info["dir"], {}, name in ("naive SFT", "LaViT")) for name, info in trained.items()]
+    diagnostics = {"diagnostics": True}  # LaViT also answers with its latents zeroed, shuffled and masked
+    jobs = [
+        (name, info["dir"], diagnostics if name == "LaViT" else {}, name in ("naive SFT", "LaViT"))
+        for name, info in trained.items()
+    ]
     jobs.append(("LaViT, latents masked", trained["LaViT"]["dir"], {"mask_latents": True}, False))
     results = {}
     for label, model, options, blank in jobs:
@@ -182,6 +186,8 @@ def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
             method_options=options, blank=blank, show_progress=run.show_progress,
         )["benches"][bench.stem]  # fmt: skip
         results[label] = eval_row(summary)
+        if summary.get("latent_controls"):
+            results[label]["latent_controls"] = summary["latent_controls"]
     return results
 
 
@@ -244,9 +250,15 @@ def _markdown(results: dict[str, Any]) -> str:
             f"{_num(entry.get('kl_to_teacher'))} | {_num(entry.get('kl_to_teacher_answer'))} | "
             f"{_num(entry.get('kl_to_teacher_latent'))} |"
         )
+    controls = results["eval"]["LaViT"].get("latent_controls", {})
+    if controls:
+        lines += ["", f"LaViT's latents on the {results['eval']['LaViT']['n']} test questions: " + "; ".join(
+            f"{name} accuracy {_pct(c['accuracy'])}, answers changed {_pct(c['change_rate'])}"
+            for name, c in controls.items()
+        ) + "."]  # fmt: skip
     diag = results["analysis"]["models"].get("LaViT", {}).get("diagnostics", {})
     if diag:
-        lines += ["", "LaViT's latents: " + "; ".join(
+        lines += ["", "Analysis questions, LaViT's latents: " + "; ".join(
             f"{kind} accuracy {_pct(d['accuracy'])}, answers changed {_pct(d['change_rate'])}"
             for kind, d in diag.items() if isinstance(d, dict)
         ) + f"; mean pairwise cosine {_num(diag.get('mean_pairwise_cosine'))}."]  # fmt: skip
@@ -272,6 +284,11 @@ def reproduce_lavit(run: LavitRun, command: str = "") -> dict[str, Any]:
         "lavit_accuracy": evaluated["LaViT"]["accuracy"],
         "masked_latents_accuracy": evaluated["LaViT, latents masked"]["accuracy"],
         **{f"{_key(n)}_accuracy": r["accuracy"] for n, r in evaluated.items() if n not in _MAIN},
+        **{
+            f"{name}_latents_{what}": entry[what]
+            for name, entry in evaluated["LaViT"].get("latent_controls", {}).items()
+            for what in ("accuracy", "change_rate")
+        },
         "majority_accuracy": evaluated["LaViT"]["majority_baseline"],
         "naive_blank_accuracy": evaluated["naive SFT"].get("blank_accuracy"),
         "lavit_blank_accuracy": evaluated["LaViT"].get("blank_accuracy"),
