@@ -155,13 +155,13 @@ def test_analyze_models_summary_kl_and_diagnostics(tmp_path):
     ]
     summary = analyze_models(
         {"teacher": "teacher", "student": "student"}, samples, tmp_path, teacher="teacher", batch_size=2,
-        max_new_tokens=3, overlays=2, loader=lambda path: loaded[path],
+        max_new_tokens=2, overlays=2, loader=lambda path: loaded[path],
     )  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["model"], r["id"]) for r in rows] == [(m, str(i)) for m in ("teacher", "student") for i in range(3)]
     images, texts = [s["image"] for s in samples], [s["text"] for s in samples]
-    ref_t = response_maps(teacher, t_proc, images, texts, max_new_tokens=3)
-    ref_s = response_maps(student, s_proc, images, texts, ids, max_new_tokens=3)
+    ref_t = response_maps(teacher, t_proc, images, texts, max_new_tokens=2)
+    ref_s = response_maps(student, s_proc, images, texts, ids, max_new_tokens=2)
     student_rows = [r for r in rows if r["model"] == "student"]
     for row, t, s in zip(student_rows, ref_t, ref_s, strict=True):
         assert row["kl_to_teacher"] == pytest.approx(map_kl(t.response_map, s.response_map), rel=1e-5)
@@ -174,7 +174,7 @@ def test_analyze_models_summary_kl_and_diagnostics(tmp_path):
         other = []
         for start in (0, 2):  # the same batches as the analysis
             chunk = slice(start, start + 2)
-            got = generate_answers(student, s_proc, images[chunk], texts[chunk], ids, "continuous", 3, **kwargs)
+            got = generate_answers(student, s_proc, images[chunk], texts[chunk], ids, "continuous", 2, **kwargs)
             other += got.texts
         assert entry["diagnostics"][kind]["change_rate"] == pytest.approx(change_rate(real, other))
         assert entry["diagnostics"][kind]["accuracy"] == pytest.approx(sum(answers_match(a, "yes") for a in other) / 3)
