@@ -247,6 +247,7 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     assert any(k.startswith("phi.") for k in load_file(str(stage / "extra_modules.safetensors")))
     summary = json.loads((stage / "lavit_train.json").read_text())
     assert summary["steps"] == 2 and summary["gamma"][0] < 1e-5 and summary["loss_curves"]["traj_loss"]
+    assert (stage / "lavit_train.png").stat().st_size > 1000
 
     # `latent eval --method lavit` decodes the stage on the shapes TSV, with and without the latents masked.
     from latent_apps.cli import app as latent_app

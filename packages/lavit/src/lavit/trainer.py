@@ -3,7 +3,8 @@
 The student base (default ``qwen2.5-vl-3b``) gets the K latent tokens; its vision tower is frozen and every other
 weight trains (Table A1: full fine-tuning of the LLM; a full-weight stage of :class:`latent_core.LatentTrainer`,
 saved as the trainable weights plus phi); the gate gamma(t) of Eq. 5 is set before every optimizer step. The run
-writes ``lavit_train.json`` (steps, every loss by name per logged step, gamma per step) next to the stage.
+writes ``lavit_train.json`` (steps, every loss by name per logged step, gamma per step) and ``lavit_train.png`` (the
+curves) next to the stage.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from latent_core.attention import gate_schedule
 
 from lavit.config import LavitConfig, latent_tokens
 
-__all__ = ["SUPPORTED_FAMILIES", "train_student"]
+__all__ = ["SUPPORTED_FAMILIES", "plot_curves", "train_student"]
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_5_vl",)
 """The student families: image tokens in the sequence with M-RoPE (the paper's Qwen2.5-VL)."""
@@ -105,4 +106,30 @@ def _train_and_summarise(trainer: Any, out: Path, **facts: Any) -> dict[str, Any
     summary["loss_curves"] = {name: [h[name] for h in history if name in h] for name in names}
     if trainer.args.should_save:
         (out / "lavit_train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        plot_curves(summary, out / "lavit_train.png")
     return summary
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """``lavit_train.png``: every logged loss curve by name (log scale) and, for a student, gamma per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: values for name, values in summary.get("loss_curves", {}).items() if values}
+    gamma = summary.get("gamma") or []
+    fig, axes = plt.subplots(1, 2 if gamma else 1, figsize=(10 if gamma else 5, 3.2), squeeze=False)
+    for name, values in curves.items():
+        axes[0][0].plot(range(1, len(values) + 1), values, label=name)
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_xlabel("logged step")
+    axes[0][0].set_title("losses")
+    axes[0][0].legend(fontsize=7)
+    if gamma:
+        axes[0][1].plot(range(len(gamma)), gamma)
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_title("gate gamma(t) (Eq. 5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
