@@ -311,6 +311,33 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     assert all(s["latent_steps"] == 0 for s in samples)
 
 
+def test_lavit_train_lora_option(tmp_path):
+    """--lora-r: an adapter stage (LoRA matrices, the latent tokens' rows, phi), the base's weights untouched;
+    latent eval decodes it."""
+    from latent_core.testing import save_tiny_model
+    from lavit.cli import app
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    shapes, _ = _built_teacher_data(tmp_path, scenes=2)
+    base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
+    args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
+            "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--num-latents", "2",
+            "--lora-r", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stage = tmp_path / "run" / "student"
+    adapter = load_file(str(stage / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and not any("visual" in k for k in adapter)
+    assert json.loads((stage / "latent_stage.json").read_text())["tokens"] == ["<v-trace_1>", "<v-trace_2>"]
+    from latent_apps.cli import app as latent_app
+
+    args = ["eval", "--model", str(stage), "--method", "lavit", "--bench", str(shapes / "test" / "shapes_mc.tsv"),
+            "--out", str(tmp_path / "eval"), "--limit", "2", "--max-new-tokens", "3"]  # fmt: skip
+    result = CliRunner().invoke(latent_app, args)
+    assert result.exit_code == 0, result.output
+
+
 def _naive_loop(student, prompt, answer, labels, vsem):
     """The reference for continuous mode: no KV cache, no latent-core loop. Each sample alone (no padding); each
     latent step re-runs the language model over the whole sequence so far (Coconut's recompute) and feeds the last

@@ -41,6 +41,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Data order and initialisation seed.")] = 0,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3, zero3_offload or a JSON config.")] = None,
     activation_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing in the LLM.")] = False,
+    lora_r: Annotated[int, typer.Option(min=0, help="0: full fine-tuning (Table A1); r > 0: LoRA of rank r.")] = 0,
     naive: Annotated[
         bool, typer.Option("--naive", help="The control: naive SFT on the same samples (no latents, no teacher).")
     ] = False,
@@ -55,7 +56,7 @@ def train(
         per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed, deepspeed=deepspeed,
         concept_weight=0.3 if concept else 0.0, traj_weight=0.3 if traj else 0.0, logging_steps=1, report_to=[],
         remove_unused_columns=False, save_strategy="steps", save_steps=100,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, lora_r=lora_r,
     )  # fmt: skip
     if mode is not None:
         overrides["latent_mode"] = mode

@@ -59,6 +59,10 @@ class LavitConfig(LatentTrainingArguments):
     traj_weight: float = field(default=0.3, metadata={"help": "Eq. 9: lambda = 0.3 on L_traj (0: off)."})
     min_pixels: int = field(default=200_704, metadata={"help": "Table A1: min_pixels 200,704."})
     max_pixels: int = field(default=1_003_520, metadata={"help": "Table A1: max_pixels 1,003,520."})
+    lora_r: int = field(
+        default=0, metadata={"help": "0: full fine-tuning of the LLM (Table A1); r > 0: LoRA of rank r instead."}
+    )
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2r)."})
 
     def __post_init__(self) -> None:
         if self.latent_mode not in ("continuous", "discrete"):

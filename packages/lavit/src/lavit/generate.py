@@ -54,7 +54,8 @@ def load_student(path: str, method: str = "lavit") -> tuple[Any, Any, list[int] 
     from latent_core.inference import load_trained
     from latent_core.trainer import stage_info
 
-    model, processor = load_trained(path, families=("qwen2_5_vl",), method=method)
+    # phi (Eq. 6's projection to the teacher's width) is a training head: inference leaves it out
+    model, processor = load_trained(path, families=("qwen2_5_vl",), method=method, skip_extra_prefixes=("phi.",))
     info = stage_info(path)
     if info.get("method") != "lavit":
         return model, processor, None, "plain"

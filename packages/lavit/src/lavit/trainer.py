@@ -2,7 +2,8 @@
 
 The student base (default ``qwen2.5-vl-3b``) gets the K latent tokens; its vision tower is frozen and every other
 weight trains (Table A1: full fine-tuning of the LLM; a full-weight stage of :class:`latent_core.LatentTrainer`,
-saved as the trainable weights plus phi); the gate gamma(t) of Eq. 5 is set before every optimizer step. The run
+saved as the trainable weights plus phi; ``lora_r > 0``: LoRA adapters on the language model and the latent
+tokens' rows instead, an adapter stage); the gate gamma(t) of Eq. 5 is set before every optimizer step. The run
 writes ``lavit_train.json`` (steps, every loss by name per logged step, gamma per step) and ``lavit_train.png`` (the
 curves) next to the stage.
 """
@@ -55,8 +56,12 @@ def train_student(
     if vision is not None:
         vision.requires_grad_(False)  # Table A1: vision tower frozen, LLM trained
     if naive:
+        if config.lora_r:
+            base = _lora(config, base, [])
         return _train_naive(config, base, processor, rows, Path(out or config.output_dir) / "naive")
     ids = add_special_tokens(base, processor, latent_tokens(config.num_latents))
+    if config.lora_r:  # the LoRA option: adapters on the language model, the latent tokens' rows trainable
+        base = _lora(config, base, ids)
     student = LavitStudent(base, ids, teacher_hidden=int(rows[0]["vsem_mean"].shape[-1]), mode=config.latent_mode)
     gammas: list[float] = []
 
@@ -76,6 +81,12 @@ def train_student(
     )
     out = Path(out or config.output_dir) / "student"
     return _train_and_summarise(trainer, out, gamma=gammas, samples=len(rows))
+
+
+def _lora(config: LavitConfig, base: Any, ids: list[int]) -> Any:
+    from latent_core.lora import prepare_lora_model
+
+    return prepare_lora_model(base, new_token_ids=ids, r=config.lora_r, alpha=config.lora_alpha or 2 * config.lora_r)
 
 
 def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict[str, Any]], out: Path) -> dict:
