@@ -144,6 +144,7 @@ def test_analyze_models_summary_kl_and_diagnostics(tmp_path):
 
     from lavit.analysis import analyze_models, response_maps
     from lavit.filters import answers_match
+    from lavit.teacher import trajectory_target
 
     teacher, t_proc = tiny_model("qwen2_5_vl", seed=5)
     student, s_proc = tiny_model("qwen2_5_vl", seed=6)
@@ -166,6 +167,8 @@ def test_analyze_models_summary_kl_and_diagnostics(tmp_path):
     for row, t, s in zip(student_rows, ref_t, ref_s, strict=True):
         assert row["kl_to_teacher"] == pytest.approx(map_kl(t.response_map, s.response_map), rel=1e-5)
         assert row["kl_to_teacher_latent"] == pytest.approx(map_kl(t.response_map, s.latent_map), rel=1e-5)
+        target = trajectory_target(t.response_map)["target"]
+        assert row["kl_to_traj_target_latent"] == pytest.approx(map_kl(target, s.latent_map), rel=1e-4)
     entry = summary["models"]["student"]
     assert entry["kl_to_teacher"] == pytest.approx(sum(r["kl_to_teacher"] for r in student_rows) / 3)
     assert summary["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)

@@ -240,15 +240,17 @@ def _markdown(results: dict[str, Any]) -> str:
     first = next(iter(results["eval"].values()))
     lines += ["", f"Majority baseline: {_pct(first['majority_baseline'])} ({first['n']} test questions).", ""]
     lines += [
-        "| model (analysis) | accuracy | entropy | salient | CV | KL to teacher | KL, answer rows | KL, latent rows |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model (analysis) | accuracy | entropy | salient | CV | KL to teacher | KL, answer rows | KL, latent rows "
+        "| KL to A_traj target | same, latent rows |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, entry in results["analysis"]["models"].items():
         lines.append(
             f"| {name} | {_pct(entry.get('correct'))} | {_num(entry.get('response_entropy'))} | "
             f"{_num(entry.get('response_salient'), '.2f')} | {_num(entry.get('response_cv'))} | "
             f"{_num(entry.get('kl_to_teacher'))} | {_num(entry.get('kl_to_teacher_answer'))} | "
-            f"{_num(entry.get('kl_to_teacher_latent'))} |"
+            f"{_num(entry.get('kl_to_teacher_latent'))} | {_num(entry.get('kl_to_traj_target'))} | "
+            f"{_num(entry.get('kl_to_traj_target_latent'))} |"
         )
     controls = results["eval"]["LaViT"].get("latent_controls", {})
     if controls:
@@ -296,6 +298,8 @@ def reproduce_lavit(run: LavitRun, command: str = "") -> dict[str, Any]:
         "student_teacher_kl_lavit": models["LaViT"]["kl_to_teacher"],
         "student_teacher_kl_lavit_answer_rows": models["LaViT"]["kl_to_teacher_answer"],
         "student_teacher_kl_lavit_latent_rows": models["LaViT"]["kl_to_teacher_latent"],
+        "student_traj_target_kl_naive": models["naive SFT"]["kl_to_traj_target"],
+        "student_traj_target_kl_lavit_latent_rows": models["LaViT"]["kl_to_traj_target_latent"],
         "entropy_base": models["base"]["response_entropy"],
         "entropy_teacher": models["teacher"]["response_entropy"],
         "entropy_naive": models["naive SFT"]["response_entropy"],

@@ -287,9 +287,10 @@ def analyze_models(
     the greedy answer (its ``<CONCLUSION>`` when it writes one, scored against the gold one with
     :func:`lavit.filters.answers_match`) and its response maps
     (:func:`response_maps`) with :func:`attention_stats`; the KL of each model's maps to the ``teacher`` model's
-    response map (resampled onto the model's grid when grids differ). For a LaViT student, the diagnostics: answers
-    with the latents zeroed, shuffled across the batch (continuous mode) and masked, their accuracies and change
-    rates against the real answers, and the mean pairwise cosine of the latents fed.
+    response map (resampled onto the model's grid when grids differ), and to that map made into L_traj's target
+    (:func:`lavit.teacher.trajectory_target`: min-max, Top-K, renormalised). For a LaViT student, the diagnostics:
+    answers with the latents zeroed, shuffled across the batch (continuous mode) and masked, their accuracies and
+    change rates against the real answers, and the mean pairwise cosine of the latents fed.
 
     Writes ``<out>/samples.jsonl`` (per sample and model), ``<out>/analysis.json`` (the summary, returned) and
     ``<out>/overlays/<n>.png`` (the first ``overlays`` samples, one panel per model). ``loader(path) -> (model,
@@ -300,6 +301,7 @@ def analyze_models(
     from lavit.filters import answers_match
     from lavit.generate import generate_answers, load_student
     from lavit.losses import resample_trajectory
+    from lavit.teacher import trajectory_target
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,8 +345,12 @@ def analyze_models(
                 target = resample_trajectory(ref.response_map / ref.response_map.sum(), ref.grid, got.grid)
                 row["kl_to_teacher"] = map_kl(target, got.response_map)
                 row["kl_to_teacher_answer"] = map_kl(target, got.answer_map)
+                # the same map as L_traj's target: min-max, Top-K, renormalised (Eq. 3)
+                top_k = resample_trajectory(trajectory_target(ref.response_map)["target"], ref.grid, got.grid)
+                row["kl_to_traj_target"] = map_kl(top_k, got.response_map)
                 if got.latent_map is not None:
                     row["kl_to_teacher_latent"] = map_kl(target, got.latent_map)
+                    row["kl_to_traj_target_latent"] = map_kl(top_k, got.latent_map)
         keys = sorted({key for row in rows for key in row if key not in ("id", "model", "answer", "final", "grid")})
         entry: dict[str, Any] = {"path": str(models[name]), "mode": mode}
         entry.update({key: _mean([float(row[key]) for row in rows if key in row]) for key in keys})
