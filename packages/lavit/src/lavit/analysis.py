@@ -378,7 +378,8 @@ def analyze_models(
     for i, sample in enumerate(samples[:overlays]):
         panels = {name: maps[name][i].response_map for name in order}
         grids = {name: maps[name][i].grid for name in order}
-        title = f"{sample['id']}: " + "; ".join(f"{name} {maps[name][i].answer!r}"[:40] for name in order)
+        finals = {name: conclusion_of(maps[name][i].answer) or maps[name][i].answer for name in order}
+        title = f"{sample['id']}: " + "; ".join(f"{name} {finals[name][:20]!r}" for name in order)
         write_overlay(out / "overlays" / f"{i:03d}.png", sample["image"], panels, grids, title)
     (out / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
