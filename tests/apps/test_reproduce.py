@@ -4,6 +4,7 @@ claim belong to the full run (README), not to this test."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -150,3 +151,8 @@ def test_reduced_lavit_reproduction(tmp_path):
     ).is_file()
     again = reproduce_lavit(run, command="test")
     assert again["eval"] == results["eval"] and again["record"]["wall_s"] < record["wall_s"]
+    # other settings with the same --out are refused, never mixed with the old results
+    from latent_core.cli import UserError
+
+    with pytest.raises(UserError, match="other settings"):
+        reproduce_lavit(dataclasses.replace(run, steps=3), command="test")

@@ -311,7 +311,8 @@ def test_lavit_train_command_saves_a_full_weight_student(tmp_path, monkeypatch):
     assert all(s["latent_steps"] == 0 for s in samples)
 
 
-def test_lavit_train_lora_option(tmp_path):
+@pytest.mark.parametrize("mode", ["continuous", "discrete"])
+def test_lavit_train_lora_option(tmp_path, mode):
     """--lora-r: an adapter stage (LoRA matrices, the latent tokens' rows, phi), the base's weights untouched;
     latent eval decodes it."""
     from latent_core.testing import save_tiny_model
@@ -323,7 +324,7 @@ def test_lavit_train_lora_option(tmp_path):
     base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
     args = ["train", "--data", str(tmp_path / "data"), "--model", str(base), "--out", str(tmp_path / "run"),
             "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--num-latents", "2",
-            "--lora-r", "4"]  # fmt: skip
+            "--lora-r", "4", "--mode", mode]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     stage = tmp_path / "run" / "student"

@@ -36,7 +36,7 @@ import contextlib
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,14 @@ class LavitRun:
     analysis_max_new_tokens: int = 400
     seed: int = 0
     show_progress: bool = True
+    own_build: bool = field(default=False, init=False, repr=False)
 
     def resolve(self) -> LavitRun:
         root = _checkout()
         self.teacher = Path(self.teacher or root / BASE_ROOT / "qwen2_5_vl-small")
         self.student = Path(self.student or root / BASE_ROOT / "qwen2_5_vl")
         self.shapes = Path(self.shapes or self.out / "shapes")
+        self.own_build = self.teacher_data is None  # built here (checked against --build-samples), not given
         self.teacher_data = Path(self.teacher_data or self.out / "teacher-data")
         return self
 
@@ -110,8 +112,14 @@ def _build(run: LavitRun, shapes: Path) -> dict[str, Any]:
     from lavit.teacher import TeacherOptions
 
     manifest = run.teacher_data / MANIFEST_NAME
-    if manifest.is_file() and "counts" in json.loads(manifest.read_text()):
-        return json.loads(manifest.read_text())
+    if manifest.is_file() and "counts" in json.loads(manifest.read_text()):  # a finished build (or --teacher-data)
+        done = json.loads(manifest.read_text())
+        if run.own_build and done["settings"].get("limit") != run.build_samples:
+            from latent_core.cli import UserError
+
+            raise UserError(f"{run.teacher_data} holds a build of {done['settings'].get('limit')} questions, not "
+                            f"--build-samples {run.build_samples}: use another --out")  # fmt: skip
+        return done
     _say(run, f"building the teacher data ({run.build_samples} questions) in {run.teacher_data}")
     config = BuildConfig(
         data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(run.teacher_data),
@@ -135,6 +143,7 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
         out = run.out / "train" / _slug(name)
         stage = out / ("naive" if naive else "student")
         summary_path = stage / "lavit_train.json"
+        _check_settings(out, _train_settings(run, name), reuse=summary_path.is_file())
         if not summary_path.is_file():
             _say(run, f"training {name} ({run.steps} steps)")
             values = dict(
@@ -151,6 +160,26 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
         facts = ("steps", "samples", "first_loss", "last_loss", "seconds")
         trained[name] = {"dir": str(stage), **{k: summary.get(k) for k in facts}}
     return trained
+
+
+SETTINGS_NAME = "reproduce_settings.json"
+
+
+def _train_settings(run: LavitRun, name: str) -> dict[str, Any]:
+    keys = ("student", "teacher_data", "steps", "gate_warmup", "batch_size", "learning_rate", "num_latents", "seed")
+    return {"variant": name, **{k: str(getattr(run, k)) for k in keys}}
+
+
+def _check_settings(directory: Path, settings: dict[str, Any], reuse: bool) -> None:
+    """A step's output is reused only if it was made with the same settings: a re-run with other settings and the
+    same ``--out`` is refused (use another ``--out``), never mixed with the old results."""
+    path = directory / SETTINGS_NAME
+    if reuse and path.is_file() and json.loads(path.read_text()) != settings:
+        from latent_core.cli import UserError
+
+        raise UserError(f"{directory} was made with other settings ({path}): use another --out")
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _slug(name: str) -> str:
@@ -196,6 +225,13 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
     from lavit.analysis import analyze_models, read_samples
 
     out = run.out / "analysis"
+    settings = {
+        "models": {k: str(v) for k, v in (("teacher", run.teacher), ("student", run.student))},
+        "trained": {name: info["dir"] for name, info in trained.items()},
+        "samples": run.analysis_samples,
+        "max_new_tokens": run.analysis_max_new_tokens,
+    }
+    _check_settings(out, settings, reuse=(out / "analysis.json").is_file())
     if (out / "analysis.json").is_file():
         return json.loads((out / "analysis.json").read_text())
     _say(run, f"analysing attention on {run.analysis_samples} test questions")
@@ -286,10 +322,11 @@ def reproduce_lavit(run: LavitRun, command: str = "") -> dict[str, Any]:
         "lavit_accuracy": evaluated["LaViT"]["accuracy"],
         "masked_latents_accuracy": evaluated["LaViT, latents masked"]["accuracy"],
         **{f"{_key(n)}_accuracy": r["accuracy"] for n, r in evaluated.items() if n not in _MAIN},
-        **{
+        **{  # the zeroed / shuffled controls; the masked one's accuracy is the separate run's above
             f"{name}_latents_{what}": entry[what]
             for name, entry in evaluated["LaViT"].get("latent_controls", {}).items()
             for what in ("accuracy", "change_rate")
+            if not (name == "masked" and what == "accuracy")
         },
         "majority_accuracy": evaluated["LaViT"]["majority_baseline"],
         "naive_blank_accuracy": evaluated["naive SFT"].get("blank_accuracy"),
@@ -299,6 +336,7 @@ def reproduce_lavit(run: LavitRun, command: str = "") -> dict[str, Any]:
         "student_teacher_kl_lavit_answer_rows": models["LaViT"]["kl_to_teacher_answer"],
         "student_teacher_kl_lavit_latent_rows": models["LaViT"]["kl_to_teacher_latent"],
         "student_traj_target_kl_naive": models["naive SFT"]["kl_to_traj_target"],
+        "student_traj_target_kl_lavit": models["LaViT"]["kl_to_traj_target"],
         "student_traj_target_kl_lavit_latent_rows": models["LaViT"]["kl_to_traj_target_latent"],
         "entropy_base": models["base"]["response_entropy"],
         "entropy_teacher": models["teacher"]["response_entropy"],

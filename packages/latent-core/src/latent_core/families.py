@@ -40,6 +40,7 @@ __all__ = [
     "FamilyError",
     "FamilySpec",
     "ModelParts",
+    "backbone_of",
     "family_of",
     "family_of_processor",
     "get_family",
@@ -324,6 +325,12 @@ def _child(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
         f"cannot find the {what} of {type(module).__name__}: none of the attributes {names} exists. "
         "latent_core supports decoders laid out like Llama/Qwen2 (`layers`, `norm`, `embed_tokens`)."
     )
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The model without its LM head (``.model`` of the transformers model, inside a PEFT wrapper when there is
+    one): a forward returns ``last_hidden_state`` and never computes vocabulary logits."""
+    return _unwrap_peft(model).model
 
 
 def model_parts(model: nn.Module) -> ModelParts:

@@ -689,8 +689,10 @@ def read_vstar(root: str | Path, report: ReadReport | None = None, seed: int = 0
             report.skip("bad_options", row_id)
             continue
         boxes = obj["bbox"]
-        boxes = [boxes] if boxes and _number(boxes[0]) else boxes
-        if not all(isinstance(b, list) and len(b) == 4 and all(map(_number, b)) and min(b[2:]) > 0 for b in boxes):
+        boxes = [boxes] if isinstance(boxes, list) and boxes and _number(boxes[0]) else boxes
+        if not isinstance(boxes, list) or not all(
+            isinstance(b, list) and len(b) == 4 and all(map(_number, b)) and min(b[2:]) > 0 for b in boxes
+        ):
             report.skip("bad_bbox", row_id)
             continue
         image_path = next((file.with_suffix(s) for s in _IMAGE_SUFFIXES if file.with_suffix(s).is_file()), None)

@@ -11,7 +11,7 @@ Attention maps are a model's attention over the image tokens (any non-negative s
 - :func:`response_maps`: each model's map on the same inputs (any Qwen2.5-VL: a base, the teacher, a naive-SFT or a
   LaViT student), from its own greedy response: one teacher-forced pass over prompt + (latents) + answer records
   the attention of the **response queries** over the image keys (mean over heads and layers, then over the
-  queries; :func:`latent_core.record_attention`, the same rows as training reads). The response queries are the
+  queries; :func:`latent_core.record_attention`). The response queries are the
   positions that produce the response: for a plain model the last prompt position (it predicts the first answer
   token) and every answer token fed; for a LaViT student the K latent positions and every answer token fed (the
   last latent predicts the first answer token). ``answer_map`` leaves the first K - 1 latent rows out (the
@@ -123,7 +123,7 @@ def response_maps(
         max_new_tokens: the answer budget (a longer answer is cut; its fed tokens still count).
     """
     from latent_core.attention import record_attention
-    from latent_core.families import image_token_mask
+    from latent_core.families import backbone_of, image_token_mask
     from latent_core.latents import forward_with_latents
     from latent_core.prompts import encode_chats, render_prompts
 
@@ -165,7 +165,7 @@ def response_maps(
             if k:
                 block = torch.tensor(list(latent_ids), device=model.device).expand(batch, -1)
                 extra = torch.cat([block, answer_ids], 1)
-            model.model(**append_tokens(inputs, extra))  # the backbone without the LM head
+            backbone_of(model)(**append_tokens(inputs, extra))  # no LM head; PEFT-wrapped too
         rows = recorder.weights
     grids = _grids(model, inputs)
     results = []

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from latent_core.attention import attention_bias, gate_bias, record_attention
-from latent_core.families import image_token_mask, model_parts
+from latent_core.families import backbone_of, image_token_mask, model_parts
 from latent_core.latents import forward_with_latents
 from latent_core.trainer import LatentModel
 from torch import Tensor
@@ -138,7 +138,7 @@ class LavitStudent(LatentModel):
         batch = answer_ids.shape[0]
         latent = torch.tensor(self.latent_ids, device=answer_ids.device).expand(batch, -1)
         full = append_tokens(inputs, torch.cat([latent, answer_ids], 1))
-        out = self.backbone.model(**full)
+        out = backbone_of(self.backbone)(**full)  # no LM head over the whole sequence; PEFT-wrapped too
         hidden = out.last_hidden_state
         start = inputs["input_ids"].shape[1]
         h_z = hidden[:, start + self.k - 1]

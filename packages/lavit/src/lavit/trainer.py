@@ -63,12 +63,12 @@ def train_student(
     if config.lora_r:  # the LoRA option: adapters on the language model, the latent tokens' rows trainable
         base = _lora(config, base, ids)
     student = LavitStudent(base, ids, teacher_hidden=int(rows[0]["vsem_mean"].shape[-1]), mode=config.latent_mode)
-    gammas: list[float] = []
 
     def gate(step: int) -> None:
         student.gamma = gate_schedule(step, config.gate_warmup, config.gate_eps, config.gate)
-        if len(gammas) <= step:
-            gammas.append(student.gamma)
+
+    # gamma per optimizer step, from the schedule itself (a resumed run reports every step, not only its own)
+    gammas = [gate_schedule(t, config.gate_warmup, config.gate_eps, config.gate) for t in range(config.max_steps)]
 
     trainer = LatentTrainer(
         model=student,
