@@ -6,7 +6,8 @@
 
 ``latents`` (continuous mode) replaces what is fed at the latent steps, for the latent diagnostics
 (:mod:`lavit.analysis`): ``zero`` feeds zeros, ``shuffle`` feeds another sample's hidden state (a fixed permutation
-of the batch, seed 0); ``real`` (default) is the student's own.
+of the batch, seed 0; a batch of one has no other sample and keeps its own, so the last batch of a run should not be
+a single sample); ``real`` (default) is the student's own.
 
 ``mask_latents`` is Table 3's "w/o latent tokens" (masking the latent tokens at inference): every query that
 produces the answer - the last latent position, which predicts the first answer token, and every answer token - gets
