@@ -59,13 +59,14 @@ class LavitMethod:
             raise ValueError("the lavit method needs its model loaded through LavitMethod.load (a `lavit train` stage)")
         images = [sample["image"].convert("RGB") for sample in samples]
         texts = [build_prompt_text(sample, self.instruction) for sample in samples]
-        if self.mode == "naive":  # the naive-SFT control: the same prompt, no latent block
-            return self._plain(model, processor, samples, texts, max_new_tokens)
         mode = self.mode or "continuous"
-        run = partial(generate_answers, model, processor, images, texts, self.latent_ids, mode, max_new_tokens)
+        latent_ids = self.latent_ids or None  # a naive-SFT stage (the control): the same prompt, no latent block
+        run = partial(generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens)
         answers = run(mask_latents=self.mask_latents)
         controls: list[dict[str, str]] = [{} for _ in samples]
-        if self.diagnostics:  # the latent diagnostics: zeroed / shuffled latents (continuous mode), masked latents
+        if (
+            self.diagnostics and latent_ids
+        ):  # the latent diagnostics: zeroed / shuffled latents (continuous mode), masked latents
             runs = {"masked": {"mask_latents": True}}
             if mode == "continuous":
                 runs = {"zero": {"latents": "zero"}, "shuffle": {"latents": "shuffle"}, **runs}
@@ -84,24 +85,6 @@ class LavitMethod:
                 answers.texts, answers.token_counts, answers.latent_steps, controls, strict=True
             )
         ]
-
-    def _plain(self, model, processor, samples, texts, max_new_tokens) -> list[Generation]:
-        import torch
-
-        from latent_apps.eval.methods import build_inputs, count_generated, eos_token_ids
-
-        inputs, prompt_length = build_inputs(model, processor, samples, texts)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        ends = eos_token_ids(model, processor)
-        results = []
-        for row in out[:, prompt_length:]:
-            n = count_generated(row, ends)
-            ended = any(int(t) in ends for t in row[:n])
-            text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            results.append(Generation(text=text, generated_tokens=n, latent_steps=0, truncated=not ended))
-        return results
 
 
 register_method("lavit", LavitMethod)

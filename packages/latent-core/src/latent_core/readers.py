@@ -217,6 +217,17 @@ def _decode_image(data: bytes) -> Image.Image | None:
     return img
 
 
+def _image_or_skip(path: Path | None, report: ReadReport, row_id: str) -> Image.Image | None:
+    """The decoded image at ``path``, or None with the row counted as ``missing_image`` / ``undecodable_image``."""
+    if path is None or not path.is_file():
+        report.skip("missing_image", row_id)
+        return None
+    image = _load_image_file(path)
+    if image is None:
+        report.skip("undecodable_image", row_id)
+    return image
+
+
 def _load_image_file(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as img:
@@ -624,12 +635,8 @@ def read_mmvp(root: str | Path, report: ReadReport | None = None) -> Iterator[di
             report.skip("answer_not_in_options", row_id)
             continue
         image_path = root / "MMVP Images" / f"{row_id}.jpg"
-        if not image_path.is_file():
-            report.skip("missing_image", row_id)
-            continue
-        image = _load_image_file(image_path)
+        image = _image_or_skip(image_path, report, row_id)
         if image is None:
-            report.skip("undecodable_image", row_id)
             continue
         report.keep()
         yield {
@@ -696,12 +703,8 @@ def read_vstar(root: str | Path, report: ReadReport | None = None, seed: int = 0
             report.skip("bad_bbox", row_id)
             continue
         image_path = next((file.with_suffix(s) for s in _IMAGE_SUFFIXES if file.with_suffix(s).is_file()), None)
-        if image_path is None:
-            report.skip("missing_image", row_id)
-            continue
-        image = _load_image_file(image_path)
+        image = _image_or_skip(image_path, report, row_id)
         if image is None:
-            report.skip("undecodable_image", row_id)
             continue
         order = list(range(len(options)))
         random.Random(f"{seed}:{row_id}").shuffle(order)

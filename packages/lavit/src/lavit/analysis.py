@@ -128,7 +128,7 @@ def response_maps(
     from latent_core.prompts import encode_chats, render_prompts
 
     from lavit.generate import generate_answers
-    from lavit.model import append_tokens
+    from lavit.model import append_tokens, merged_grids
 
     tokenizer = getattr(processor, "tokenizer", processor)
     inputs = dict(
@@ -137,13 +137,8 @@ def response_maps(
     inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     batch, prompt_len = inputs["input_ids"].shape
     k = len(latent_ids) if latent_ids else 0
-    if latent_ids:
-        answers = generate_answers(model, processor, images, questions, list(latent_ids), mode, max_new_tokens)
-        sequences = answers.sequences
-    else:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, prompt_len:]
-        ends = {tokenizer.eos_token_id, tokenizer.pad_token_id, *_ids(model.generation_config.eos_token_id)}
-        sequences = [row[: next((i for i, t in enumerate(row) if t in ends), len(row))] for row in out.tolist()]
+    answers = generate_answers(model, processor, images, questions, latent_ids, mode, max_new_tokens)
+    sequences = answers.sequences
     lengths = [len(row) for row in sequences]
     width = max(max(lengths), 1)
     answer_ids = torch.full((batch, width), tokenizer.pad_token_id or 0, dtype=torch.long, device=model.device)
@@ -167,7 +162,7 @@ def response_maps(
                 extra = torch.cat([block, answer_ids], 1)
             backbone_of(model)(**append_tokens(inputs, extra))  # no LM head; PEFT-wrapped too
         rows = recorder.weights
-    grids = _grids(model, inputs)
+    grids = merged_grids(model, inputs)
     results = []
     for b in range(batch):
         sample = rows[b].float().cpu()  # [n_queries, n_image]
@@ -175,7 +170,7 @@ def response_maps(
         predicting = sample[k - 1 :] if k else sample
         results.append(
             ResponseMap(
-                answer=tokenizer.decode(sequences[b], skip_special_tokens=True).strip(),
+                answer=answers.texts[b],
                 answer_ids=list(sequences[b]),
                 response_map=sample.mean(0),
                 answer_map=predicting.mean(0),
@@ -184,20 +179,6 @@ def response_maps(
             )
         )
     return results
-
-
-def _grids(model: Any, inputs: dict[str, Any]) -> list[tuple[int, int]]:
-    from latent_core.families import model_parts
-
-    vision = model_parts(model).vision_tower
-    merge = getattr(getattr(vision, "config", None), "spatial_merge_size", 2)
-    return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def write_overlay(

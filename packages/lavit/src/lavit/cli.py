@@ -101,16 +101,10 @@ def generate(
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             images_, texts = [s["image"] for s in chunk], [s["text"] for s in chunk]
-            if latent_ids:
-                got = generate_answers(
-                    model, processor, images_, texts, latent_ids, mode, max_new_tokens, mask_latents, latents
-                )
-                answers, counts, steps = got.texts, got.token_counts, got.latent_steps
-            else:  # the naive-SFT control: the same prompt, no latent block
-                from lavit.analysis import response_maps
-
-                got = response_maps(model, processor, images_, texts, None, max_new_tokens=max_new_tokens)
-                answers, counts, steps = [g.answer for g in got], [len(g.answer_ids) for g in got], [0] * len(got)
+            got = generate_answers(
+                model, processor, images_, texts, latent_ids, mode, max_new_tokens, mask_latents, latents
+            )  # a naive-SFT stage (no latent ids) answers the same prompt with no latent block
+            answers, counts, steps = got.texts, got.token_counts, got.latent_steps
             for sample, answer, count, step in zip(chunk, answers, counts, steps, strict=True):
                 gold = sample.get("answer")
                 correct = None if gold is None else answers_match(answer, str(gold))

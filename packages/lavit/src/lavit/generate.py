@@ -76,21 +76,24 @@ def generate_answers(
     processor: Any,
     images: list[Any],
     questions: list[str],
-    latent_ids: list[int],
+    latent_ids: list[int] | None,
     mode: str = "continuous",
     max_new_tokens: int = 64,
     mask_latents: bool = False,
     latents: str = "real",
 ) -> LavitAnswers:
     """Greedy answers of the student ``model`` (the backbone, latent tokens added) to ``questions`` (user texts,
-    :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring."""
+    :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring. No ``latent_ids``: a
+    plain model (a naive-SFT stage, a base, the teacher) answers the same prompt with no latent block."""
     tokenizer = getattr(processor, "tokenizer", processor)
     inputs = dict(
         encode_chats(processor, render_prompts(processor, questions, [1] * len(questions)), [[i] for i in images])
     )
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     batch, prompt_len = inputs["input_ids"].shape
-    k = len(latent_ids)
+    k = len(latent_ids or [])
+    if not k and (mask_latents or latents != "real"):
+        raise ValueError("masked, zeroed or shuffled latents need a student with latent tokens")
     answer_start = prompt_len + k
     with ExitStack() as stack:
         if mask_latents:
@@ -101,7 +104,9 @@ def generate_answers(
             stack.enter_context(attention_bias(model, queries, keys, float("-inf"), extend_queries=True))
         generation = dict(max_new_tokens=max_new_tokens, do_sample=False)
         fed = None
-        if mode == "continuous":
+        if not k:
+            sequences = model.generate(**inputs, **generation)[:, prompt_len:]
+        elif mode == "continuous":
             out = generate_with_latents(
                 model, inputs, k - 1, step_fn=_step_fn(latents, batch), start_ids=latent_ids[:1], **generation
             )

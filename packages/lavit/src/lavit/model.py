@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lavit.losses import ConceptHead, concept_loss, resample_trajectory, trajectory_loss
 
-__all__ = ["LavitStudent", "append_tokens"]
+__all__ = ["LavitStudent", "append_tokens", "merged_grids"]
 
 _PROMPT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -48,6 +48,13 @@ def append_tokens(inputs: dict[str, Any], ids: Tensor) -> dict[str, Any]:
     if "mm_token_type_ids" in inputs:
         full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
     return full
+
+
+def merged_grids(model: Any, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+    """Per sample the model's merged image-token grid ``(h, w)`` (``image_grid_thw`` over the spatial merge)."""
+    vision = model_parts(model).vision_tower
+    merge = getattr(getattr(vision, "config", None), "spatial_merge_size", 2)
+    return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
 
 
 class LavitStudent(LatentModel):
@@ -119,19 +126,13 @@ class LavitStudent(LatentModel):
         if vsem_mean is not None:
             aux["concept"] = concept_loss(self.phi(h_z), vsem_mean)
         if traj_targets is not None:
-            grids = self._student_grids(inputs)
+            grids = merged_grids(self.backbone, inputs)
             terms = [
                 trajectory_loss(resample_trajectory(t.to(r.device), g_t, g_s), r)
                 for t, g_t, g_s, r in zip(traj_targets, traj_grids, grids, rows, strict=True)
             ]
             aux["traj"] = torch.stack(terms).mean()
         return {"loss": ntp, "aux_losses": aux, "latent_hidden": h_z, "attention_rows": rows, "latents": latents}
-
-    def _student_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
-        merge = 2
-        vision = model_parts(self.backbone).vision_tower
-        merge = getattr(getattr(vision, "config", None), "spatial_merge_size", merge)
-        return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     def _discrete(self, inputs: dict[str, Any], answer_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The released code's form: prompt + the K latent tokens + the answer, one teacher-forced pass."""
