@@ -121,6 +121,7 @@ _EXPORTS: dict[str, str] = {
     "UnknownAliasError": "hub",
     "load_config": "hub",
     "load_model": "hub",
+    "load_pretrained": "hub",
     "load_processor": "hub",
     "resolve_dataset_id": "hub",
     "resolve_model_id": "hub",

@@ -34,6 +34,7 @@ __all__ = [
     "check_tensors",
     "load_config",
     "load_model",
+    "load_pretrained",
     "load_processor",
     "load_tensors",
     "resolve_dataset_id",
@@ -285,6 +286,22 @@ def load_model(
             f"the weights of {resolved!r} are corrupted or truncated ({err}). Download or export the checkpoint "
             "again; `hf download` resumes and verifies partial files."
         ) from err
+
+
+def load_pretrained(loader: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
+    """``loader(resolved, **kwargs)`` for any ``from_pretrained`` (e.g. ``CLIPVisionModel.from_pretrained`` on a
+    full CLIP checkpoint, ``CLIPImageProcessor.from_pretrained``) with the alias resolution, offline handling and
+    errors of :func:`load_model` (``trust_remote_code=False`` by default).
+
+    Raises:
+        UnknownAliasError: see :func:`resolve_model_id`.
+        ModelNotAvailableError: the files are neither reachable on the Hub nor in the local cache.
+    """
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return _from_hub(loader, name_or_path, resolve_model_id(name_or_path), kwargs)
+    except SafetensorError as err:
+        raise CheckpointError(f"the weights of {name_or_path!r} are corrupted or truncated ({err})") from err
 
 
 def load_processor(name_or_path: str, **kwargs: Any) -> Any:

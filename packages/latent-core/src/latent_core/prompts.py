@@ -16,6 +16,7 @@ Training (:class:`latent_core.collate.SupervisedCollator`), generation (``heima.
   multiple-choice questions with this function, so its training data and its VLMEvalKit TSV ask the same thing.
 - :func:`chat_messages` puts the images (first, as in LLaVA-CoT and the chat templates of every family) and the
   text in one user turn, optionally followed by the assistant's answer.
+- :func:`decode_answers` cuts greedy answers at their end token and decodes them (LaViT's and LaRe's decoders).
 - :func:`encode_chats` runs the processor on rendered chats with the family's image nesting (mllama takes one list
   of images per sample) and the padding side asked for (left for generation, right for training).
 """
@@ -30,6 +31,7 @@ __all__ = [
     "OPTIONS_HEADER",
     "SHORT_INSTRUCTION",
     "chat_messages",
+    "decode_answers",
     "encode_chats",
     "parse_options",
     "question_text",
@@ -141,3 +143,17 @@ def encode_chats(
         return processor(images=flat, text=list(chats), **kwargs)
     finally:
         tokenizer.padding_side = side
+
+
+def decode_answers(processor: Any, model: Any, sequences: Any) -> tuple[list[str], list[int], list[list[int]]]:
+    """Greedy answers ``sequences [B, T]`` (new tokens only) cut at their first end token - the tokenizer's eos or
+    pad, or the generation config's eos (one id or a list) - as ``(texts, counts, rows)``: the decoded texts
+    (special tokens skipped, stripped), the tokens before the end token, and those token ids."""
+    tokenizer = _tokenizer(processor)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list | tuple) else [eos])}
+    rows = [list(row) for row in sequences.tolist()]
+    counts = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in rows]
+    rows = [row[:n] for row, n in zip(rows, counts, strict=True)]
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return texts, counts, rows

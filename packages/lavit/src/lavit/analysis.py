@@ -5,7 +5,7 @@ Attention maps are a model's attention over the image tokens (any non-negative s
 - :func:`attention_stats`: the entropy (nats) of the renormalised map, the salient-region count (tokens above 1.5x
   the mean) and the coefficient of variation (std / mean);
 - :func:`map_kl`: KL(teacher || model) between two maps on the same grid (``eps`` floors the model's zeros);
-- :func:`mean_pairwise_cosine`: the mean cosine between the latents of different samples (near 1: the latents
+- :func:`mean_pairwise_cosine` (:mod:`latent_core.diagnostics`, shared with LaRe): the mean cosine between the latents of different samples (near 1: the latents
   collapsed to one vector whatever the input, the complaint users of other implementations report);
 - :func:`change_rate`: how often an answer changes when the latents are zeroed, shuffled or masked;
 - :func:`response_maps`: each model's map on the same inputs (any Qwen2.5-VL: a base, the teacher, a naive-SFT or a
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latent_core.diagnostics import change_rate, mean_pairwise_cosine
 from torch import Tensor
 
 __all__ = [
@@ -65,27 +66,6 @@ def map_kl(teacher: Tensor, model: Tensor, eps: float = 1e-12) -> float:
     p, q = p / p.sum(), (q / q.sum()).clamp(min=eps)
     inside = p > 0
     return float((p[inside] * (p[inside].log() - q[inside].log())).sum())
-
-
-def mean_pairwise_cosine(latents: Tensor) -> float:
-    """The mean cosine similarity between the latents of different samples: ``latents`` ``[B, K, d]`` flattened
-    per sample to ``[B, K * d]``; ``nan`` for fewer than two samples."""
-    flat = latents.double().reshape(latents.shape[0], -1)
-    if flat.shape[0] < 2:
-        return float("nan")
-    unit = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    sims = unit @ unit.T
-    n = flat.shape[0]
-    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
-
-
-def change_rate(answers: Sequence[str], other: Sequence[str]) -> float:
-    """The share of samples whose answer differs between two runs (e.g. real vs zeroed latents)."""
-    if len(answers) != len(other):
-        raise ValueError(f"{len(answers)} answers vs {len(other)}: compare runs over the same samples")
-    if not answers:
-        return float("nan")
-    return sum(a != b for a, b in zip(answers, other, strict=True)) / len(answers)
 
 
 @dataclass

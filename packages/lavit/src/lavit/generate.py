@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from latent_core.attention import attention_bias
+from latent_core.diagnostics import control_step
 from latent_core.latents import generate_with_latents
-from latent_core.prompts import encode_chats, render_prompts
+from latent_core.prompts import decode_answers, encode_chats, render_prompts
 
 from lavit.model import append_tokens
 
@@ -85,7 +86,6 @@ def generate_answers(
     """Greedy answers of the student ``model`` (the backbone, latent tokens added) to ``questions`` (user texts,
     :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring. No ``latent_ids``: a
     plain model (a naive-SFT stage, a base, the teacher) answers the same prompt with no latent block."""
-    tokenizer = getattr(processor, "tokenizer", processor)
     inputs = dict(
         encode_chats(processor, render_prompts(processor, questions, [1] * len(questions)), [[i] for i in images])
     )
@@ -108,7 +108,7 @@ def generate_answers(
             sequences = model.generate(**inputs, **generation)[:, prompt_len:]
         elif mode == "continuous":
             out = generate_with_latents(
-                model, inputs, k - 1, step_fn=_step_fn(latents, batch), start_ids=latent_ids[:1], **generation
+                model, inputs, k - 1, step_fn=control_step(None, latents, batch), start_ids=latent_ids[:1], **generation
             )
             sequences, fed = out.sequences, out.latents
         else:
@@ -117,37 +117,5 @@ def generate_answers(
             latent = torch.tensor(latent_ids, device=model.device).expand(batch, -1)
             full = append_tokens(inputs, latent)
             sequences = model.generate(**full, **generation)[:, answer_start:]
-    ends = {
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-        *_list(getattr(model.generation_config, "eos_token_id", None)),
-    }
-    counts = []
-    for row in sequences.tolist():
-        counts.append(next((i for i, token in enumerate(row) if token in ends), len(row)))
-    texts = [
-        tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-        for row, n in zip(sequences.tolist(), counts, strict=True)
-    ]
-    sequences = [row[:n] for row, n in zip(sequences.tolist(), counts, strict=True)]
+    texts, counts, sequences = decode_answers(processor, model, sequences)
     return LavitAnswers(texts=texts, token_counts=counts, latent_steps=[k] * batch, latents=fed, sequences=sequences)
-
-
-def _step_fn(kind: str, batch: int):
-    """What the continuous latent steps feed: the hidden state (``real``), zeros, or another sample's state."""
-    if kind == "real":
-        return None
-    if kind == "zero":
-        return lambda hidden, state: torch.zeros_like(hidden)
-    if kind == "shuffle":
-        order = torch.randperm(batch, generator=torch.Generator().manual_seed(0))
-        if batch > 1 and bool((order == torch.arange(batch)).any()):  # no sample keeps its own
-            order = torch.roll(torch.arange(batch), 1)
-        return lambda hidden, state: hidden[order.to(hidden.device)]
-    raise ValueError(f"latents must be 'real', 'zero' or 'shuffle', got {kind!r}")
-
-
-def _list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
