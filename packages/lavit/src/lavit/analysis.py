@@ -5,8 +5,9 @@ Attention maps are a model's attention over the image tokens (any non-negative s
 - :func:`attention_stats`: the entropy (nats) of the renormalised map, the salient-region count (tokens above 1.5x
   the mean) and the coefficient of variation (std / mean);
 - :func:`map_kl`: KL(teacher || model) between two maps on the same grid (``eps`` floors the model's zeros);
-- :func:`mean_pairwise_cosine` (:mod:`latent_core.diagnostics`, shared with LaRe): the mean cosine between the latents of different samples (near 1: the latents
-  collapsed to one vector whatever the input, the complaint users of other implementations report);
+- :func:`mean_pairwise_cosine` (:mod:`latent_core.diagnostics`, shared with LaRe): the mean cosine between the
+  latents of different samples (near 1: the latents collapsed to one vector whatever the input, the complaint
+  users of other implementations report);
 - :func:`change_rate`: how often an answer changes when the latents are zeroed, shuffled or masked;
 - :func:`response_maps`: each model's map on the same inputs (any Qwen2.5-VL: a base, the teacher, a naive-SFT or a
   LaViT student), from its own greedy response: one teacher-forced pass over prompt + (latents) + answer records
