@@ -7,6 +7,7 @@ Prompts are the training ones (:func:`latent_apps.eval.methods.build_prompt_text
 Table 3's "w/o latent tokens": the answer's queries get a hard mask on the latent positions. ``diagnostics=True``
 (``--latent-diagnostics``) also answers each sample with the latents zeroed, shuffled across the batch (continuous
 mode) and masked; the runner scores them and the summary's ``latent_controls`` gives accuracy and change rate.
+In continuous mode each sample also reports ``latent_similarity`` (:mod:`latent_core.diagnostics`).
 Each sample reports its generated tokens (the end of turn included), ``latent_steps`` (K) and ``truncated``.
 
 ``--model`` is a ``lavit train`` stage (``<run>/student``: the trained weights on the base it names, with the latent
@@ -63,6 +64,11 @@ class LavitMethod:
         latent_ids = self.latent_ids or None  # a naive-SFT stage (the control): the same prompt, no latent block
         run = partial(generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens)
         answers = run(mask_latents=self.mask_latents)
+        similarity = [None] * len(samples)
+        if answers.latents is not None and answers.latents.shape[1]:  # continuous mode: what the steps fed
+            from latent_core.diagnostics import pairwise_cosine
+
+            similarity = [None if s != s else float(s) for s in pairwise_cosine(answers.latents).tolist()]
         controls: list[dict[str, str]] = [{} for _ in samples]
         if (
             self.diagnostics and latent_ids
@@ -80,9 +86,10 @@ class LavitMethod:
                 latent_steps=steps,
                 truncated=count >= max_new_tokens,
                 controls=control or None,
+                latent_similarity=sim,
             )
-            for text, count, steps, control in zip(
-                answers.texts, answers.token_counts, answers.latent_steps, controls, strict=True
+            for text, count, steps, control, sim in zip(
+                answers.texts, answers.token_counts, answers.latent_steps, controls, similarity, strict=True
             )
         ]
 

@@ -67,8 +67,11 @@ class Generation:
             batch wall time / batch size.
         thinking_tokens: generated thinking tokens (Heima), ``None`` for methods without them.
         truncated: the generation stopped at ``max_new_tokens`` without an end-of-sequence token.
-        controls: the answer texts of the same sample under controls (LaViT's latent diagnostics: ``zero``,
-            ``shuffle``, ``masked``), scored like the answer and summarised as ``latent_controls``; ``None`` if none.
+        controls: the answer texts of the same sample under controls (the latent diagnostics: ``zero``,
+            ``shuffle``, LaViT's ``masked``), scored like the answer and summarised as ``latent_controls``; ``None``
+            if none.
+        latent_similarity: the mean cosine of this sample's latents to those of the other samples of its batch
+            (:func:`latent_core.diagnostics.pairwise_cosine`; near 1: collapsed latents); ``None`` without latents.
     """
 
     text: str
@@ -79,6 +82,7 @@ class Generation:
     thinking_tokens: int | None = None
     truncated: bool = False
     controls: dict[str, str] | None = None
+    latent_similarity: float | None = None
 
 
 class EvalMethod(Protocol):
@@ -248,4 +252,4 @@ register_method("plain", PlainMethod)
 register_method("cot", CotMethod)
 
 # Method adapters of the method packages register themselves on import.
-from latent_apps.eval import heima_method, lavit_method  # noqa: E402, F401  (register "heima", "lavit")
+from latent_apps.eval import heima_method, lare_method, lavit_method  # noqa: E402, F401  (their methods)

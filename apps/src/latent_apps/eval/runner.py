@@ -9,7 +9,7 @@ and appends one JSON record per sample to ``<out>/<bench>/samples.jsonl``, flush
 run loses at most one batch. ``<bench>`` is the file name without suffix.
 
 Record fields: ``id, index, category, question, options, gold, kind, prediction`` (the generated text),
-``extracted, correct, generated_tokens, reasoning_tokens, latent_steps, latency_s``.
+``extracted, correct, generated_tokens, reasoning_tokens, latent_steps, latent_similarity, latency_s``.
 
 **Latency** per sample is the wall time of its batch's method call divided by the batch size (it includes
 preprocessing and generation, not reading the file), unless the method reports its own. **Tokens per
@@ -266,10 +266,24 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_reasoning_tokens": _mean(r["reasoning_tokens"] for r in records if r["reasoning_tokens"] is not None),
         "mean_thinking_tokens": _mean(r["thinking_tokens"] for r in records if r.get("thinking_tokens") is not None),
         "mean_latent_steps": _mean(r["latent_steps"] for r in records if r["latent_steps"] is not None),
+        **_latent_summary(records),
         "mean_latency_s": _mean(latencies),
         "tokens_per_s": sum(tokens) / sum(latencies) if latencies and sum(latencies) > 0 else None,
         **_control_summary(records),
     }
+
+
+def _latent_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``latent_steps_distribution`` (steps -> samples; adaptive halting varies it) and ``mean_latent_similarity``
+    (the mean cosine between different samples' latents) over the records that carry them; empty when none does."""
+    steps = [r["latent_steps"] for r in records if r.get("latent_steps") is not None]
+    out: dict[str, Any] = {}
+    if steps:
+        out["latent_steps_distribution"] = {str(k): steps.count(k) for k in sorted(set(steps))}
+    similarity = [r["latent_similarity"] for r in records if r.get("latent_similarity") is not None]
+    if similarity:
+        out["mean_latent_similarity"] = _mean(similarity)
+    return out
 
 
 def _control_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -373,6 +387,7 @@ def _record(sample: dict[str, Any], gen: Generation, latency_s: float, staged: b
         "reasoning_tokens": gen.reasoning_tokens,
         "thinking_tokens": gen.thinking_tokens,
         "latent_steps": gen.latent_steps,
+        "latent_similarity": gen.latent_similarity,
         "latency_s": latency_s,
     }
     if gen.controls:  # the same sample under controls, scored the same way; "changed": another extracted answer
@@ -713,10 +728,16 @@ def eval_command(
         bool,
         typer.Option(
             "--latent-diagnostics",
-            help="--method lavit: also answer with the latents zeroed, shuffled across the batch and masked; the "
-            "summary's latent_controls gives each one's accuracy and answer-change rate.",
+            help="--method lavit | lare: also answer with the latents zeroed, shuffled across the batch (and, for "
+            "lavit, masked); the summary's latent_controls gives each one's accuracy and answer-change rate.",
         ),
     ] = False,
+    halt: Annotated[
+        str | None, typer.Option(help="--method lare: adaptive halting (Table 4) on the distance cos, l1 or l2.")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="--method lare: halt once the distance between z_t and z_{t-1} is below.")
+    ] = None,
 ) -> None:
     """Evaluate a method on benchmark files: greedy decoding, answer extraction, per-sample JSONL (resumable)
     and summary.json / summary.md with accuracy next to the majority baseline (and the blank-image control with
@@ -730,12 +751,21 @@ def eval_command(
         get_method(method)
     except UnknownMethodError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
-    if (mask_latents or latent_diagnostics) and method != "lavit":
-        flag = "--mask-latents" if mask_latents else "--latent-diagnostics"
-        raise typer.BadParameter(f"{flag} acts on a LaViT student's latent positions: use it with --method lavit")
-    options = {"mask_latents": True} if mask_latents else {}
+    if mask_latents and method != "lavit":
+        raise typer.BadParameter(
+            "--mask-latents acts on a LaViT student's latent positions: use it with --method lavit"
+        )
+    if latent_diagnostics and method not in ("lavit", "lare"):
+        raise typer.BadParameter("--latent-diagnostics needs a latent method: --method lavit or lare")
+    if (halt is not None or threshold is not None) and method != "lare":
+        raise typer.BadParameter("--halt / --threshold are LaRe's adaptive halting: use them with --method lare")
+    if threshold is not None and halt is None:
+        raise typer.BadParameter("--threshold needs --halt cos|l1|l2", param_hint="--threshold")
+    options: dict[str, Any] = {"mask_latents": True} if mask_latents else {}
     if latent_diagnostics:
         options["diagnostics"] = True
+    if halt is not None:
+        options |= {"halt": halt, "threshold": threshold}
     # A bad alias / checkpoint / file, a model that is not available, a resume mismatch: one line (latent_core.cli).
     summary = run_eval(
         model, method, bench, out, batch_size, max_new_tokens, resume, limit, blank=blank_images, image_root=images,

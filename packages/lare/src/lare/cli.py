@@ -1,10 +1,135 @@
-"""The ``lare`` command line. Commands arrive with the method's implementation (see the project issues)."""
+"""The ``lare`` command line.
 
+lare init --vision clip-vit-l-14 --llm qwen2.5-0.5b --out runs/lare/init     (or --from-llava <llava checkpoint>)
+lare generate --model runs/lare/init --data <bench> [--halt cos|l1|l2 --threshold X] [--latents real|zero|shuffle]
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
 from latent_core.cli import method_app
 
 import lare
 
 app = method_app("lare", lare.__doc__)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")] = Path("runs/lare/init"),
+    vision: Annotated[
+        str, typer.Option(help="CLIP vision tower: alias (clip-vit-l-14), Hub id or path (a full CLIP checkpoint too).")
+    ] = "clip-vit-l-14",
+    llm: Annotated[str, typer.Option(help="LLM: alias (qwen2.5-0.5b|1.5b|7b), Hub id or path.")] = "qwen2.5-0.5b",
+    from_llava: Annotated[
+        str | None, typer.Option(help="Start from this llava checkpoint instead of composing --vision and --llm.")
+    ] = None,
+    num_latents: Annotated[int, typer.Option(min=1, help="T refocusing iterations (paper: 4).")] = 4,
+    window: Annotated[
+        int | None, typer.Option(min=1, help="Sliding-window side in grid cells (default: half the grid, 8 of 16).")
+    ] = None,
+    stride: Annotated[int, typer.Option(min=1, help="Sliding-window stride.")] = 1,
+    extractor_layers: Annotated[int, typer.Option(min=1, help="Appendix B: 2.")] = 2,
+    extractor_heads: Annotated[int, typer.Option(min=1, help="Appendix B: 12.")] = 12,
+    extractor_hidden: Annotated[int, typer.Option(min=1, help="Appendix B: 1536.")] = 1536,
+    query: Annotated[str, typer.Option(help="layers (softmax over every layer's state) or last.")] = "layers",
+    seed: Annotated[int, typer.Option(help="Seed of the fresh projector and extractor.")] = 0,
+) -> None:
+    """Compose a LaRe model from a pretrained CLIP vision tower and LLM (a fresh projector and extractor, <image>,
+    <bot> and <eot> added), or add the extractor and delimiters to an existing llava checkpoint; writes the
+    checkpoint and lare_init.json."""
+    from lare.config import LareConfig
+    from lare import model as lare_model
+
+    config = LareConfig(
+        num_latents=num_latents, window=window, stride=stride, extractor_layers=extractor_layers,
+        extractor_heads=extractor_heads, extractor_hidden=extractor_hidden, query=query,
+    )  # fmt: skip
+    if from_llava:
+        model, processor = lare_model.from_llava(from_llava, config, seed=seed)
+    else:
+        model, processor = lare_model.compose(vision, llm, config, seed=seed)
+    model.save_pretrained(out, processor)
+    grid = model.grid()
+    summary = {
+        "out": str(out),
+        "composed_from": {"llava": from_llava} if from_llava else {"vision": vision, "llm": llm},
+        "grid": [grid, grid],
+        "window": config.window_for(grid),
+        "extractor_parameters": sum(p.numel() for p in model.extractor.parameters()),
+        "vlm_parameters": sum(p.numel() for p in model.vlm.parameters()),
+        "bot_id": model.bot_id,
+        "eot_id": model.eot_id,
+    }
+    (out / "lare_init.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="A LaRe checkpoint (lare init, or a trained one).")],
+    data: Annotated[Path, typer.Option(help="Questions: a TSV, an MMVP or V* folder, or a Visual-CoT JSONL.")],
+    out: Annotated[Path, typer.Option(help="Answers JSONL (one line per question); a .summary.json beside it.")] = Path(
+        "runs/lare-answers.jsonl"
+    ),
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N questions.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    num_latents: Annotated[int | None, typer.Option(min=1, help="T (default: the checkpoint's).")] = None,
+    halt: Annotated[str | None, typer.Option(help="Adaptive halting (Table 4): cos, l1 or l2.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Halting threshold on the distance z_t vs z_{t-1}.")] = None,
+    latents: Annotated[str, typer.Option(help="real | zero | shuffle: the latent diagnostics' controls.")] = "real",
+    images: Annotated[Path | None, typer.Option(help="Image root of a Visual-CoT JSONL.")] = None,
+) -> None:
+    """Batched, KV-cached greedy decoding: the prompt and <bot> prefilled once, T refocusing iterations (each one
+    cached forward, the window chosen from that position's attention), <eot>, then the answer. Writes one JSON line
+    per question (id, answer, gold, correct, generated tokens, latent steps, window corners) and a summary."""
+    from latent_core.answers import answers_match
+    from latent_core.readers import read_questions
+    from rich.progress import track
+
+    from lare.generate import generate_answers
+    from lare.model import load_lare
+
+    if halt is None and threshold is not None:
+        raise typer.BadParameter("--threshold needs --halt cos|l1|l2", param_hint="--threshold")
+    loaded, processor = load_lare(model, num_latents=num_latents, halt=halt, threshold=threshold)
+    samples = read_questions(data, limit, images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    right = scored = 0
+    steps: list[int] = []
+    with out.open("w", encoding="utf-8") as handle:
+        for start in track(range(0, len(samples), batch_size), description="lare generate"):
+            chunk = samples[start : start + batch_size]
+            got = generate_answers(
+                loaded, processor, [s["image"] for s in chunk], [s["text"] for s in chunk], max_new_tokens,
+                latents=latents,
+            )  # fmt: skip
+            side = loaded.grid()
+            for i, sample in enumerate(chunk):
+                gold = sample.get("answer")
+                correct = None if gold is None else answers_match(got.texts[i], str(gold))
+                scored += correct is not None
+                right += bool(correct)
+                n = got.latent_steps[i]
+                corners = [divmod(int(w[i, 0]), side) for w in got.windows[:n]]
+                row = {"id": sample["id"], "answer": got.texts[i], "gold": gold, "correct": correct}
+                row |= {"generated_tokens": got.token_counts[i], "latent_steps": n, "windows": corners}
+                handle.write(json.dumps(row) + "\n")
+                steps.append(n)
+    summary = {
+        "n": len(samples),
+        "accuracy": right / scored if scored else None,
+        "mean_latent_steps": sum(steps) / len(steps) if steps else None,
+        "latent_steps_distribution": {str(k): steps.count(k) for k in sorted(set(steps))},
+        "halt": loaded.config.halt,
+        "threshold": loaded.config.threshold if loaded.config.halt else None,
+        "latents": latents,
+    }
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:

@@ -56,6 +56,10 @@ class LareModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.vlm.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vlm.parameters()).dtype
+
     def grid(self) -> int:
         """The side of the image-token grid (16 for CLIP ViT-L/14 at 224 px)."""
         vision = self.vlm.config.vision_config

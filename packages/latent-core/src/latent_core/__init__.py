@@ -99,6 +99,7 @@ _EXPORTS: dict[str, str] = {
     "read_blink": "readers",
     "read_llava_cot": "readers",
     "read_mmvp": "readers",
+    "read_questions": "readers",
     "read_reasoning": "readers",
     "read_visual_cot": "readers",
     "read_vlmevalkit_tsv": "readers",

@@ -46,6 +46,7 @@ __all__ = [
     "read_blink",
     "read_llava_cot",
     "read_mmvp",
+    "read_questions",
     "read_reasoning",
     "read_visual_cot",
     "read_vlmevalkit_tsv",
@@ -822,3 +823,44 @@ def read_blink(
                     "images": images,
                 }
     _finish(report, owned)
+
+
+def read_questions(
+    path: str | Path, limit: int | None = None, images: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Questions with their images from any format the toolkit reads (``lavit analyze`` / ``generate``,
+    ``lare generate``): a VLMEvalKit TSV (MMStar, the shapes test split), an MMVP folder, a V* bench folder, or a
+    Visual-CoT JSONL (``images``: its image root, default the file's folder). Each is ``{"id", "image" (PIL, RGB),
+    "text" (the user text, :func:`latent_core.prompts.question_text`, no instruction: the form LaViT and LaRe train
+    on), "answer" (gold or None)}``; the first ``limit``. Skipped rows are counted by the readers' reports
+    (logged)."""
+    from itertools import islice
+
+    from PIL import Image
+
+    from latent_core.prompts import question_text
+
+    path = Path(path)
+    if path.is_dir():
+        rows = read_mmvp(path) if (path / "Questions.csv").is_file() else read_vstar(path)
+    elif path.suffix.lower() == ".tsv":
+        rows = read_vlmevalkit_tsv(path)
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = read_visual_cot(path, images or path.parent)
+    else:
+        raise ValueError(f"{path}: not a TSV, a Visual-CoT JSONL, or an MMVP / V* folder")
+    samples = []
+    for row in islice(rows, limit):
+        image = row.get("image")
+        if isinstance(image, str | Path):
+            with Image.open(image) as handle:
+                image = handle.convert("RGB")
+        samples.append(
+            {
+                "id": str(row["id"]),
+                "image": image.convert("RGB"),
+                "text": question_text(row["question"], row.get("options") or None, row.get("hint"), None),
+                "answer": row.get("answer"),
+            }
+        )
+    return samples

@@ -35,7 +35,6 @@ from torch import Tensor
 __all__ = [
     "ResponseMap",
     "analyze_models",
-    "read_samples",
     "attention_stats",
     "change_rate",
     "map_kl",
@@ -188,44 +187,6 @@ def write_overlay(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
-
-
-def read_samples(path: str | Path, limit: int | None = None, images: str | Path | None = None) -> list[dict[str, Any]]:
-    """Analysis inputs from any format the toolkit reads: a VLMEvalKit TSV (MMStar, the shapes test split), an
-    MMVP folder, a V* bench folder, or a Visual-CoT JSONL (``images``: its image root, default the file's folder).
-    Each is ``{"id", "image" (PIL, RGB), "text" (the user text, :func:`latent_core.prompts.question_text`, no
-    instruction: the LaViT prompt), "answer" (gold or None)}``; the first ``limit``. Skipped rows are counted by
-    the readers' reports (logged)."""
-    from itertools import islice
-
-    from latent_core import readers
-    from latent_core.prompts import question_text
-    from PIL import Image
-
-    path = Path(path)
-    if path.is_dir():
-        rows = readers.read_mmvp(path) if (path / "Questions.csv").is_file() else readers.read_vstar(path)
-    elif path.suffix.lower() == ".tsv":
-        rows = readers.read_vlmevalkit_tsv(path)
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = readers.read_visual_cot(path, images or path.parent)
-    else:
-        raise ValueError(f"{path}: not a TSV, a Visual-CoT JSONL, or an MMVP / V* folder")
-    samples = []
-    for row in islice(rows, limit):
-        image = row.get("image")
-        if isinstance(image, str | Path):
-            with Image.open(image) as handle:
-                image = handle.convert("RGB")
-        samples.append(
-            {
-                "id": str(row["id"]),
-                "image": image.convert("RGB"),
-                "text": question_text(row["question"], row.get("options") or None, row.get("hint"), None),
-                "answer": row.get("answer"),
-            }
-        )
-    return samples
 
 
 def _mean(values: list[float]) -> float | None:

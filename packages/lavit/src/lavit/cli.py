@@ -87,14 +87,15 @@ def generate(
     """Batched, KV-cached greedy decoding with a trained student: prefill, the K latent steps, then the answer
     (a naive-SFT stage answers with no latent block). Writes one JSON line per question: id, answer, gold,
     correct, generated tokens, latent steps."""
-    from lavit.analysis import read_samples
+    from latent_core.readers import read_questions
+
     from lavit.filters import answers_match
     from lavit.generate import generate_answers, load_student
 
     model, processor, latent_ids, mode = load_student(stage, method="lavit generate")
     if mode == "plain":
         raise typer.BadParameter(f"{stage} is not a lavit train stage", param_hint="--stage")
-    samples = read_samples(data, limit, images)
+    samples = read_questions(data, limit, images)
     out.parent.mkdir(parents=True, exist_ok=True)
     right = 0
     with out.open("w", encoding="utf-8") as handle:
@@ -138,8 +139,9 @@ def analyze(
     coefficient of variation, KL to the teacher), side-by-side overlays, and for LaViT students the latent
     diagnostics (zeroed, shuffled, masked latents; change rates; mean pairwise cosine)."""
     from latent_core.cli import UserError
+    from latent_core.readers import read_questions
 
-    from lavit.analysis import analyze_models, read_samples
+    from lavit.analysis import analyze_models
 
     models = {}
     for spec in model:
@@ -148,7 +150,7 @@ def analyze(
             raise UserError(f"--model {spec!r}: expected NAME=PATH")
         models[name] = path
     summary = analyze_models(
-        models, read_samples(data, limit, images), out, teacher, batch_size, max_new_tokens, overlays
+        models, read_questions(data, limit, images), out, teacher, batch_size, max_new_tokens, overlays
     )
     typer.echo(json.dumps(summary, indent=2))
 
