@@ -59,10 +59,9 @@ class LareMethod:
     def __call__(
         self, model: Any, processor: Any, samples: Sequence[dict[str, Any]], max_new_tokens: int
     ) -> list[Generation]:
-        from latent_core.diagnostics import pairwise_cosine
-
         from lare.generate import generate_answers
         from lare.model import LareModel
+        from latent_core.diagnostics import pairwise_cosine
 
         if not isinstance(model, LareModel):
             raise ValueError("the lare method needs a LaRe checkpoint loaded through LareMethod.load")

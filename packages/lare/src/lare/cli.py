@@ -40,8 +40,8 @@ def init(
     """Compose a LaRe model from a pretrained CLIP vision tower and LLM (a fresh projector and extractor, <image>,
     <bot> and <eot> added), or add the extractor and delimiters to an existing llava checkpoint; writes the
     checkpoint and lare_init.json."""
-    from lare.config import LareConfig
     from lare import model as lare_model
+    from lare.config import LareConfig
 
     config = LareConfig(
         num_latents=num_latents, window=window, stride=stride, extractor_layers=extractor_layers,
