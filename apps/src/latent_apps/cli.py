@@ -493,6 +493,15 @@ def bench_latent_train(as_json: JsonFlag = False, device: DeviceFlag = "auto") -
     run(as_json, device=device)
 
 
+@bench_app.command("lare-loop")
+def bench_lare_loop(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
+    """LaRe's T=4 refocusing iterations (256 image tokens, the extractor) on the KV cache vs recomputing the prefix
+    at every iteration; also the halting path's cost per iteration."""
+    from latent_apps.bench.lare_loop import run
+
+    run(as_json, device=device)
+
+
 @bench_app.command("lavit-teacher")
 def bench_lavit_teacher(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None:
     """build-lavit-15k's fused teacher pass vs the authors' three passes (generate; features; eager attention)."""
