@@ -204,10 +204,33 @@ def test_readme_wheel_install_is_ours_without_the_index(wheels, tmp_path):
         "import importlib.util as u, lare.cli; print([m for m in ('heima', 'lavit', 'interpreters') if u.find_spec(m)])"
     )
     assert _run(str(python), "-c", code, cwd=tmp_path).stdout.strip() == "[]", "lare must not pull in other methods"
+    _run_lare_example(python, tmp_path)
 
     _install_third_party(python, tmp_path, None)
     files = _pip_install_wheels(python, wheels, [f"dist/{_wheel_name(d)}-*.whl" for d in PROJECTS])
     _assert_ours(python, files, list(PROJECTS))
+
+
+def _run_lare_example(python: Path, tmp_path: Path) -> None:
+    """The example of packages/lare/README.md (load a LaRe checkpoint, generate with halting) run as written by the
+    installed wheels, on a tiny checkpoint made here (its path and image substituted for the README's)."""
+    import torch
+    from lare import LareConfig, from_llava
+    from latent_core.testing import save_tiny_model, tiny_image
+
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "packages" / "lare" / "README.md").read_text(), re.S | re.M)
+    assert len(blocks) == 1, "packages/lare/README.md needs exactly one python example"
+    example = blocks[0]
+    assert '"runs/lare/init"' in example and '"photo.jpg"' in example, example
+    torch.manual_seed(0)
+    model, processor = from_llava(str(save_tiny_model("llava", tmp_path / "llava")), LareConfig(extractor_hidden=48))
+    checkpoint = model.save_pretrained(tmp_path / "lare-checkpoint", processor)
+    tiny_image(0, 64).save(tmp_path / "photo.png")
+    example = example.replace('"runs/lare/init"', repr(str(checkpoint))).replace(
+        '"photo.jpg"', repr(str(tmp_path / "photo.png"))
+    )
+    shown = _run(str(python), "-c", example, cwd=tmp_path).stdout
+    assert "| refocusing iterations:" in shown, shown
 
 
 # --- (b) git and (c) local clone -----------------------------------------------------------------------------------

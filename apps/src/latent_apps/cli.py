@@ -331,8 +331,8 @@ def _register_eval() -> None:
 
     app.command(
         "eval",
-        help="Evaluate a model with a method (plain, heima; lavit and lare when they land) on benchmarks "
-        "(VLMEvalKit TSV, BLINK folder, MMVP folder; repeat --bench): accuracy per category, generated tokens, "
+        help="Evaluate a model with a method (plain, cot, heima, lavit, lare) on benchmarks (VLMEvalKit TSV, "
+        "LLaVA-CoT JSONL, BLINK, MMVP or V* folder; repeat --bench): accuracy per category, generated tokens, "
         "latency; resumable.",
     )(eval_command)
 

@@ -158,9 +158,19 @@ def run(
     record = {
         "bench": "lare-loop",
         "config": {
-            "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "image_tokens": n_image,
-            "text_tokens": text_tokens, "batch": batch, "pad": pad, "extractor_hidden": extractor_hidden,
-            "extractor_heads": extractor_heads, "num_latents": num_latents, "window": window, "repeats": repeats,
+            "layers": layers,
+            "hidden": hidden,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "image_tokens": n_image,
+            "text_tokens": text_tokens,
+            "batch": batch,
+            "pad": pad,
+            "extractor_hidden": extractor_hidden,
+            "extractor_heads": extractor_heads,
+            "num_latents": num_latents,
+            "window": window,
+            "repeats": repeats,
         },  # fmt: skip
         "device": str(where),
         "cached_s": t_cached,

@@ -696,7 +696,7 @@ def eval_command(
         ),
     ],
     method: Annotated[
-        str, typer.Option(help="Evaluation method: plain, cot (a model trained on staged CoT), heima, ...")
+        str, typer.Option(help="Evaluation method: plain, cot (a model trained on staged CoT), heima, lavit, lare.")
     ] = "plain",
     out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
         "runs/eval"
