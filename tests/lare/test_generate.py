@@ -82,6 +82,9 @@ def test_cached_batched_loop_equals_the_naive_recompute(tiny_lare):
         model, processor, images, QUESTIONS, max_new_tokens=4, output_logits=True, return_dict_in_generate=True
     )
     assert got.latent_steps == [4, 4] and got.latents.shape == (2, 4, 48)
+    from lare.generate import encode_questions
+
+    assert int((encode_questions(processor, images, QUESTIONS)["attention_mask"] == 0).sum()) > 0  # left padded
     logits = torch.stack(got.generate_output.logits, 1)  # [B, steps, V]
     for b in range(2):
         latents, windows, naive_logits, answer = _naive(model, processor, images[b], QUESTIONS[b], 4, 4)

@@ -122,3 +122,25 @@ def test_from_llava_adds_the_delimiters_and_a_fresh_extractor(tmp_path):
     tokenizer = processor.tokenizer
     assert tokenizer.convert_tokens_to_ids("<bot>") == model.bot_id and model.grid() == 16
     assert model.step().window == 8  # half of the 16x16 grid
+
+
+def test_compose_takes_the_vision_half_of_a_full_clip_checkpoint(lare_parts, tmp_path):
+    # openai/clip-vit-large-patch14 is a CLIPModel (text and vision): its vision tower and processor are used
+    from lare import compose
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4)  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip-full")
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        tmp_path / "clip-full"
+    )
+    model, _ = compose(
+        str(tmp_path / "clip-full"), str(lare_parts[1]), LareConfig(extractor_hidden=32, extractor_heads=4)
+    )
+    tower = model.vlm.model.vision_tower.state_dict()
+    for name, value in clip.vision_model.state_dict().items():
+        assert torch.equal(tower[name], value), name
