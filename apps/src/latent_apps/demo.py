@@ -177,7 +177,8 @@ def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20,
     written to ``out/overlays`` (:func:`lavit.analysis.analyze_models`). A pipeline check: the claim is
     ``reproduce lavit``'s (README)."""
     from latent_core.inference import load_trained
-    from lavit.analysis import analyze_models, read_samples
+    from latent_core.readers import read_questions
+    from lavit.analysis import analyze_models
     from lavit.build import BuildConfig, build
     from lavit.config import LavitConfig
     from lavit.teacher import TeacherOptions
@@ -205,7 +206,7 @@ def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20,
 
     with contextlib.redirect_stdout(io.StringIO()):
         trained = train_student(args, work / "teacher-data", str(student), work / "lavit")
-    samples = read_samples(shapes / "test" / "shapes_mc.tsv", n)
+    samples = read_questions(shapes / "test" / "shapes_mc.tsv", n)
     models = {"teacher": str(teacher), "LaViT (demo)": str(work / "lavit" / "student")}
     analysis = analyze_models(models, samples, out, teacher="teacher", batch_size=n, max_new_tokens=400, overlays=n)
     return {

@@ -222,7 +222,8 @@ def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
 
 def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Step 5: ``lavit analyze`` of the base, the teacher, naive SFT and LaViT on the same test questions."""
-    from lavit.analysis import analyze_models, read_samples
+    from latent_core.readers import read_questions
+    from lavit.analysis import analyze_models
 
     out = run.out / "analysis"
     settings = {
@@ -241,7 +242,7 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
         "naive SFT": trained["naive SFT"]["dir"],
         "LaViT": trained["LaViT"]["dir"],
     }
-    samples = read_samples(shapes / "test" / "shapes_mc.tsv", run.analysis_samples)
+    samples = read_questions(shapes / "test" / "shapes_mc.tsv", run.analysis_samples)
     budget = run.analysis_max_new_tokens  # the base and the teacher write their chain of thought
     return analyze_models(models, samples, out, teacher="teacher", batch_size=32, max_new_tokens=budget)
 

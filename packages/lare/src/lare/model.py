@@ -178,11 +178,24 @@ def compose(
         projector_hidden_act="gelu",
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
     )
+    # Built on the meta device, then the pretrained parts themselves are put in place (no random initialisation of a
+    # 7B LLM, no second copy of its weights); only the projector is created and initialised here.
+    with torch.device("meta"):
+        vlm = LlavaForConditionalGeneration(llava_config)
+    vlm.model.vision_tower = tower.to(lm.dtype)
+    vlm.model.language_model = lm.model
+    vlm.lm_head = lm.lm_head
+    vlm.config.vision_config, vlm.config.text_config = tower.config, lm.config  # one config object per part
+    projector = vlm.model.multi_modal_projector.to_empty(device=lm.device)
     torch.manual_seed(seed)
-    vlm = LlavaForConditionalGeneration(llava_config).to(lm.dtype)
-    vlm.model.vision_tower.load_state_dict(tower.state_dict())
-    vlm.model.language_model.load_state_dict(lm.model.state_dict())
-    vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
+    std = llava_config.get_text_config().initializer_range
+    for layer in (projector.linear_1, projector.linear_2):  # LLaVA-1.5's two-layer GELU MLP
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    projector.to(lm.dtype)
+    leftover = [name for name, t in [*vlm.named_parameters(), *vlm.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"lare init left tensors uninitialised: {leftover[:5]}")
     (image_id,) = add_special_tokens(vlm, tokenizer, [IMAGE_TOKEN])
     vlm.config.image_token_index = image_id
     processor = LlavaProcessor(
@@ -194,6 +207,7 @@ def compose(
         image_token=IMAGE_TOKEN,
         chat_template=CHAT_TEMPLATE,
     )
+    vlm.generation_config.eos_token_id = lm.generation_config.eos_token_id  # Qwen2.5-Instruct: <|im_end|> and more
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     bot, eot = _add_lare_tokens(vlm, processor, config)
     extractor = Extractor.for_model(vlm, config).to(lm.dtype)

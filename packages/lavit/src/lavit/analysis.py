@@ -219,9 +219,9 @@ def analyze_models(
     ``<out>/overlays/<n>.png`` (the first ``overlays`` samples, one panel per model). ``loader(path) -> (model,
     processor, latent_ids, mode)`` defaults to :func:`lavit.generate.load_student`.
     """
+    from latent_core.answers import answers_match
     from latent_core.readers import conclusion_of
 
-    from lavit.filters import answers_match
     from lavit.generate import generate_answers, load_student
     from lavit.losses import resample_trajectory
     from lavit.teacher import trajectory_target

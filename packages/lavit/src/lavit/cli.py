@@ -87,9 +87,9 @@ def generate(
     """Batched, KV-cached greedy decoding with a trained student: prefill, the K latent steps, then the answer
     (a naive-SFT stage answers with no latent block). Writes one JSON line per question: id, answer, gold,
     correct, generated tokens, latent steps."""
+    from latent_core.answers import answers_match
     from latent_core.readers import read_questions
 
-    from lavit.filters import answers_match
     from lavit.generate import generate_answers, load_student
 
     model, processor, latent_ids, mode = load_student(stage, method="lavit generate")
