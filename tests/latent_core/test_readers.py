@@ -101,6 +101,32 @@ def test_visual_cot_fixture():
     assert llava["bbox"] == [16.0, 12.0, 48.0, 36.0] and llava["split"] is None
 
 
+def test_vision_r1_cold_two_schemas_read_one_file_at_a_time():
+    root = FIXTURES / "vision_r1"
+    rows, report = _read(read_reasoning, root / "vision_r1_llava.json", root)
+    assert report.skipped == {"bad_conversation": 1, "not_an_object": 1}
+    assert rows == [
+        {
+            "id": "r1-llava-1",
+            "image": root / "images/red_square.png",
+            "question": "What colour is the square?",
+            "reasoning": "The square in the middle is filled with red.",
+            "answer": "red",
+        }
+    ]
+    rows, report = _read(read_reasoning, root / "vision_r1_chat.json", root)
+    assert report.skipped == {"multiple_images": 1, "missing_image": 1, "missing_field:reasoning": 1}
+    assert rows == [
+        {
+            "id": "vision_r1_chat:1",
+            "image": root / "images/red_square.png",
+            "question": "Is the square red?",
+            "reasoning": "It is red.",
+            "answer": "yes",
+        }
+    ]
+
+
 def test_reasoning_fixture():
     rows, report = _read(read_reasoning, FIXTURES / "reasoning/train.jsonl", FIXTURES / "reasoning")
     assert [r["id"] for r in rows] == ["lare-1", "lare-2"]
@@ -229,7 +255,7 @@ def test_fixture_script_is_deterministic(tmp_path):
     module.main(tmp_path / "one")
     module.main(tmp_path / "two")
     written = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert len(written) == 30  # 16 + the V* bench folder (8 JSON, 6 images)
+    assert len(written) == 33  # 16 + the V* bench folder (8 JSON, 6 images) + Vision-R1-cold (2 JSON, 1 image)
     for rel in written:
         data = (tmp_path / "one" / rel).read_bytes()
         assert data == (tmp_path / "two" / rel).read_bytes(), rel

@@ -208,6 +208,32 @@ def _is_conversation(conv: Any) -> bool:
     return True
 
 
+_USER_ROLES, _ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+
+
+def _chat_turns(conv: Any) -> list[str] | None:
+    """The texts of a conversation whose turns alternate user, assistant, ... in either schema of Vision-R1-cold
+    (``{"from": "human"|"gpt", "value"}`` or ``{"role": "user"|"assistant", "content"}``, ``content`` a string or a
+    list of ``{"type": "text", "text"}`` parts); ``None`` if it is not one."""
+    if not isinstance(conv, list) or not conv or len(conv) % 2:
+        return None
+    texts = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            return None
+        role = turn.get("from", turn.get("role"))
+        if role not in (_USER_ROLES if i % 2 == 0 else _ASSISTANT_ROLES):
+            return None
+        text = turn.get("value", turn.get("content"))
+        if isinstance(text, list):
+            parts = [p.get("text") for p in text if isinstance(p, dict) and p.get("type") == "text"]
+            text = "\n".join(p for p in parts if isinstance(p, str)) if parts else None
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return texts
+
+
 def _decode_image(data: bytes) -> Image.Image | None:
     """A fully decoded PIL image, or None when the bytes are not an image."""
     try:
@@ -441,12 +467,15 @@ def read_reasoning(
 ) -> Iterator[dict[str, Any]]:
     """LaRe reasoning data (METHODS.md section 3): ``{"id", "image": Path, "question", "reasoning", "answer"}``.
 
-    Accepts flat rows (``id``, ``image``, ``question``, ``reasoning``, ``answer``) and LLaVA-style rows
-    (``conversations`` with the question in the first human turn, ``<image>`` removed, and the reasoning in
-    ``<think>..</think>`` of the last gpt turn followed by the answer, optionally in ``<answer>..</answer>``).
-    Rows without an id get ``"<file stem>:<line>"``. Skipped and counted: ``malformed_json``,
-    ``not_an_object``, ``bad_conversation``, ``missing_field:{image,question,reasoning,answer}``,
-    ``missing_image``.
+    Accepts flat rows (``id``, ``image``, ``question``, ``reasoning``, ``answer``) and conversation rows with the
+    question in the first user turn (``<image>`` removed) and the reasoning in ``<think>..</think>`` of the last
+    assistant turn followed by the answer, optionally in ``<answer>..</answer>``. Vision-R1-cold ships two JSON
+    arrays with different schemas (METHODS.md section 5), both read here, each file on its own:
+    ``{id, image, conversations: [{from: human|gpt, value}]}`` (LLaVA) and ``{images: [path], conversations:
+    [{role: user|assistant, content}]}`` (chat; ``from``/``value`` keys are accepted in either, and a ``content``
+    list of ``{"type": "text", "text"}`` parts is joined). Rows without an id get ``"<file stem>:<line>"``.
+    Skipped and counted: ``malformed_json``, ``not_an_object``, ``bad_conversation``, ``multiple_images`` (LaRe
+    takes one image), ``missing_field:{image,question,reasoning,answer}``, ``missing_image``.
     """
     path = _require_file(path, "reasoning")
     root = Path(image_root)
@@ -454,13 +483,19 @@ def read_reasoning(
     for n, obj in _json_rows(path, report):
         row_id = _row_id(obj, ("id", "question_id")) or f"{path.stem}:{n}"
         fields = {k: _text(obj, k) for k in ("image", "question", "reasoning", "answer")}
+        images = obj.get("images")
+        if fields["image"] is None and isinstance(images, list) and images:
+            if len(images) > 1:
+                report.skip("multiple_images", row_id)
+                continue
+            fields["image"] = str(images[0]) if isinstance(images[0], str) and images[0].strip() else None
         if "conversations" in obj:
-            conv = obj["conversations"]
-            if not _is_conversation(conv):
+            conv = _chat_turns(obj["conversations"])
+            if conv is None:
                 report.skip("bad_conversation", row_id)
                 continue
-            fields["question"] = fields["question"] or conv[0]["value"].replace("<image>", "").strip() or None
-            m = _THINK.search(conv[-1]["value"])
+            fields["question"] = fields["question"] or conv[0].replace("<image>", "").strip() or None
+            m = _THINK.search(conv[-1])
             if m:
                 answer = m.group(2)
                 tagged = _ANSWER.search(answer)
