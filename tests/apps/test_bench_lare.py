@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from latent_apps.bench.lare_loop import run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_lare_loop_bench_record(capsys):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from lare import generate_answers
 from latent_core.testing import tiny_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUESTIONS = ["What is it?", "How many red circles are in the picture? Count them all."]
 
 

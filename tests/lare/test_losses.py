@@ -17,6 +17,8 @@ from lare.losses import (
     unet_config,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_mean_max_pool_by_hand_with_a_mask():
     x = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]]])

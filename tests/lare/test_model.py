@@ -8,6 +8,8 @@ import torch
 from lare import LareConfig
 from lare.extractor import EXTRACTOR_WEIGHTS, Extractor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _extractor(query: str = "layers") -> Extractor:
     torch.manual_seed(0)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from lare.refocus import best_window, grid_side, refocus, saliency_map, window_indices, window_tokens
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _brute_force(saliency: torch.Tensor, window: int, stride: int) -> tuple[int, int]:
     """Every window by hand, in row-major order; a later window wins only with a strictly larger sum."""

@@ -2,6 +2,7 @@
 
 lare init --vision clip-vit-l-14 --llm qwen2.5-0.5b --out runs/lare/init     (or --from-llava <llava checkpoint>)
 lare generate --model runs/lare/init --data <bench> [--halt cos|l1|l2 --threshold X] [--latents real|zero|shuffle]
+lare decontaminate --data vision_r1_cold.json --images DIR --train-bench AI2D_train.tsv --test-bench MMStar.tsv
 """
 
 import json
@@ -130,6 +131,58 @@ def generate(
     }
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def decontaminate(
+    data: Annotated[list[Path], typer.Option(help="Reasoning data (Vision-R1-cold JSON arrays, JSONL), repeatable.")],
+    images: Annotated[Path, typer.Option(help="Image root of the reasoning data.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/lare/decontaminated"),
+    train_bench: Annotated[
+        list[Path] | None, typer.Option(help="Benchmark TRAINING splits (VLMEvalKit TSV: AI2D, ScienceQA), repeatable.")
+    ] = None,
+    test_bench: Annotated[
+        list[Path] | None, typer.Option(help="Benchmark TEST splits whose images must not recur (VLMEvalKit TSV).")
+    ] = None,
+    vision: Annotated[str, typer.Option(help="CLIP model for the image embeddings.")] = "clip-vit-l-14",
+    threshold: Annotated[float, typer.Option(help="Cosine at or above which an image is a near duplicate.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding batch (one cache shard each).")] = 64,
+) -> None:
+    """Drop reasoning rows whose question and answer match a benchmark training row, and rows whose image is a
+    near duplicate of a benchmark test image (CLIP cosine >= --threshold); writes reasoning.jsonl (the kept rows),
+    decontamination.json (every removed row with its reason and evidence, and the readers' skip counts) and a
+    resumable embedding cache in <out>/embeddings."""
+    from latent_core.readers import ReadReport, read_reasoning, read_vlmevalkit_tsv
+
+    from lare.decontaminate import clip_embedder
+    from lare.decontaminate import decontaminate as run
+
+    reports: dict[str, dict] = {}
+    rows = []
+    for path in data:
+        report = ReadReport(str(path))
+        rows += list(read_reasoning(path, images, report))
+        reports[str(path)] = report.as_dict()
+    train = []
+    for path in train_bench or []:
+        report = ReadReport(str(path))
+        train += list(read_vlmevalkit_tsv(path, report))
+        reports[str(path)] = report.as_dict()
+    test = []
+    for path in test_bench or []:
+        report = ReadReport(str(path))
+        for row in read_vlmevalkit_tsv(path, report):
+            test += [(f"{path.stem}:{row['id']}:{k}", image) for k, image in enumerate(row["images"])]
+        reports[str(path)] = report.as_dict()
+    kept, summary = run(rows, train, test, clip_embedder(vision), out / "embeddings", threshold, batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "reasoning.jsonl").open("w", encoding="utf-8") as handle:
+        for row in kept:
+            handle.write(json.dumps({**row, "image": str(row["image"])}, ensure_ascii=False) + "\n")
+    summary["readers"] = reports
+    (out / "decontamination.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shown = {k: summary[k] for k in ("rows", "kept", "removed", "threshold")}
+    typer.echo(json.dumps(shown, indent=2))
 
 
 def main() -> None:
