@@ -233,4 +233,3 @@ def decontaminate(
         "removed_rows": removed,
     }
     return kept, report
-
