@@ -58,6 +58,18 @@ def test_generate_command_writes_answers_with_latent_steps(checkpoint, tmp_path)
     assert len(rows) == 3 and all(r["latent_steps"] == 2 and len(r["windows"]) == 2 for r in rows)
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     assert summary["latent_steps_distribution"] == {"2": 3} and summary["halt"] == "l2"
+    # --latent-diagnostics: zeroed and shuffled answers per row, change rates = the rows' own comparison
+    result = CliRunner().invoke(app, [*args[:-4], "--latent-diagnostics", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["latent_steps_distribution"] == {"4": 3} and summary["halt"] is None
+    for kind in ("zero", "shuffle"):
+        changed = sum(r["controls"][kind] != r["answer"] for r in rows) / 3
+        assert summary["change_rate"][kind] == pytest.approx(changed)
+    correct = [r["generated_tokens"] for r in rows if r["correct"]]
+    assert summary["mean_generated_tokens_correct"] == (sum(correct) / len(correct) if correct else None)
+    assert summary["mean_latent_similarity"] == pytest.approx(sum(r["latent_similarity"] for r in rows) / 3)
     bad = CliRunner().invoke(app, ["generate", "--model", str(checkpoint), "--data", MMSTAR, "--threshold", "0.1"])
     assert bad.exit_code == 2 and "--halt" in bad.output
 
@@ -95,3 +107,8 @@ def test_latent_eval_method_lare(checkpoint, tmp_path):
 
     refused = CliRunner().invoke(latent_app, ["eval", "--model", "x", "--bench", MMSTAR, "--halt", "cos"])
     assert refused.exit_code == 2 and "--method lare" in refused.output
+    # MMStar_mini's row 4 has two images: one clear line, no traceback
+    args = ["eval", "--model", str(checkpoint), "--method", "lare", "--bench", MMSTAR, "--out", str(tmp_path / "m"),
+            "--batch-size", "8", "--max-new-tokens", "2"]  # fmt: skip
+    result = CliRunner().invoke(latent_app, args)
+    assert result.exit_code == 2 and "one image per question" in result.output and "Traceback" not in result.output

@@ -162,3 +162,35 @@ def test_zeroed_and_shuffled_latent_controls(tiny_lare):
 
     order = _shuffle_order(3)
     torch.testing.assert_close(shuffled.latents[:, 0], real.latents[order, 0], atol=1e-5, rtol=0)
+
+
+def test_one_step_object_serves_several_runs(tiny_lare):
+    # A RefocusStep keeps the latent-state sequence of its run; a second run starts afresh (not on the first's).
+    from latent_core.latents import generate_with_latents
+
+    model, processor = tiny_lare
+    from lare.generate import encode_questions
+
+    inputs = encode_questions(processor, _images(2), QUESTIONS)
+    step = model.step()
+
+    def run(step_fn):
+        return generate_with_latents(
+            model.vlm, inputs, 3, step_fn=step_fn, max_new_tokens=1, do_sample=False,
+            **step_fn.loop_kwargs(inputs["input_ids"]),
+        ).latents  # fmt: skip
+
+    first, second, fresh = run(step), run(step), run(model.step())
+    assert len(step.states) == 3 and len(step.windows) == 3
+    torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fresh, first, atol=1e-6, rtol=0)
+
+
+def test_halt_none_switches_a_checkpoints_halting_off(tiny_lare):
+    import dataclasses
+
+    model, processor = tiny_lare
+    halting = copy.copy(model)
+    halting.config = dataclasses.replace(model.config, halt="l2", threshold=1e9)
+    assert generate_answers(halting, processor, _images(2), QUESTIONS, 2).latent_steps == [2, 2]
+    assert generate_answers(halting, processor, _images(2), QUESTIONS, 2, halt="none").latent_steps == [4, 4]

@@ -108,14 +108,43 @@ def test_checkpoint_round_trip_and_errors(tiny_lare, tmp_path):
         assert torch.equal(loaded.vlm.state_dict()[name], value), name
     assert (loaded.bot_id, loaded.eot_id) == (model.bot_id, model.eot_id)
 
-    (out / EXTRACTOR_WEIGHTS).write_bytes((out / EXTRACTOR_WEIGHTS).read_bytes()[:100])
-    with pytest.raises(CheckpointError):
-        load_lare(out, device="cpu")
     with pytest.raises(FileNotFoundError, match="lare init"):
         load_lare(tmp_path, device="cpu")
+    # each broken part gives one error naming it, before the model's weights load
+    import json
+    import shutil
+
+    from lare.config import CONFIG_NAME
+    from safetensors.torch import load_file, save_file
+
+    def broken(name, change):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        change(copy)
+        return copy
+
+    config = json.loads((out / CONFIG_NAME).read_text())
+    cases = {
+        "typed": (lambda d: (d / CONFIG_NAME).write_text(json.dumps({**config, "window": "4"})), "wrongly typed"),
+        "window": (lambda d: (d / CONFIG_NAME).write_text(json.dumps({**config, "stride": 0})), "stride"),
+        "cut": (lambda d: (d / EXTRACTOR_WEIGHTS).write_bytes((out / EXTRACTOR_WEIGHTS).read_bytes()[:100]),
+                "corrupt|truncat"),
+        "gone": (lambda d: (d / EXTRACTOR_WEIGHTS).unlink(), "no extractor"),
+        "hidden": (lambda d: (d / CONFIG_NAME).write_text(json.dumps({**config, "extractor_hidden": 64})),
+                   "wrong shape"),
+        "keys": (lambda d: save_file({**load_file(d / EXTRACTOR_WEIGHTS), "extra.weight": torch.zeros(1)},
+                                     d / EXTRACTOR_WEIGHTS), "unexpected: extra.weight"),
+        "tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "processor"),
+        "weights": (lambda d: (d / "model.safetensors").unlink(), "weights"),
+    }  # fmt: skip
+    for name, (change, message) in cases.items():
+        with pytest.raises((CheckpointError, ValueError), match=message):
+            load_lare(broken(name, change), device="cpu")
 
 
 def test_from_llava_adds_the_delimiters_and_a_fresh_extractor(tmp_path):
+    import json
+
     from lare import from_llava
     from latent_core.testing import save_tiny_model
 
@@ -124,6 +153,12 @@ def test_from_llava_adds_the_delimiters_and_a_fresh_extractor(tmp_path):
     tokenizer = processor.tokenizer
     assert tokenizer.convert_tokens_to_ids("<bot>") == model.bot_id and model.grid() == 16
     assert model.step().window == 8  # half of the 16x16 grid
+    assert not model.training and not model.extractor.training
+    # a llava that keeps CLIP's class token has no square grid of patches: refused when the model is built
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "full"}))
+    with pytest.raises(ValueError, match="patch tokens alone"):
+        from_llava(str(path), LareConfig(extractor_hidden=32, extractor_heads=4))
 
 
 def test_compose_takes_the_vision_half_of_a_full_clip_checkpoint(lare_parts, tmp_path):

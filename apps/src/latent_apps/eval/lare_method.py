@@ -9,7 +9,7 @@ its own ``latent_steps`` and the summary gives their mean and distribution next 
 ``diagnostics=True`` (``--latent-diagnostics``) also answers each sample with its latents zeroed and shuffled across
 the batch (:mod:`latent_core.diagnostics`, the controls LaViT's method reports too); every sample also reports the
 mean cosine of its latents to those of the other samples of its batch (``latent_similarity``: near 1 means
-collapsed latents).
+collapsed latents; each sample's latents averaged over the steps it ran, :mod:`latent_core.diagnostics`).
 
 ``--model`` is a LaRe checkpoint (``lare init`` or a trained one: ``lare_config.json`` and the extractor next to the
 llava model).
@@ -43,8 +43,8 @@ class LareMethod:
     ) -> None:
         from lare.config import HALT_METRICS
 
-        if halt is not None and halt not in HALT_METRICS:
-            raise ValueError(f"--halt must be one of {', '.join(HALT_METRICS)}, got {halt!r}")
+        if halt is not None and halt not in (*HALT_METRICS, "none"):
+            raise ValueError(f"--halt must be one of {', '.join(HALT_METRICS)} or none, got {halt!r}")
         if threshold is not None and halt is None:
             raise ValueError("--threshold needs --halt cos|l1|l2")
         self.halt, self.threshold, self.num_latents = halt, threshold, num_latents
@@ -61,10 +61,12 @@ class LareMethod:
     ) -> list[Generation]:
         from lare.generate import generate_answers
         from lare.model import LareModel
-        from latent_core.diagnostics import pairwise_cosine
 
         if not isinstance(model, LareModel):
             raise ValueError("the lare method needs a LaRe checkpoint loaded through LareMethod.load")
+        several = next((s for s in samples if s.get("image") is None or len(s.get("images") or [1]) > 1), None)
+        if several is not None:
+            raise ValueError(f"LaRe answers about one image per question; sample {several['id']} has none or several")
         images = [sample["image"] for sample in samples]
         texts = [build_prompt_text(sample, self.instruction) for sample in samples]
         run = partial(
@@ -72,7 +74,6 @@ class LareMethod:
             halt=self.halt, threshold=self.threshold,
         )  # fmt: skip
         answers = run()
-        similarity = pairwise_cosine(answers.latents).tolist()
         controls: list[dict[str, str]] = [{} for _ in samples]
         if self.diagnostics:
             for kind in ("zero", "shuffle"):
@@ -88,7 +89,12 @@ class LareMethod:
                 latent_similarity=None if sim != sim else float(sim),  # nan (a batch of one) -> None
             )
             for text, count, steps, control, sim in zip(
-                answers.texts, answers.token_counts, answers.latent_steps, controls, similarity, strict=True
+                answers.texts,
+                answers.token_counts,
+                answers.latent_steps,
+                controls,
+                answers.latent_similarity,
+                strict=True,
             )
         ]
 

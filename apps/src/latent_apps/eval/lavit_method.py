@@ -66,9 +66,9 @@ class LavitMethod:
         answers = run(mask_latents=self.mask_latents)
         similarity = [None] * len(samples)
         if answers.latents is not None and answers.latents.shape[1]:  # continuous mode: what the steps fed
-            from latent_core.diagnostics import pairwise_cosine
+            from latent_core.diagnostics import pairwise_cosine, step_mean
 
-            similarity = [None if s != s else float(s) for s in pairwise_cosine(answers.latents).tolist()]
+            similarity = [None if s != s else float(s) for s in pairwise_cosine(step_mean(answers.latents)).tolist()]
         controls: list[dict[str, str]] = [{} for _ in samples]
         if (
             self.diagnostics and latent_ids

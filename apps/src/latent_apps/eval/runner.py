@@ -733,7 +733,8 @@ def eval_command(
         ),
     ] = False,
     halt: Annotated[
-        str | None, typer.Option(help="--method lare: adaptive halting (Table 4) on the distance cos, l1 or l2.")
+        str | None,
+        typer.Option(help="--method lare: adaptive halting (Table 4) on the distance cos, l1 or l2 (none: off)."),
     ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="--method lare: halt once the distance between z_t and z_{t-1} is below.")
@@ -759,8 +760,8 @@ def eval_command(
         raise typer.BadParameter("--latent-diagnostics needs a latent method: --method lavit or lare")
     if (halt is not None or threshold is not None) and method != "lare":
         raise typer.BadParameter("--halt / --threshold are LaRe's adaptive halting: use them with --method lare")
-    if threshold is not None and halt is None:
-        raise typer.BadParameter("--threshold needs --halt cos|l1|l2", param_hint="--threshold")
+    if (threshold is None) != (halt is None or halt == "none"):
+        raise typer.BadParameter("--halt cos|l1|l2 and --threshold go together (--halt none: no halting)")
     options: dict[str, Any] = {"mask_latents": True} if mask_latents else {}
     if latent_diagnostics:
         options["diagnostics"] = True

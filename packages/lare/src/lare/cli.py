@@ -79,54 +79,77 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     num_latents: Annotated[int | None, typer.Option(min=1, help="T (default: the checkpoint's).")] = None,
-    halt: Annotated[str | None, typer.Option(help="Adaptive halting (Table 4): cos, l1 or l2.")] = None,
+    halt: Annotated[
+        str | None,
+        typer.Option(help="Adaptive halting (Table 4): cos, l1 or l2; none: off (default: the checkpoint's)."),
+    ] = None,
+    latent_diagnostics: Annotated[
+        bool, typer.Option("--latent-diagnostics", help="Also answer with the latents zeroed and shuffled.")
+    ] = False,
     threshold: Annotated[float | None, typer.Option(help="Halting threshold on the distance z_t vs z_{t-1}.")] = None,
     latents: Annotated[str, typer.Option(help="real | zero | shuffle: the latent diagnostics' controls.")] = "real",
     images: Annotated[Path | None, typer.Option(help="Image root of a Visual-CoT JSONL.")] = None,
 ) -> None:
     """Batched, KV-cached greedy decoding: the prompt and <bot> prefilled once, T refocusing iterations (each one
     cached forward, the window chosen from that position's attention), <eot>, then the answer. Writes one JSON line
-    per question (id, answer, gold, correct, generated tokens, latent steps, window corners) and a summary."""
+    per question (id, answer, gold, correct, generated tokens, latent steps, window corners, latent similarity, the
+    controls' answers) and a summary (accuracy, tokens when correct, latent-step distribution, change rates)."""
+    from functools import partial
+
     from latent_core.answers import answers_match
+    from latent_core.diagnostics import change_rate
     from latent_core.readers import read_questions
     from rich.progress import track
 
     from lare.generate import generate_answers
     from lare.model import load_lare
 
-    if halt is None and threshold is not None:
+    loaded, processor = load_lare(model, num_latents=num_latents, threshold=threshold)
+    if threshold is not None and halt in (None, "none") and loaded.config.halt is None:
         raise typer.BadParameter("--threshold needs --halt cos|l1|l2", param_hint="--threshold")
-    loaded, processor = load_lare(model, num_latents=num_latents, halt=halt, threshold=threshold)
     samples = read_questions(data, limit, images)
     out.parent.mkdir(parents=True, exist_ok=True)
-    right = scored = 0
-    steps: list[int] = []
+    rows: list[dict] = []
     with out.open("w", encoding="utf-8") as handle:
         for start in track(range(0, len(samples), batch_size), description="lare generate"):
             chunk = samples[start : start + batch_size]
-            got = generate_answers(
-                loaded, processor, [s["image"] for s in chunk], [s["text"] for s in chunk], max_new_tokens,
-                latents=latents,
+            run = partial(
+                generate_answers, loaded, processor, [s["image"] for s in chunk], [s["text"] for s in chunk],
+                max_new_tokens, halt=halt,
             )  # fmt: skip
+            got = run(latents=latents)
+            controls = {k: run(latents=k).texts for k in ("zero", "shuffle")} if latent_diagnostics else {}
             side = loaded.grid()
             for i, sample in enumerate(chunk):
                 gold = sample.get("answer")
                 correct = None if gold is None else answers_match(got.texts[i], str(gold))
-                scored += correct is not None
-                right += bool(correct)
                 n = got.latent_steps[i]
                 corners = [divmod(int(w[i, 0]), side) for w in got.windows[:n]]
-                row = {"id": sample["id"], "answer": got.texts[i], "gold": gold, "correct": correct}
-                row |= {"generated_tokens": got.token_counts[i], "latent_steps": n, "windows": corners}
+                # generated tokens count the end of turn, as `latent eval` does (capped at the budget)
+                row = {"id": sample["id"], "answer": got.texts[i], "gold": gold, "correct": correct,
+                       "generated_tokens": min(got.token_counts[i] + 1, max_new_tokens), "latent_steps": n,
+                       "windows": corners, "latent_similarity": got.latent_similarity[i],
+                       "controls": {k: texts[i] for k, texts in controls.items()}}  # fmt: skip
                 handle.write(json.dumps(row) + "\n")
-                steps.append(n)
+                rows.append(row)
+    scored = [r for r in rows if r["correct"] is not None]
+    right = [r for r in scored if r["correct"]]
+    steps = [r["latent_steps"] for r in rows]
+    similarity = [r["latent_similarity"] for r in rows if r["latent_similarity"] == r["latent_similarity"]]
     summary = {
-        "n": len(samples),
-        "accuracy": right / scored if scored else None,
-        "mean_latent_steps": sum(steps) / len(steps) if steps else None,
+        "n": len(rows),
+        "accuracy": len(right) / len(scored) if scored else None,
+        "mean_generated_tokens": _mean([r["generated_tokens"] for r in rows]),
+        "mean_generated_tokens_correct": _mean([r["generated_tokens"] for r in right]),
+        "mean_latent_steps": _mean(steps),
         "latent_steps_distribution": {str(k): steps.count(k) for k in sorted(set(steps))},
-        "halt": loaded.config.halt,
-        "threshold": loaded.config.threshold if loaded.config.halt else None,
+        "mean_latent_similarity": _mean(similarity),
+        "change_rate": {
+            k: change_rate([r["answer"] for r in rows], [r["controls"][k] for r in rows])
+            for k in (("zero", "shuffle") if latent_diagnostics else ())
+        },
+        "halt": None if halt == "none" else (halt or loaded.config.halt),
+        "threshold": loaded.config.threshold if (halt or loaded.config.halt) not in (None, "none") else None,
         "latents": latents,
     }
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -183,6 +206,10 @@ def decontaminate(
     (out / "decontamination.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shown = {k: summary[k] for k in ("rows", "kept", "removed", "threshold")}
     typer.echo(json.dumps(shown, indent=2))
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def main() -> None:

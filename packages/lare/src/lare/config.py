@@ -84,7 +84,8 @@ class LareConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> LareConfig:
-        """The config saved in ``directory`` (a ``ValueError`` naming the file when it is missing or malformed)."""
+        """The config saved in ``directory``: ``FileNotFoundError`` when it is missing, a ``ValueError`` naming the
+        file when it is malformed (bad JSON, unknown fields, wrongly typed or out-of-range values)."""
         path = Path(directory, CONFIG_NAME)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {directory} a LaRe checkpoint (`lare init` writes one)?")
@@ -96,7 +97,16 @@ class LareConfig:
         unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["<not an object>"]
         if unknown:
             raise ValueError(f"{path}: unknown fields {', '.join(unknown)}")
-        return cls(**raw)
+        types = {"num_latents": int, "window": (int, type(None)), "stride": int, "extractor_layers": int,
+                 "extractor_heads": int, "extractor_hidden": int, "query": str, "bot_token": str, "eot_token": str,
+                 "halt": (str, type(None)), "threshold": (int, float)}  # fmt: skip
+        wrong = [k for k, v in raw.items() if not isinstance(v, types[k]) or isinstance(v, bool)]
+        if wrong:
+            raise ValueError(f"{path}: wrongly typed values for {', '.join(wrong)}")
+        try:
+            return cls(**raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def replace(self, **overrides: Any) -> LareConfig:
         """A copy with ``overrides`` (``None`` values are ignored, so CLI options can be passed as they come)."""

@@ -20,6 +20,7 @@ V_local.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,9 @@ class Extractor(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_embed))
 
     @classmethod
-    def for_model(cls, vlm: nn.Module, config: LareConfig) -> Extractor:
-        """An extractor sized for the llava ``vlm`` (its language model's width and depth)."""
-        text = vlm.config.get_text_config()
+    def for_model(cls, vlm: nn.Module | Any, config: LareConfig) -> Extractor:
+        """An extractor sized for the llava ``vlm`` or its config (its language model's width and depth)."""
+        text = getattr(vlm, "config", vlm).get_text_config()
         d = text.hidden_size
         return cls(d, text.num_hidden_layers + 1, d, d, config)
 

@@ -23,11 +23,12 @@ follows z_t, exactly as if it had run alone with T = t (the batch stays rectangu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from latent_core.diagnostics import control_step
+from latent_core.diagnostics import control_step, pairwise_cosine, step_mean
 from latent_core.latents import distance_halt, generate_with_latents
 from latent_core.prompts import decode_answers, encode_chats, render_prompts
 
@@ -39,11 +40,14 @@ __all__ = ["LareAnswers", "encode_questions", "generate_answers"]
 
 @dataclass
 class LareAnswers:
-    """Decoded answers: ``texts``; ``token_counts`` (generated tokens per answer, end of turn excluded);
+    """Decoded answers: ``texts``; ``token_counts`` (generated tokens per answer, end of turn excluded;
+    ``latent eval`` counts the end of turn too);
     ``latent_steps`` (iterations each sample ran: T, or fewer when it halted); ``latents`` ``[B, T, d]`` (zero after
     a halted sample's last latent); ``windows`` (per iteration ``[B, w*w]``: the image tokens each sample's window
-    covered); ``sequences`` (each answer's token ids, end of turn excluded); ``generate_output`` (what ``generate``
-    returned, e.g. its ``logits`` with ``output_logits=True``)."""
+    covered); ``sequences`` (each answer's token ids, end of turn excluded); ``latent_similarity`` (each sample's
+    mean cosine to the other samples' latents, each averaged over the steps it ran: :mod:`latent_core.diagnostics`;
+    ``nan`` for a batch of one); ``generate_output`` (what ``generate`` returned, e.g. its ``logits`` with
+    ``output_logits=True``)."""
 
     texts: list[str]
     token_counts: list[int]
@@ -51,6 +55,7 @@ class LareAnswers:
     latents: torch.Tensor
     windows: list[torch.Tensor]
     sequences: list[list[int]]
+    latent_similarity: list[float]
     generate_output: Any = None
 
 
@@ -77,9 +82,12 @@ def generate_answers(
     **generate_kwargs: Any,
 ) -> LareAnswers:
     """Greedy answers of ``model`` to ``questions`` about ``images`` after the refocusing iterations (see the module
-    docstring). ``num_latents``, ``halt`` and ``threshold`` default to the model's config; ``generate_kwargs`` go to
-    ``generate`` (e.g. ``output_logits=True, return_dict_in_generate=True``)."""
-    config = model.config.replace(num_latents=num_latents, halt=halt, threshold=threshold)
+    docstring). ``num_latents``, ``halt`` and ``threshold`` default to the model's config (``halt="none"`` switches
+    a checkpoint's halting off); ``generate_kwargs`` go to ``generate`` (e.g. ``output_logits=True,
+    return_dict_in_generate=True``)."""
+    config = model.config.replace(num_latents=num_latents, threshold=threshold)
+    if halt is not None:
+        config = dataclasses.replace(config, halt=None if halt == "none" else halt)
     inputs = encode_questions(processor, images, questions, model.device)
     batch = inputs["input_ids"].shape[0]
     step = model.step()
@@ -96,5 +104,6 @@ def generate_answers(
         latents=out.latents,
         windows=step.windows,
         sequences=rows,
+        latent_similarity=pairwise_cosine(step_mean(out.latents, out.num_steps)).tolist(),
         generate_output=out.generate_output,
     )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lare.config import LareConfig
+from lare.config import CONFIG_NAME, LareConfig
 from lare.extractor import EXTRACTOR_WEIGHTS, Extractor
 from lare.refocus import grid_side, refocus
 
@@ -61,8 +61,16 @@ class LareModel(nn.Module):
         return next(self.vlm.parameters()).dtype
 
     def grid(self) -> int:
-        """The side of the image-token grid (16 for CLIP ViT-L/14 at 224 px)."""
-        vision = self.vlm.config.vision_config
+        """The side of the image-token grid (16 for CLIP ViT-L/14 at 224 px); refuses a llava whose image tokens
+        are not a square grid of patches (CLIP's class token kept: ``vision_feature_select_strategy="full"``)."""
+        config = self.vlm.config
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(
+                f"LaRe's window needs the patch tokens alone; this llava's vision_feature_select_strategy is "
+                f"{strategy!r} (CLIP's class token kept): use a checkpoint with 'default'"
+            )
+        vision = config.vision_config
         return grid_side((vision.image_size // vision.patch_size) ** 2)
 
     def step(self) -> RefocusStep:
@@ -89,7 +97,9 @@ class RefocusStep:
     """Latent refocusing as a ``step_fn`` (Section 3.1; see the module docstring). Needs the loop's
     ``step_attention`` (the image-token mask), ``step_image_features=True`` and, with ``query="layers"``,
     ``step_hidden_states=True`` (:meth:`loop_kwargs`). Keeps this run's latent-state sequence (``states``) and the
-    window each step chose (``windows``: ``[B, w*w]`` token indices per step)."""
+    window each step chose (``windows``: ``[B, w*w]`` token indices per step); both start afresh when a run's first
+    step arrives, so one object may serve several runs (the last run's are kept). The saliency map stays in float32
+    (the recorder's precision) whatever the model's dtype, so a bf16 model picks the same window."""
 
     def __init__(self, model: LareModel) -> None:
         self.model = model
@@ -113,13 +123,15 @@ class RefocusStep:
         )
 
     def __call__(self, hidden: Tensor, state: Any) -> Tensor:
+        if state.step == 1:  # a new run: the previous run's sequence (and its autograd graph) is dropped
+            self.states, self.windows = [], []
         extractor = self.model.extractor
         dtype = next(extractor.parameters()).dtype
         hidden_states = None if state.hidden_states is None else [h.to(dtype) for h in state.hidden_states]
         self.states.append(extractor.query(hidden_states, hidden.to(dtype)))
         if state.attention is None or state.image_features is None:
             raise ValueError("RefocusStep needs the loop's step_attention and step_image_features (loop_kwargs)")
-        attention = torch.stack(state.attention).to(dtype)
+        attention = torch.stack(state.attention).float()
         features = torch.stack(state.image_features).to(dtype)
         v_local, indices = refocus(attention, features, self.window, self.model.config.stride)
         self.windows.append(indices)
@@ -211,7 +223,9 @@ def compose(
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     bot, eot = _add_lare_tokens(vlm, processor, config)
     extractor = Extractor.for_model(vlm, config).to(lm.dtype)
-    return LareModel(vlm.eval(), extractor, config, bot, eot), processor
+    model = LareModel(vlm, extractor, config, bot, eot).eval()
+    config.window_for(model.grid())
+    return model, processor
 
 
 def from_llava(path: str, config: LareConfig | None = None, seed: int = 0) -> tuple[LareModel, Any]:
@@ -224,7 +238,7 @@ def from_llava(path: str, config: LareConfig | None = None, seed: int = 0) -> tu
     processor = load_processor(path)
     torch.manual_seed(seed)
     bot, eot = _add_lare_tokens(vlm, processor, config)
-    model = LareModel(vlm.eval(), Extractor.for_model(vlm, config).to(vlm.dtype), config, bot, eot)
+    model = LareModel(vlm, Extractor.for_model(vlm, config).to(vlm.dtype), config, bot, eot).eval()
     config.window_for(model.grid())
     return model, processor
 
@@ -236,34 +250,55 @@ def load_lare(
     on ``device`` (default: CUDA when available). ``overrides`` change config fields for this run (e.g.
     ``halt="cos", threshold=0.02``; ``None`` values are ignored).
 
+    The small files are checked before the model's weights load: ``lare_config.json``, the extractor's weights
+    (readable safetensors whose names and shapes fit the config and the model's width), the processor and the
+    ``<bot>`` / ``<eot>`` tokens.
+
     Raises:
         FileNotFoundError: ``path`` is not a LaRe checkpoint (no ``lare_config.json``).
         latent_core.FamilyError: the checkpoint is not a llava model.
-        latent_core.CheckpointError: the extractor weights are corrupted or do not fit.
+        latent_core.CheckpointError: a file of the checkpoint is missing, corrupted or does not fit (named).
     """
     from latent_core.families import require_family
     from latent_core.hub import CheckpointError, load_config, load_model, load_processor, load_tensors
 
     path = Path(path)
     config = LareConfig.load(path).replace(**overrides)
-    require_family(load_config(str(path)), ("llava",), "LaRe")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    vlm = load_model(str(path), family="llava", **kwargs)
-    processor = load_processor(str(path))
+    llava_config = load_config(str(path))
+    require_family(llava_config, ("llava",), "LaRe")
+    weights = path / EXTRACTOR_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found: the checkpoint has no extractor (`lare init` writes one)")
+    state = load_tensors(weights)
+    with torch.device("meta"):  # the expected names and shapes, without allocating
+        expected = Extractor.for_model(llava_config, config).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and
+             state[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        found = "; ".join(
+            f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        )
+        raise CheckpointError(f"{weights} does not fit the extractor of {path / CONFIG_NAME} ({found})")
+    try:
+        processor = load_processor(str(path))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: the processor (tokenizer, image processor) cannot be loaded: {err}") from None
     tokenizer = getattr(processor, "tokenizer", processor)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (config.bot_token, config.eot_token)]
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
         raise CheckpointError(f"{path}: the tokenizer lacks {config.bot_token} / {config.eot_token}")
-    extractor = Extractor.for_model(vlm, config)
-    weights = path / EXTRACTOR_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found: the checkpoint has no extractor")
-    state = load_tensors(weights)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        extractor.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{weights} does not fit the extractor of {path}'s config: {first}") from None
+        vlm = load_model(str(path), family="llava", **kwargs)
+    except OSError as err:
+        raise CheckpointError(f"{path}: the llava model's weights cannot be loaded: {err}") from None
+    extractor = Extractor.for_model(vlm, config)
+    extractor.load_state_dict(state)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LareModel(vlm, extractor.to(vlm.dtype), config, ids[0], ids[1]).to(device).eval()
+    model.grid()
     return model, processor

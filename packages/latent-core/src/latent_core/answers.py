@@ -18,6 +18,8 @@ _NUMBERS = {
 }
 _ARTICLES = {"a", "an", "the"}
 _LETTER = re.compile(r"^\(?([a-z])\)?[.:)]?$")
+_LEADING_LETTER = re.compile(r"^\(?([a-z])(?:\)|[.:]|\)[.:]|$)")  # "a." "(a)" "a)" "a:" or the letter alone
+_LETTER_WORD = re.compile(r"^([b-hj-z])\s")  # "B blue"; a leading "a" or "i" followed by a space is a word
 _ANSWER_PREFIX = re.compile(r"^(the )?(final )?answer( is)?\s*[:\-]?\s*")
 
 
@@ -38,13 +40,15 @@ def answers_match(prediction: str, truth: str) -> bool:
     """Whether ``prediction`` answers ``truth``: equal after :func:`normalize_answer`, or the prediction starts
     with the whole normalised truth followed by a word boundary (``"yes, there is one"`` answers ``"yes"``;
     ``"2 red circles"`` answers ``"two"``; ``"no"`` does not answer ``"not sure"``). An option letter matches
-    only the same letter."""
+    only the same letter, read before articles are dropped: ``"A. red"``, ``"(A) red"``, ``"A: red"`` and ``"A"``
+    answer ``"A"``, ``"B blue"`` answers ``"B"``; ``"A red circle"`` (an article, not a letter) does not."""
     pred, want = normalize_answer(prediction), normalize_answer(truth)
     if not pred or not want:
         return False
+    if len(want) == 1 and want.isalpha():  # an option letter: "b" must not match "blue"
+        raw = _ANSWER_PREFIX.sub("", str(prediction).strip().lower())
+        letter = _LEADING_LETTER.match(raw) or _LETTER_WORD.match(raw)
+        return letter is not None and letter.group(1) == want
     if pred == want:
         return True
-    if len(want) == 1 and want.isalpha():  # an option letter: "b" must not match "blue"
-        first = pred.split()[0]
-        return first == want
     return pred.startswith(want + " ")

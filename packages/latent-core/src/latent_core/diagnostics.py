@@ -6,7 +6,11 @@ near-identical states across samples, or can be perturbed without changing answe
 - :func:`control_step`: the latent steps feed zeros (``zero``) or another sample's latent (``shuffle``: a fixed
   permutation of the batch with no fixed point, seed 0) instead of the model's own (``real``); the answers are then
   compared with :func:`change_rate`.
-- :func:`pairwise_cosine`: each sample's mean cosine to the latents of the other samples (near 1: collapsed).
+- :func:`pairwise_cosine`: each sample's mean cosine to the latents of the other samples (near 1: collapsed), on
+  :func:`step_mean` (each sample's latents averaged over the steps it ran, so adaptive halting does not skew it).
+
+With adaptive halting, ``shuffle`` may hand an active sample the (meaningless) output computed for a sample that has
+halted: the control then feeds noise rather than another sample's latent for those steps.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from torch import Tensor
 
 from latent_core.latents import StepFn
 
-__all__ = ["LATENT_CONTROLS", "change_rate", "control_step", "mean_pairwise_cosine", "pairwise_cosine"]
+__all__ = [
+    "LATENT_CONTROLS",
+    "change_rate",
+    "control_step",
+    "mean_pairwise_cosine",
+    "pairwise_cosine",
+    "step_mean",
+]
 
 LATENT_CONTROLS = ("real", "zero", "shuffle")
 
@@ -45,6 +56,18 @@ def control_step(step_fn: StepFn | None, kind: str, batch: int) -> StepFn | None
         return lambda hidden, state: torch.zeros_like(inner(hidden, state))
     order = _shuffle_order(batch)
     return lambda hidden, state: inner(hidden, state)[order.to(hidden.device)]
+
+
+def step_mean(latents: Tensor, num_steps: Tensor | Sequence[int] | None = None) -> Tensor:
+    """``latents [B, K, d]`` -> ``[B, d]``: each sample's latents averaged over its first ``num_steps[b]`` steps
+    (all K without ``num_steps``)."""
+    if num_steps is None:
+        return latents.float().mean(1)
+    steps = torch.as_tensor(list(num_steps) if not isinstance(num_steps, Tensor) else num_steps).to(latents.device)
+    if bool((steps < 1).any()):
+        raise ValueError("every sample needs at least one latent step")
+    keep = torch.arange(latents.shape[1], device=latents.device)[None] < steps[:, None]
+    return (latents.float() * keep[..., None]).sum(1) / steps[:, None].float()
 
 
 def pairwise_cosine(latents: Tensor) -> Tensor:
