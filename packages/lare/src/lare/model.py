@@ -20,13 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lare.config import CONFIG_NAME, LareConfig
 from lare.extractor import EXTRACTOR_WEIGHTS, Extractor
 from lare.refocus import grid_side, refocus
 
-__all__ = ["CHAT_TEMPLATE", "LareModel", "RefocusStep", "compose", "from_llava", "load_lare"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "STAGE_GROUPS",
+    "LareForTraining",
+    "LareModel",
+    "RefocusStep",
+    "compose",
+    "from_llava",
+    "load_lare",
+]
 
 IMAGE_TOKEN = "<image>"
 
@@ -96,8 +106,9 @@ class LareModel(nn.Module):
 class RefocusStep:
     """Latent refocusing as a ``step_fn`` (Section 3.1; see the module docstring). Needs the loop's
     ``step_attention`` (the image-token mask), ``step_image_features=True`` and, with ``query="layers"``,
-    ``step_hidden_states=True`` (:meth:`loop_kwargs`). Keeps this run's latent-state sequence (``states``) and the
-    window each step chose (``windows``: ``[B, w*w]`` token indices per step); both start afresh when a run's first
+    ``step_hidden_states=True`` (:meth:`loop_kwargs`). Keeps this run's latent-state sequence (``states``), the
+    window each step chose (``windows``: ``[B, w*w]`` token indices per step) and its V_local (``v_locals``, the
+    visual anchors of L_align); all start afresh when a run's first
     step arrives, so one object may serve several runs (the last run's are kept). The saliency map stays in float32
     (the recorder's precision) whatever the model's dtype, so a bf16 model picks the same window."""
 
@@ -106,6 +117,7 @@ class RefocusStep:
         self.window = model.config.window_for(model.grid())
         self.states: list[Tensor] = []
         self.windows: list[Tensor] = []
+        self.v_locals: list[Tensor] = []
 
     def loop_kwargs(self, input_ids: Tensor) -> dict[str, Any]:
         """What :func:`latent_core.generate_with_latents` / ``forward_with_latents`` must hand this step function:
@@ -124,7 +136,7 @@ class RefocusStep:
 
     def __call__(self, hidden: Tensor, state: Any) -> Tensor:
         if state.step == 1:  # a new run: the previous run's sequence (and its autograd graph) is dropped
-            self.states, self.windows = [], []
+            self.states, self.windows, self.v_locals = [], [], []
         extractor = self.model.extractor
         dtype = next(extractor.parameters()).dtype
         hidden_states = None if state.hidden_states is None else [h.to(dtype) for h in state.hidden_states]
@@ -135,6 +147,7 @@ class RefocusStep:
         features = torch.stack(state.image_features).to(dtype)
         v_local, indices = refocus(attention, features, self.window, self.model.config.stride)
         self.windows.append(indices)
+        self.v_locals.append(v_local)
         return extractor(torch.stack(self.states, 1), v_local)
 
 
@@ -302,3 +315,147 @@ def load_lare(
     model = LareModel(vlm, extractor.to(vlm.dtype), config, ids[0], ids[1]).to(device).eval()
     model.grid()
     return model, processor
+
+
+STAGE_GROUPS: dict[int, tuple[str, ...]] = {
+    1: ("projector",),
+    2: ("extractor", "reconstructor"),
+    3: ("projector", "language_model", "extractor", "reconstructor"),
+    4: ("projector", "language_model", "extractor", "reconstructor"),
+}
+"""What each of Appendix A's four stages trains: I the projector (NTP); II the extractor and the U-Net, vision and LLM
+frozen (latent losses); III instruction tuning and IV reasoning fine-tuning, all but the vision tower."""
+
+
+class LareForTraining(nn.Module):
+    """LaRe's training forward (Section 3.2): L = L_ntp + l_align L_align + l_img L_img + l_text L_text, the terms
+    returned by name (``aux_losses``: ``align_text``, ``align_visual``, ``img``, ``text``) for
+    :class:`latent_core.LatentTrainer`, which weighs them with the config's loss weights.
+
+    Sequence: ``[V, X_q, <bot>, z_1..z_T, <eot>, answer]`` through :func:`latent_core.forward_with_latents` with the
+    :class:`RefocusStep` (gradients reach the extractor through every z_t). Stage 1 (projector alignment) runs
+    ``[V, X_q, answer]`` without latents. The aux terms need their inputs (a term whose inputs are absent, or whose
+    module is missing, is left out):
+
+    - ``align_text`` / ``align_visual`` (:func:`lare.losses.symmetric_alignment`): the latents vs the language
+      model's final hidden states over the reasoning text alone (``reasoning_ids`` / ``reasoning_mask``, no gradient:
+      a target, **choice**) and vs the visual anchors (the V_local of every iteration);
+    - ``img`` (:func:`lare.losses.diffusion_loss`): the image crop under the **last** iteration's window (**choice**)
+      from ``pixel_values`` (CLIP normalisation undone, [-1, 1]), resized to ``crop_size``, encoded by the frozen
+      ``vae`` (latent mean x scaling factor), denoised by ``reconstructor`` conditioned on all T latents;
+    - ``text``: the next-token loss of the first 32 reasoning tokens (``text_ids`` / ``text_labels``,
+      :func:`lare.losses.text_prefix_targets`) after the same ``[.., <eot>]`` prefix, in a second latent run.
+    """
+
+    def __init__(
+        self,
+        lare: LareModel,
+        reconstructor: nn.Module | None = None,
+        vae: nn.Module | None = None,
+        scheduler: Any = None,
+        stage: int = 2,
+        image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+        image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+        crop_size: int = 128,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        self.lare = lare
+        self.reconstructor = reconstructor
+        self.vae = vae.requires_grad_(False).eval() if vae is not None else None
+        self.scheduler = scheduler
+        self.crop_size, self.temperature = crop_size, temperature
+        self.register_buffer("image_mean", torch.tensor(image_mean)[:, None, None], persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std)[:, None, None], persistent=False)
+        self.set_stage(stage)
+
+    @property
+    def config(self):  # what the trainer and DeepSpeed read
+        return self.lare.vlm.config
+
+    def groups(self) -> dict[str, nn.Module]:
+        """The parameter groups the stages switch: projector, language_model (with the LM head), vision, extractor,
+        reconstructor."""
+        vlm = self.lare.vlm
+        groups = {
+            "projector": vlm.model.multi_modal_projector,
+            "language_model": nn.ModuleList([vlm.model.language_model, vlm.lm_head]),
+            "vision": vlm.model.vision_tower,
+            "extractor": self.lare.extractor,
+        }
+        if self.reconstructor is not None:
+            groups["reconstructor"] = self.reconstructor
+        return groups
+
+    def set_stage(self, stage: int) -> dict[str, int]:
+        """Train exactly the groups of :data:`STAGE_GROUPS` ``[stage]`` (everything else frozen, the VAE always);
+        returns the trainable parameter count per group."""
+        if stage not in STAGE_GROUPS:
+            raise ValueError(f"LaRe has stages 1-4 (Appendix A), got {stage}")
+        self.stage = stage
+        self.requires_grad_(False)
+        counts = {}
+        for name, module in self.groups().items():
+            on = name in STAGE_GROUPS[stage]
+            module.requires_grad_(on)
+            counts[name] = sum(p.numel() for p in module.parameters()) if on else 0
+        return counts
+
+    def _crops(self, pixel_values: Tensor, indices: Tensor) -> Tensor:
+        """The image under each sample's window (``indices [B, w*w]`` row-major grid cells) in [-1, 1], resized."""
+        side = self.lare.grid()
+        patch = pixel_values.shape[-1] // side
+        window = int(round(indices.shape[1] ** 0.5))
+        images = (pixel_values.float() * self.image_std + self.image_mean).clamp(0, 1) * 2 - 1
+        crops = []
+        for b in range(images.shape[0]):
+            row, col = divmod(int(indices[b, 0]), side)
+            crop = images[b, :, row * patch : (row + window) * patch, col * patch : (col + window) * patch]
+            crops.append(F.interpolate(crop[None], size=(self.crop_size, self.crop_size), mode="bilinear")[0])
+        return torch.stack(crops)
+
+    def forward(
+        self,
+        answer_ids: Tensor,
+        labels: Tensor,
+        text_ids: Tensor | None = None,
+        text_labels: Tensor | None = None,
+        reasoning_ids: Tensor | None = None,
+        reasoning_mask: Tensor | None = None,
+        **prompt: Any,
+    ) -> dict[str, Any]:
+        from latent_core.latents import forward_with_latents
+
+        from lare.losses import diffusion_loss, symmetric_alignment
+
+        vlm, config = self.lare.vlm, self.lare.config
+        inputs = {k: v for k, v in prompt.items() if v is not None}
+        if self.stage == 1:
+            out = forward_with_latents(vlm, inputs, 0, labels=labels, answer_ids=answer_ids)
+            return {"loss": out.loss, "aux_losses": {}}
+        step = self.lare.step()
+        loop = step.loop_kwargs(inputs["input_ids"])
+        out = forward_with_latents(
+            vlm, inputs, config.num_latents, labels=labels, step_fn=step, answer_ids=answer_ids, **loop
+        )
+        latents = out.latents
+        aux: dict[str, Tensor] = {}
+        if reasoning_ids is not None:
+            with torch.no_grad():
+                text = vlm.model.language_model(input_ids=reasoning_ids, attention_mask=reasoning_mask)
+            anchors = torch.cat(step.v_locals, 1)
+            aux |= symmetric_alignment(
+                latents, text.last_hidden_state.to(latents.dtype), reasoning_mask, anchors, None, self.temperature
+            )
+        if self.reconstructor is not None and self.vae is not None and self.scheduler is not None:
+            with torch.no_grad():
+                crops = self._crops(inputs["pixel_values"], step.windows[-1]).to(self.vae.dtype)
+                x0 = self.vae.encode(crops).latent_dist.mean * self.vae.config.scaling_factor
+            aux["img"] = diffusion_loss(self.reconstructor, x0, latents.to(x0.dtype), self.scheduler)
+        if text_ids is not None:
+            text_step = self.lare.step()
+            aux["text"] = forward_with_latents(
+                vlm, inputs, config.num_latents, labels=text_labels, step_fn=text_step, answer_ids=text_ids,
+                **text_step.loop_kwargs(inputs["input_ids"]),
+            ).loss  # fmt: skip
+        return {"loss": out.loss, "aux_losses": aux, "latents": latents}
