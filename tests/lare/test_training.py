@@ -40,27 +40,39 @@ def _training_model(lare_parts, stage: int) -> tuple[LareForTraining, object]:
     return training.train(), processor
 
 
-def _batch(processor) -> dict:
-    from lare.generate import encode_questions
-    from lare.losses import text_prefix_targets
+def _rows(tmp_path) -> list[dict]:
+    rows = []
+    for i, (q, r, a) in enumerate(zip(QUESTIONS, REASONING, ANSWERS, strict=True)):
+        tiny_image(i, 64).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": tmp_path / f"{i}.png", "question": q, "reasoning": r, "answer": a})
+    return rows
 
+
+def _batch(processor, tmp_path) -> dict:
+    from lare.data import LareCollator
+
+    return LareCollator(processor)(_rows(tmp_path))
+
+
+def test_collator_builds_every_target_by_hand(lare_parts, tmp_path):
+    from lare import compose
+    from lare.generate import encode_questions
+
+    _, processor = compose(str(lare_parts[0]), str(lare_parts[1]), LareConfig(extractor_hidden=32, extractor_heads=4))
     tokenizer = processor.tokenizer
-    batch = encode_questions(processor, [tiny_image(i, 64) for i in range(2)], QUESTIONS)
-    answers = [tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for a in ANSWERS]
-    width = max(map(len, answers))
-    ids = torch.full((2, width), tokenizer.pad_token_id)
-    labels = torch.full((2, width), -100)
-    for i, row in enumerate(answers):
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, : len(row)] = torch.tensor(row)
-    text_ids, text_labels = text_prefix_targets(tokenizer, REASONING, 32)
-    reasoning = tokenizer(REASONING, padding="longest", padding_side="right", return_tensors="pt")
-    return {**batch, "answer_ids": ids, "labels": labels, "text_ids": text_ids, "text_labels": text_labels,
-            "reasoning_ids": reasoning["input_ids"], "reasoning_mask": reasoning["attention_mask"]}  # fmt: skip
+    batch = _batch(processor, tmp_path)
+    prompt = encode_questions(processor, [tiny_image(i, 64) for i in range(2)], QUESTIONS)
+    assert torch.equal(batch["input_ids"], prompt["input_ids"]) and bool((prompt["attention_mask"] == 0).any())
+    for i, answer in enumerate(ANSWERS):  # the assistant turn as the template writes it: answer + <|im_end|>\n
+        want = tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert batch["labels"][i][batch["labels"][i] != -100].tolist() == want
+        reasoning = tokenizer(REASONING[i], add_special_tokens=False)["input_ids"]
+        assert batch["text_labels"][i][batch["text_labels"][i] != -100].tolist() == reasoning[:32]
+        assert batch["reasoning_ids"][i][batch["reasoning_mask"][i].bool()].tolist() == reasoning
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage):
+def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage, tmp_path):
     training, processor = _training_model(lare_parts, stage)
     groups = training.groups()
     trainable = {n for n, p in training.named_parameters() if p.requires_grad}
@@ -70,7 +82,7 @@ def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage):
     assert not any(p.requires_grad for p in groups["vision"].parameters())
 
     before = {n: p.detach().clone() for n, p in training.named_parameters()}
-    out = training(**_batch(processor))
+    out = training(**_batch(processor, tmp_path))
     names = set(out["aux_losses"])
     assert names == (set() if stage == 1 else {"align_text", "align_visual", "img", "text"})
     loss = out["loss"] + sum(out["aux_losses"].values())
@@ -85,9 +97,9 @@ def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage):
         assert any(n in changed for n in (by_module[id(p)] for p in groups[name].parameters())), name
 
 
-def test_every_aux_loss_reaches_the_extractor(lare_parts):
+def test_every_aux_loss_reaches_the_extractor(lare_parts, tmp_path):
     training, processor = _training_model(lare_parts, 2)
-    out = training(**_batch(processor))
+    out = training(**_batch(processor, tmp_path))
     extractor = training.lare.extractor.ffn[-1].weight
     for name, value in out["aux_losses"].items():
         (grad,) = torch.autograd.grad(value, extractor, retain_graph=True)

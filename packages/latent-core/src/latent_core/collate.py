@@ -76,3 +76,26 @@ class SupervisedCollator:
             labels[i, :length] = IGNORE_INDEX
         batch["labels"] = labels
         return dict(batch)
+
+
+def answer_token_ids(processor: Any, user_text: str, answer: str, num_images: int = 1) -> list[int]:
+    """The assistant turn's tokens for ``answer`` exactly as the chat template writes them after the generation
+    prompt of ``user_text`` (end of turn included): the targets a latent method teacher-forces after its prompt (and
+    latents)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    full = tokenizer.apply_chat_template(chat_messages(user_text, num_images, answer), tokenize=False)
+    prompt = render_prompts(processor, [user_text], [num_images])[0]
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not write the answer after the generation prompt")
+    return tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+
+
+def pad_targets(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, labels)`` ``[B, max_len]`` of token lists, labels ``-100`` at the padding."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        labels[i, : len(row)] = ids[i, : len(row)]
+    return ids, labels

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from latent_core.prompts import chat_messages, encode_chats, question_text, render_prompts
+from latent_core.collate import answer_token_ids, pad_targets
+from latent_core.prompts import encode_chats, question_text, render_prompts
 from PIL import Image
 
 from lavit.build import MANIFEST_NAME, read_teacher_data
 
 __all__ = ["LavitCollator", "teacher_rows"]
-
-IGNORE_INDEX = -100
 
 
 def teacher_rows(directory: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
@@ -70,15 +69,6 @@ class LavitCollator:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
-    def answer_ids(self, question: str, answer: str) -> list[int]:
-        """The assistant turn's tokens as the chat template writes it after the generation prompt."""
-        apply = self.tokenizer.apply_chat_template
-        full = apply(chat_messages(question, 1, answer), tokenize=False)
-        prompt = render_prompts(self.processor, [question], [1])[0]
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not write the answer after the generation prompt")
-        return self.tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         questions = [question_text(row["question"]) for row in rows]
         images = []
@@ -89,14 +79,8 @@ class LavitCollator:
             except OSError as err:
                 raise ValueError(f"row {row['id']!r}: cannot read image {row['image']} ({err})") from err
         batch = dict(encode_chats(self.processor, render_prompts(self.processor, questions, [1] * len(rows)), images))
-        answers = [self.answer_ids(q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
-        width = max(len(a) for a in answers)
-        pad = self.tokenizer.pad_token_id or 0
-        answer_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, ids in enumerate(answers):
-            answer_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(ids)] = torch.tensor(ids)
+        answers = [answer_token_ids(self.processor, q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
+        answer_ids, labels = pad_targets(answers, self.tokenizer.pad_token_id or 0)
         batch.update(answer_ids=answer_ids, labels=labels)
         if all("traj_target" in row for row in rows):
             batch["traj_targets"] = [row["traj_target"] for row in rows]
