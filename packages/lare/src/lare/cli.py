@@ -1,6 +1,7 @@
 """The ``lare`` command line.
 
 lare init --vision clip-vit-l-14 --llm qwen2.5-0.5b --out runs/lare/init     (or --from-llava <llava checkpoint>)
+lare train --stage 1|2|3|4 --data reasoning.jsonl --images DIR [--base runs/lare/init] [--run-dir runs/lare] [--vae ID]
 lare generate --model runs/lare/init --data <bench> [--halt cos|l1|l2 --threshold X] [--latents real|zero|shuffle]
 lare decontaminate --data vision_r1_cold.json --images DIR --train-bench AI2D_train.tsv --test-bench MMStar.tsv
 """
@@ -66,6 +67,60 @@ def init(
     }
     (out / "lare_init.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def train(
+    stage: Annotated[
+        int, typer.Option(min=1, max=4, help="Appendix A stage: 1 projector, 2 extractor + U-Net, 3-4 all but vision.")
+    ],
+    data: Annotated[
+        list[Path], typer.Option(help="Reasoning data (decontaminated JSONL, Vision-R1-cold JSON), repeatable.")
+    ],
+    images: Annotated[Path, typer.Option(help="Image root of the reasoning data.")],
+    base: Annotated[str, typer.Option(help="The `lare init` checkpoint stage 1 starts from.")] = "runs/lare/init",
+    run_dir: Annotated[Path, typer.Option(help="Run directory: stage N is saved in <run-dir>/stage-N.")] = Path(
+        "runs/lare"
+    ),
+    vae: Annotated[str | None, typer.Option(help="KL VAE (f=16) for L_img, by id or path (stages 2-4).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Per-device batch (Appendix A: 256 in stage I, 128 after).")
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak learning rate (lost; default 1e-3 stage I, 2e-5 after).")
+    ] = None,
+    epochs: Annotated[float, typer.Option(help="Epochs (Appendix A: 1).")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (-1: the epochs decide).")] = -1,
+    align_text_weight: Annotated[float, typer.Option(help="L_align text term (0: off).")] = 0.1,
+    align_visual_weight: Annotated[float, typer.Option(help="L_align visual term (0: off).")] = 0.1,
+    img_weight: Annotated[float, typer.Option(help="L_img (0: off, the w/o image reconstruction ablation).")] = 0.5,
+    text_weight: Annotated[float, typer.Option(help="L_text (0: off, the w/o text reconstruction ablation).")] = 0.5,
+    crop_size: Annotated[int, typer.Option(min=8, help="Side the window's crop is resized to for the VAE.")] = 128,
+    seed: Annotated[int, typer.Option(help="Data order and initialisation seed.")] = 0,
+    deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3, zero3_offload or a JSON config.")] = None,
+) -> None:
+    """Train one LaRe stage from the previous one (stage 1 from the `lare init` checkpoint); resumable; writes the
+    stage, lare_train.json (every loss curve by name) and lare_train.png."""
+    from latent_core.readers import ReadReport, read_reasoning
+
+    from lare.config import LareTrainConfig
+    from lare.trainer import STAGE_BATCH, STAGE_LEARNING_RATE, stage_dir, train_stage
+
+    rows, report = [], ReadReport("reasoning")
+    for path in data:
+        rows += list(read_reasoning(path, images, report))
+    if report.total_skipped:
+        typer.echo(f"skipped {report.total_skipped} rows: {dict(report.skipped)}", err=True)
+    config = LareTrainConfig(
+        output_dir=str(stage_dir(run_dir, stage)), per_device_train_batch_size=batch_size or STAGE_BATCH[stage],
+        learning_rate=learning_rate or STAGE_LEARNING_RATE[stage], num_train_epochs=epochs, max_steps=max_steps,
+        align_text_weight=align_text_weight, align_visual_weight=align_visual_weight, img_weight=img_weight,
+        text_weight=text_weight, crop_size=crop_size, seed=seed, deepspeed=deepspeed, logging_steps=1, report_to=[],
+        remove_unused_columns=False, save_strategy="steps", save_steps=100,
+    )  # fmt: skip
+    summary = train_stage(config, stage, rows, base, run_dir, vae=vae)
+    shown = {k: summary.get(k) for k in ("stage", "steps", "first_loss", "last_loss", "samples", "output_dir")}
+    typer.echo(json.dumps(shown, indent=2))
 
 
 @app.command()

@@ -19,11 +19,13 @@ The paper's equations and several values were lost in extraction, so every value
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_NAME", "HALT_METRICS", "LareConfig"]
+from latent_core.trainer import LatentTrainingArguments
+
+__all__ = ["CONFIG_NAME", "HALT_METRICS", "LareConfig", "LareTrainConfig"]
 
 CONFIG_NAME = "lare_config.json"
 HALT_METRICS = {"cos": "cosine", "l1": "l1", "l2": "l2"}
@@ -111,3 +113,26 @@ class LareConfig:
     def replace(self, **overrides: Any) -> LareConfig:
         """A copy with ``overrides`` (``None`` values are ignored, so CLI options can be passed as they come)."""
         return LareConfig(**{**asdict(self), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class LareTrainConfig(LatentTrainingArguments):
+    """Training arguments of LaRe's four stages (Appendix A; METHODS.md section 3). Lost values are **choices**.
+
+    - AdamW, weight decay 0.05, 1 epoch per stage, bf16 on GPU (Appendix A); batch 256 (stage I) and 128 (II-IV)
+      are set per stage by ``lare train`` (``--batch-size`` overrides).
+    - Learning rates were lost (**choice**: LLaVA-1.5's 1e-3 for stage I, 2e-5 after).
+    - Loss weights were grid-searched and lost (**choice**: 0.1 for each alignment term, 0.5 for L_img and L_text);
+      0 switches a term off (the ablations).
+    """
+
+    weight_decay: float = field(default=0.05, metadata={"help": "Appendix A: AdamW weight decay 0.05."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Appendix A: one epoch per stage."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Lost (choice): 2e-5 (stage I: 1e-3)."})
+    align_text_weight: float = field(default=0.1, metadata={"help": "L_align, latents vs reasoning text (choice)."})
+    align_visual_weight: float = field(default=0.1, metadata={"help": "L_align, latents vs anchors (choice)."})
+    img_weight: float = field(default=0.5, metadata={"help": "L_img, diffusion reconstruction (choice)."})
+    text_weight: float = field(default=0.5, metadata={"help": "L_text, the 32-token prefix (choice)."})
+    temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature tau (choice)."})
+    text_prefix: int = field(default=32, metadata={"help": "Appendix A: the text prefix is 32 tokens."})
+    crop_size: int = field(default=128, metadata={"help": "Side the window's crop is resized to (choice)."})

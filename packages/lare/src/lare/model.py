@@ -276,6 +276,8 @@ def load_lare(
     from latent_core.hub import CheckpointError, load_config, load_model, load_processor, load_tensors
 
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "latent_stage.json").is_file():
+        return _load_stage(path, device=device, dtype=dtype, **overrides)
     config = LareConfig.load(path).replace(**overrides)
     llava_config = load_config(str(path))
     require_family(llava_config, ("llava",), "LaRe")
@@ -317,6 +319,26 @@ def load_lare(
     return model, processor
 
 
+def _load_stage(path: Path, **kwargs: Any) -> tuple[LareModel, Any]:
+    """A ``lare train`` stage: its base checkpoint (``latent_stage.json``'s ``base_model``), the trained weights of
+    the stages it builds on and its own (:func:`latent_core.load_stage`), its extractor and config."""
+    from latent_core.hub import CheckpointError, load_processor, load_tensors
+    from latent_core.trainer import load_stage, stage_info
+
+    info = stage_info(path)
+    if info.get("method") != "lare" or not info.get("base_model"):
+        raise CheckpointError(f"{path} is neither a LaRe checkpoint nor a `lare train` stage (latent_stage.json)")
+    model, _ = load_lare(info["base_model"], **kwargs)
+    load_stage(model.vlm, path)
+    config = LareConfig.load(path).replace(**{k: v for k, v in kwargs.items() if k not in ("device", "dtype")})
+    weights = path / EXTRACTOR_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found: the stage saved no extractor")
+    model.extractor.load_state_dict({k: v.to(model.dtype) for k, v in load_tensors(weights).items()})
+    model.config = config
+    return model.eval(), load_processor(str(path))
+
+
 STAGE_GROUPS: dict[int, tuple[str, ...]] = {
     1: ("projector",),
     2: ("extractor", "reconstructor"),
@@ -335,7 +357,7 @@ class LareForTraining(nn.Module):
     Sequence: ``[V, X_q, <bot>, z_1..z_T, <eot>, answer]`` through :func:`latent_core.forward_with_latents` with the
     :class:`RefocusStep` (gradients reach the extractor through every z_t). Stage 1 (projector alignment) runs
     ``[V, X_q, answer]`` without latents. The aux terms need their inputs (a term whose inputs are absent, or whose
-    module is missing, is left out):
+    module is missing, or that is not in ``terms``, is left out):
 
     - ``align_text`` / ``align_visual`` (:func:`lare.losses.symmetric_alignment`): the latents vs the language
       model's final hidden states over the reasoning text alone (``reasoning_ids`` / ``reasoning_mask``, no gradient:
@@ -358,9 +380,11 @@ class LareForTraining(nn.Module):
         image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
         crop_size: int = 128,
         temperature: float = 0.07,
+        terms: tuple[str, ...] = ("align", "img", "text"),
     ) -> None:
         super().__init__()
         self.lare = lare
+        self.terms = set(terms)
         self.reconstructor = reconstructor
         self.vae = vae.requires_grad_(False).eval() if vae is not None else None
         self.scheduler = scheduler
@@ -440,19 +464,19 @@ class LareForTraining(nn.Module):
         )
         latents = out.latents
         aux: dict[str, Tensor] = {}
-        if reasoning_ids is not None:
+        if reasoning_ids is not None and "align" in self.terms:
             with torch.no_grad():
                 text = vlm.model.language_model(input_ids=reasoning_ids, attention_mask=reasoning_mask)
             anchors = torch.cat(step.v_locals, 1)
             aux |= symmetric_alignment(
                 latents, text.last_hidden_state.to(latents.dtype), reasoning_mask, anchors, None, self.temperature
             )
-        if self.reconstructor is not None and self.vae is not None and self.scheduler is not None:
+        if "img" in self.terms and None not in (self.reconstructor, self.vae, self.scheduler):
             with torch.no_grad():
                 crops = self._crops(inputs["pixel_values"], step.windows[-1]).to(self.vae.dtype)
                 x0 = self.vae.encode(crops).latent_dist.mean * self.vae.config.scaling_factor
             aux["img"] = diffusion_loss(self.reconstructor, x0, latents.to(x0.dtype), self.scheduler)
-        if text_ids is not None:
+        if text_ids is not None and "text" in self.terms:
             text_step = self.lare.step()
             aux["text"] = forward_with_latents(
                 vlm, inputs, config.num_latents, labels=text_labels, step_fn=text_step, answer_ids=text_ids,
