@@ -14,6 +14,8 @@ The paper's equations and several values were lost in extraction, so every value
   iteration so far (**choice**).
 - ``<bot>`` / ``<eot>`` delimit the latents (Section 3.1, "Inference Phase").
 - Adaptive halting (Table 4): ``halt`` ``cos`` | ``l1`` | ``l2`` with ``threshold`` (None: always T iterations).
+
+:class:`LareTrainConfig` holds the training arguments of the four stages (Appendix A) and the loss weights.
 """
 
 from __future__ import annotations
