@@ -3,6 +3,7 @@
 lare init --vision clip-vit-l-14 --llm qwen2.5-0.5b --out runs/lare/init     (or --from-llava <llava checkpoint>)
 lare train --stage 1|2|3|4 --data reasoning.jsonl --images DIR [--base runs/lare/init] [--run-dir runs/lare] [--vae ID]
 lare generate --model runs/lare/init --data <bench> [--halt cos|l1|l2 --threshold X] [--latents real|zero|shuffle]
+lare analyze --model lare=runs/lare/stage-4 --model cot=runs/cot --data MMStar.tsv
 lare decontaminate --data vision_r1_cold.json --images DIR --train-bench AI2D_train.tsv --test-bench MMStar.tsv
 """
 
@@ -261,6 +262,61 @@ def decontaminate(
     (out / "decontamination.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shown = {k: summary[k] for k in ("rows", "kept", "removed", "threshold")}
     typer.echo(json.dumps(shown, indent=2))
+
+
+@app.command()
+def analyze(
+    model: Annotated[
+        list[str], typer.Option(help="NAME=PATH, repeatable: LaRe checkpoints or stages, or llava models.")
+    ],
+    data: Annotated[Path, typer.Option(help="Questions: a TSV, an MMVP or V* folder, or a Visual-CoT JSONL.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/lare-analysis"),
+    limit: Annotated[int, typer.Option(min=2, help="Only the first N questions.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    images: Annotated[Path | None, typer.Option(help="Image root of a Visual-CoT JSONL.")] = None,
+) -> None:
+    """Table 5: the first answer token's attention on the image for each model on the same questions; the first
+    model is compared with each other one by Welch's t-test and the Mann-Whitney U test; analysis.json and
+    attention.png."""
+    import torch
+    from latent_core.cli import UserError
+    from latent_core.hub import load_model, load_processor
+    from latent_core.readers import read_questions
+
+    from lare.analysis import compare_distributions, first_token_visual_attention, plot_distributions
+    from lare.config import CONFIG_NAME
+    from lare.model import load_lare
+
+    specs = {}
+    for spec in model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--model {spec!r}: expected NAME=PATH")
+        specs[name] = path
+    if len(specs) < 2:
+        raise UserError("give at least two --model NAME=PATH to compare")
+    samples = read_questions(data, limit, images)
+    values = {}
+    for name, path in specs.items():
+        lare_like = (Path(path) / CONFIG_NAME).is_file()
+        loaded, processor = load_lare(path) if lare_like else (load_model(path, family="llava"), load_processor(path))
+        loaded.eval()
+        parts = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            parts.append(first_token_visual_attention(loaded, processor, [s["image"] for s in chunk],
+                                                      [s["text"] for s in chunk]))  # fmt: skip
+        values[name] = torch.cat(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(values)
+    summary = {
+        "n": len(samples),
+        "models": {n: {"path": specs[n], "mean": float(v.mean()), "std": float(v.std())} for n, v in values.items()},
+        "comparisons": {f"{names[0]} vs {n}": compare_distributions(values[names[0]], values[n]) for n in names[1:]},
+    }
+    (out / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_distributions(values, out / "attention.png")
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def _mean(values: list) -> float | None:
