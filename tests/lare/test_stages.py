@@ -107,3 +107,17 @@ def test_stage_two_with_the_diffusion_reconstructor(setup, tmp_path):
     assert summary["loss_curves"]["img_loss"] and summary["terms"] == ["align", "img", "text"]
     saved = load_file(run / "stage-2" / RECONSTRUCTOR_WEIGHTS)
     assert any(not torch.equal(saved[k], start[k]) for k in start)  # the U-Net trained in stage 2
+
+
+def test_probe_command_on_a_stage(setup, tmp_path):
+    from lare.cli import app
+
+    root, init = setup
+    args = ["probe", "--model", str(init), "--data", str(root / "train.jsonl"), "--images", str(root), "--out",
+            str(tmp_path / "probe"), "--pairs", "10", "--seeds", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert summary["samples"] == 4 and {"text", "vision"} <= summary.keys()
+    for kind in ("text", "vision"):
+        assert 0.0 <= summary[kind]["svm_accuracy"] <= 1.0 and summary[kind]["pairs"] == 20

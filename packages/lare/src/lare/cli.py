@@ -4,6 +4,7 @@ lare init --vision clip-vit-l-14 --llm qwen2.5-0.5b --out runs/lare/init     (or
 lare train --stage 1|2|3|4 --data reasoning.jsonl --images DIR [--base runs/lare/init] [--run-dir runs/lare] [--vae ID]
 lare generate --model runs/lare/init --data <bench> [--halt cos|l1|l2 --threshold X] [--latents real|zero|shuffle]
 lare analyze --model lare=runs/lare/stage-4 --model cot=runs/cot --data MMStar.tsv
+lare probe --model runs/lare/stage-4 --data reasoning.jsonl --images DIR
 lare decontaminate --data vision_r1_cold.json --images DIR --train-bench AI2D_train.tsv --test-bench MMStar.tsv
 """
 
@@ -317,6 +318,73 @@ def analyze(
     (out / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_distributions(values, out / "attention.png")
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def probe(
+    model: Annotated[str, typer.Option(help="A LaRe checkpoint or `lare train` stage.")],
+    data: Annotated[list[Path], typer.Option(help="Reasoning data (JSONL, Vision-R1-cold JSON), repeatable.")],
+    images: Annotated[Path, typer.Option(help="Image root of the reasoning data.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/lare-probe"),
+    limit: Annotated[int, typer.Option(min=4, help="Samples to represent (pairs are drawn among them).")] = 500,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    pairs: Annotated[int, typer.Option(min=10, help="Positive pairs, and as many negative ones (Table 6: 500).")] = 500,
+    seeds: Annotated[int, typer.Option(min=1, help="Repetitions (fresh pairs and split) for the spread.")] = 3,
+) -> None:
+    """Table 6: do the pooled latents identify their sample's reasoning text and visual evidence? Linear SVM and MLP
+    probes of matching vs non-matching pairs (lare.probe); probe.json."""
+    import torch
+    from latent_core.prompts import question_text
+    from latent_core.readers import ReadReport, read_reasoning
+    from PIL import Image
+
+    from lare.generate import generate_answers
+    from lare.losses import mean_max_pool
+    from lare.model import load_lare
+    from lare.probe import probe_accuracy
+
+    loaded, processor = load_lare(model)
+    tokenizer = processor.tokenizer
+    rows, report = [], ReadReport("reasoning")
+    for path in data:
+        rows += list(read_reasoning(path, images, report))
+    rows = rows[:limit]
+    if len(rows) < 4:
+        raise typer.BadParameter(f"{len(rows)} readable rows: the probe needs at least 4", param_hint="--data")
+    latents, texts, visuals = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        pictures = []
+        for row in chunk:
+            with Image.open(row["image"]) as handle:
+                pictures.append(handle.convert("RGB"))
+        got = generate_answers(loaded, processor, pictures, [question_text(r["question"]) for r in chunk], 1,
+                               halt="none")  # fmt: skip
+        latents.append(mean_max_pool(got.latents.float()))
+        visuals.append(mean_max_pool(got.anchors.float()))
+        encoded = tokenizer([r["reasoning"] for r in chunk], add_special_tokens=False, padding="longest",
+                            padding_side="right", truncation=True, max_length=256, return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            hidden = loaded.vlm.model.language_model(
+                input_ids=encoded["input_ids"].to(loaded.device),
+                attention_mask=encoded["attention_mask"].to(loaded.device),
+            ).last_hidden_state
+        texts.append(mean_max_pool(hidden.float(), encoded["attention_mask"].to(loaded.device)))
+    pooled = torch.cat(latents).cpu()
+    n_pairs = min(pairs, 10 * len(rows))
+    run = range(seeds)
+    summary = {
+        "model": model,
+        "samples": len(rows),
+        "skipped": dict(report.skipped),
+        "text": probe_accuracy(pooled, torch.cat(texts).cpu(), seeds=run, positives=n_pairs, negatives=n_pairs),
+        "vision": probe_accuracy(pooled, torch.cat(visuals).cpu(), seeds=run, positives=n_pairs, negatives=n_pairs),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    shown = {k: {m: summary[k][m] for m in ("svm_accuracy", "svm_std", "mlp_accuracy", "mlp_std")}
+             for k in ("text", "vision")}  # fmt: skip
+    typer.echo(json.dumps(shown, indent=2))
 
 
 def _mean(values: list) -> float | None:

@@ -46,7 +46,8 @@ class LareAnswers:
     a halted sample's last latent); ``windows`` (per iteration ``[B, w*w]``: the image tokens each sample's window
     covered); ``sequences`` (each answer's token ids, end of turn excluded); ``latent_similarity`` (each sample's
     mean cosine to the other samples' latents, each averaged over the steps it ran: :mod:`latent_core.diagnostics`;
-    ``nan`` for a batch of one); ``generate_output`` (what ``generate`` returned, e.g. its ``logits`` with
+    ``nan`` for a batch of one); ``anchors`` ``[B, T * w * w, d]`` (every iteration's V_local: the visual anchors
+    L_align and the probe pool); ``generate_output`` (what ``generate`` returned, e.g. its ``logits`` with
     ``output_logits=True``)."""
 
     texts: list[str]
@@ -56,6 +57,7 @@ class LareAnswers:
     windows: list[torch.Tensor]
     sequences: list[list[int]]
     latent_similarity: list[float]
+    anchors: torch.Tensor | None = None
     generate_output: Any = None
 
 
@@ -105,5 +107,6 @@ def generate_answers(
         windows=step.windows,
         sequences=rows,
         latent_similarity=pairwise_cosine(step_mean(out.latents, out.num_steps)).tolist(),
+        anchors=torch.cat(step.v_locals, 1) if step.v_locals else None,
         generate_output=out.generate_output,
     )
