@@ -71,6 +71,13 @@ def test_demo_runs_every_family_and_the_shipped_models(tmp_path):
     assert lavit["train"]["steps"] == 20 and len(lavit["answers"]) == 8
     assert lavit["analysis"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
     assert sorted(p.name for p in (tmp_path / "lavit" / "overlays").iterdir()) == [f"00{i}.png" for i in range(4)]
+    # LaRe's pipeline on the shipped llava base: stages I and II trained (L_align and L_text), 4 questions decoded
+    # with adaptive halting, each with its own latent steps (2..4: halting is checked after z_2 and z_3)
+    lare = summary["lare"]
+    assert lare["train"]["1"]["steps"] == 2 and lare["train"]["2"]["steps"] == 10
+    assert lare["train"]["2"]["terms"] == ["align", "text"]
+    assert len(lare["answers"]) == 4 and all(2 <= a["latent_steps"] <= 4 for a in lare["answers"])
+    assert "LaRe demo: decoding with adaptive halting" in result.output
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

@@ -34,6 +34,9 @@ def demo(
     lavit_questions: Annotated[
         int, typer.Option(min=1, help="Train questions the LaViT section's teacher answers.")
     ] = 32,
+    lare: Annotated[
+        bool, typer.Option(help="Also run LaRe's pipeline briefly: stages I-II on the llava base, halting decode.")
+    ] = True,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
     the demo image and question; then the shipped base (CoT) against the shipped Heima (from `reproduce heima`) on
@@ -125,10 +128,26 @@ def demo(
             )  # fmt: skip
         console.print(table)
         console.print("the claim, against naive SFT and with its controls: uv run apps/cli reproduce lavit (README)")
+    if lare:
+        from latent_apps.demo import run_lare
+
+        extra["lare"] = r = run_lare(work)
+        two = r["train"][2]
+        console.print(
+            f"LaRe (pipeline check, {r['seconds']:.0f} s): the shipped llava base with <bot>/<eot> and a fresh "
+            f"extractor; stage I {r['train'][1]['steps']} steps, stage II {two['steps']} steps with "
+            f"{', '.join(two['terms'])} (loss {two['first_loss']:.2f} -> {two['last_loss']:.2f})"
+        )
+        table = Table(title=f"LaRe demo: decoding with adaptive halting (cosine distance < {r['threshold']})")
+        for column in ("question", "gold", "latent steps", "answer (first tokens)"):
+            table.add_column(column, justify="right" if column == "latent steps" else "left")
+        for row in r["answers"]:
+            table.add_row(row["id"], str(row["gold"]), str(row["latent_steps"]), row["answer"][:60])
+        console.print(table)
     scratch.cleanup()
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
-    shown = "".join(f" + {name}" for name in ("heima", "lavit") if name in extra)
+    shown = "".join(f" + {name}" for name in ("heima", "lavit", "lare") if name in extra)
     console.print(f"{len(records)} families{shown} in {seconds:.1f} s; summary: {path}")
 
 

@@ -88,9 +88,11 @@ def train_stage(
             reconstructor = Reconstructor(model.vlm.config.get_text_config().hidden_size, unet)
         if previous is not None and (previous / RECONSTRUCTOR_WEIGHTS).is_file():
             reconstructor.load_state_dict(load_tensors(previous / RECONSTRUCTOR_WEIGHTS))
-    from diffusers import DDPMScheduler
+    scheduler = None
+    if "img" in terms:  # diffusers is imported only when L_img is on
+        from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     image = getattr(processor, "image_processor", None)
     training = LareForTraining(
         model, reconstructor if "img" in terms else None, vae if "img" in terms else None, scheduler, stage,
