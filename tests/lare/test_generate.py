@@ -194,3 +194,34 @@ def test_halt_none_switches_a_checkpoints_halting_off(tiny_lare):
     halting.config = dataclasses.replace(model.config, halt="l2", threshold=1e9)
     assert generate_answers(halting, processor, _images(2), QUESTIONS, 2).latent_steps == [2, 2]
     assert generate_answers(halting, processor, _images(2), QUESTIONS, 2, halt="none").latent_steps == [4, 4]
+
+
+def test_table3_ablations_in_the_loop(tiny_lare):
+    # w/o Extractor: z_t is the hidden state itself, i.e. latent-core's Coconut loop between <bot> and <eot>;
+    # w/o Sliding Window: V_local is every image token, which is what a window as large as the grid gives.
+    import dataclasses
+
+    from lare.generate import encode_questions
+    from latent_core.latents import generate_with_latents
+
+    model, processor = tiny_lare
+    images = _images(2)
+    inputs = encode_questions(processor, images, QUESTIONS)
+
+    no_extractor = copy.copy(model)
+    no_extractor.config = dataclasses.replace(model.config, extractor=False)
+    got = generate_answers(no_extractor, processor, images, QUESTIONS, 3)
+    want = generate_with_latents(model.vlm, inputs, 4, start_ids=[model.bot_id], end_ids=[model.eot_id],
+                                 max_new_tokens=3, do_sample=False)  # fmt: skip
+    torch.testing.assert_close(got.latents, want.latents, atol=1e-6, rtol=0)
+    assert got.windows == []
+
+    no_window = copy.copy(model)
+    no_window.config = dataclasses.replace(model.config, sliding_window=False)
+    whole = copy.copy(model)
+    whole.config = dataclasses.replace(model.config, window=16)
+    a = generate_answers(no_window, processor, images, QUESTIONS, 3)
+    b = generate_answers(whole, processor, images, QUESTIONS, 3)
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-6, rtol=0)
+    assert all(w.shape == (2, 256) for w in a.windows)
+    assert not torch.allclose(a.latents, generate_answers(model, processor, images, QUESTIONS, 3).latents)

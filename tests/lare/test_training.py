@@ -109,3 +109,13 @@ def test_every_aux_loss_reaches_the_extractor(lare_parts, tmp_path):
     assert torch.autograd.grad(out["aux_losses"]["img"], unet, retain_graph=True)[0].abs().sum() > 0
     with pytest.raises(ValueError, match="stages 1-4"):
         training.set_stage(5)
+
+
+def test_without_extractor_training_keeps_the_text_terms(lare_parts, tmp_path):
+    import dataclasses
+
+    training, processor = _training_model(lare_parts, 2)
+    training.lare.config = dataclasses.replace(training.lare.config, extractor=False)
+    out = training(**_batch(processor, tmp_path))
+    assert set(out["aux_losses"]) == {"align_text", "img", "text"}  # no window, so no visual anchors
+    assert all(torch.isfinite(v) for v in out["aux_losses"].values())

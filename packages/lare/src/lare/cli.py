@@ -39,6 +39,12 @@ def init(
     extractor_heads: Annotated[int, typer.Option(min=1, help="Appendix B: 12.")] = 12,
     extractor_hidden: Annotated[int, typer.Option(min=1, help="Appendix B: 1536.")] = 1536,
     query: Annotated[str, typer.Option(help="layers (softmax over every layer's state) or last.")] = "layers",
+    extractor: Annotated[
+        bool, typer.Option(help="--no-extractor: Table 3's ablation, z_t is the LLM's hidden state itself.")
+    ] = True,
+    sliding_window: Annotated[
+        bool, typer.Option(help="--no-sliding-window: Table 3's ablation, V_local is every image token.")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the fresh projector and extractor.")] = 0,
 ) -> None:
     """Compose a LaRe model from a pretrained CLIP vision tower and LLM (a fresh projector and extractor, <image>,
@@ -49,7 +55,8 @@ def init(
 
     config = LareConfig(
         num_latents=num_latents, window=window, stride=stride, extractor_layers=extractor_layers,
-        extractor_heads=extractor_heads, extractor_hidden=extractor_hidden, query=query,
+        extractor_heads=extractor_heads, extractor_hidden=extractor_hidden, query=query, extractor=extractor,
+        sliding_window=sliding_window,
     )  # fmt: skip
     if from_llava:
         model, processor = lare_model.from_llava(from_llava, config, seed=seed)

@@ -13,6 +13,8 @@ The paper's equations and several values were lost in extraction, so every value
   only). The latent-state sequence its self-attention runs over is the sequence of these queries, one per
   iteration so far (**choice**).
 - ``<bot>`` / ``<eot>`` delimit the latents (Section 3.1, "Inference Phase").
+- Table 3's ablations: ``extractor=False`` (z_t is the hidden state), ``sliding_window=False`` (V_local is the whole
+  image); the loss ablations are the training config's weights.
 - Adaptive halting (Table 4): ``halt`` ``cos`` | ``l1`` | ``l2`` with ``threshold`` (None: always T iterations).
 
 :class:`LareTrainConfig` holds the training arguments of the four stages (Appendix A) and the loss weights.
@@ -53,6 +55,11 @@ class LareConfig:
     query: str = "layers"
     """``layers``: learned softmax weights over every layer's hidden state (**choice**); ``last``: the final-norm
     state only."""
+    extractor: bool = True
+    """Table 3's "w/o Extractor" when False: z_t is the LLM's final-norm hidden state itself (Coconut's continuous
+    thought), no refocusing."""
+    sliding_window: bool = True
+    """Table 3's "w/o Sliding Window" when False: V_local is every image token, not the best window's."""
     bot_token: str = "<bot>"
     eot_token: str = "<eot>"
     halt: str | None = None
@@ -102,9 +109,12 @@ class LareConfig:
         if unknown:
             raise ValueError(f"{path}: unknown fields {', '.join(unknown)}")
         types = {"num_latents": int, "window": (int, type(None)), "stride": int, "extractor_layers": int,
-                 "extractor_heads": int, "extractor_hidden": int, "query": str, "bot_token": str, "eot_token": str,
+                 "extractor_heads": int, "extractor_hidden": int, "query": str, "extractor": bool,
+                 "sliding_window": bool, "bot_token": str, "eot_token": str,
                  "halt": (str, type(None)), "threshold": (int, float)}  # fmt: skip
-        wrong = [k for k, v in raw.items() if not isinstance(v, types[k]) or isinstance(v, bool)]
+        wrong = [
+            k for k, v in raw.items() if not isinstance(v, types[k]) or (isinstance(v, bool) and types[k] is not bool)
+        ]
         if wrong:
             raise ValueError(f"{path}: wrongly typed values for {', '.join(wrong)}")
         try:

@@ -126,6 +126,8 @@ class RefocusStep:
         from latent_core.families import image_token_mask
 
         model = self.model
+        if not model.config.extractor:  # the hidden state alone: no attention, features or layers needed
+            return dict(start_ids=[model.bot_id], end_ids=[model.eot_id])
         return dict(
             start_ids=[model.bot_id],
             end_ids=[model.eot_id],
@@ -137,6 +139,9 @@ class RefocusStep:
     def __call__(self, hidden: Tensor, state: Any) -> Tensor:
         if state.step == 1:  # a new run: the previous run's sequence (and its autograd graph) is dropped
             self.states, self.windows, self.v_locals = [], [], []
+        config = self.model.config
+        if not config.extractor:  # Table 3's "w/o Extractor": the hidden state itself is the next input
+            return hidden
         extractor = self.model.extractor
         dtype = next(extractor.parameters()).dtype
         hidden_states = None if state.hidden_states is None else [h.to(dtype) for h in state.hidden_states]
@@ -145,7 +150,11 @@ class RefocusStep:
             raise ValueError("RefocusStep needs the loop's step_attention and step_image_features (loop_kwargs)")
         attention = torch.stack(state.attention).float()
         features = torch.stack(state.image_features).to(dtype)
-        v_local, indices = refocus(attention, features, self.window, self.model.config.stride)
+        if config.sliding_window:
+            v_local, indices = refocus(attention, features, self.window, config.stride)
+        else:  # Table 3's "w/o Sliding Window": every image token
+            v_local = features
+            indices = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
         self.windows.append(indices)
         self.v_locals.append(v_local)
         return extractor(torch.stack(self.states, 1), v_local)
@@ -361,8 +370,10 @@ class LareForTraining(nn.Module):
 
     - ``align_text`` / ``align_visual`` (:func:`lare.losses.symmetric_alignment`): the latents vs the language
       model's final hidden states over the reasoning text alone (``reasoning_ids`` / ``reasoning_mask``, no gradient:
-      a target, **choice**) and vs the visual anchors (the V_local of every iteration);
-    - ``img`` (:func:`lare.losses.diffusion_loss`): the image crop under the **last** iteration's window (**choice**)
+      a target, **choice**) and vs the visual anchors (the V_local of every iteration; none without the extractor,
+      whose ablation keeps ``align_text`` only);
+    - ``img`` (:func:`lare.losses.diffusion_loss`): the image crop under the **last** iteration's window (**choice**;
+      the whole image without the extractor)
       from ``pixel_values`` (CLIP normalisation undone, [-1, 1]), resized to ``crop_size``, encoded by the frozen
       ``vae`` (latent mean x scaling factor), denoised by ``reconstructor`` conditioned on all T latents;
     - ``text``: the next-token loss of the first 32 reasoning tokens (``text_ids`` / ``text_labels``,
@@ -425,12 +436,15 @@ class LareForTraining(nn.Module):
             counts[name] = sum(p.numel() for p in module.parameters()) if on else 0
         return counts
 
-    def _crops(self, pixel_values: Tensor, indices: Tensor) -> Tensor:
-        """The image under each sample's window (``indices [B, w*w]`` row-major grid cells) in [-1, 1], resized."""
+    def _crops(self, pixel_values: Tensor, indices: Tensor | None) -> Tensor:
+        """The image under each sample's window (``indices [B, w*w]`` row-major grid cells; ``None``: the whole
+        image) in [-1, 1], resized."""
+        images = (pixel_values.float() * self.image_std + self.image_mean).clamp(0, 1) * 2 - 1
+        if indices is None:
+            return F.interpolate(images, size=(self.crop_size, self.crop_size), mode="bilinear")
         side = self.lare.grid()
         patch = pixel_values.shape[-1] // side
         window = int(round(indices.shape[1] ** 0.5))
-        images = (pixel_values.float() * self.image_std + self.image_mean).clamp(0, 1) * 2 - 1
         crops = []
         for b in range(images.shape[0]):
             row, col = divmod(int(indices[b, 0]), side)
@@ -450,7 +464,7 @@ class LareForTraining(nn.Module):
     ) -> dict[str, Any]:
         from latent_core.latents import forward_with_latents
 
-        from lare.losses import diffusion_loss, symmetric_alignment
+        from lare.losses import diffusion_loss, info_nce, mean_max_pool, symmetric_alignment
 
         vlm, config = self.lare.vlm, self.lare.config
         inputs = {k: v for k, v in prompt.items() if v is not None}
@@ -467,13 +481,17 @@ class LareForTraining(nn.Module):
         if reasoning_ids is not None and "align" in self.terms:
             with torch.no_grad():
                 text = vlm.model.language_model(input_ids=reasoning_ids, attention_mask=reasoning_mask)
-            anchors = torch.cat(step.v_locals, 1)
-            aux |= symmetric_alignment(
-                latents, text.last_hidden_state.to(latents.dtype), reasoning_mask, anchors, None, self.temperature
-            )
+            hidden = text.last_hidden_state.to(latents.dtype)
+            if step.v_locals:
+                anchors = torch.cat(step.v_locals, 1)
+                aux |= symmetric_alignment(latents, hidden, reasoning_mask, anchors, None, self.temperature)
+            else:  # w/o Extractor: no window, no visual anchors; the text term alone
+                pooled = mean_max_pool(latents)
+                aux["align_text"] = info_nce(pooled, mean_max_pool(hidden, reasoning_mask), self.temperature)
         if "img" in self.terms and None not in (self.reconstructor, self.vae, self.scheduler):
             with torch.no_grad():
-                crops = self._crops(inputs["pixel_values"], step.windows[-1]).to(self.vae.dtype)
+                window = step.windows[-1] if step.windows else None  # w/o Extractor: the whole image
+                crops = self._crops(inputs["pixel_values"], window).to(self.vae.dtype)
                 x0 = self.vae.encode(crops).latent_dist.mean * self.vae.config.scaling_factor
             aux["img"] = diffusion_loss(self.reconstructor, x0, latents.to(x0.dtype), self.scheduler)
         if text_ids is not None and "text" in self.terms:
