@@ -55,3 +55,28 @@ def tiny_lare(lare_parts):
         for p in model.extractor.ffn[-1].parameters():
             p.mul_(20)
     return model.eval(), processor
+
+
+def _tiny_diffusion(seed: int = 0):
+    """A tiny KL VAE (f = 2, 4 latent channels) and a tiny conditional U-Net (cross-attention width 12) of the
+    diffusers classes L_img uses."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        sample_size=16,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+    return vae, unet
+
+
+@pytest.fixture
+def tiny_diffusion():
+    """A factory of fresh ``(vae, unet)`` pairs (see :func:`_tiny_diffusion`)."""
+    return _tiny_diffusion

@@ -64,22 +64,10 @@ def test_symmetric_alignment_pools_each_side_then_pairs_them():
     assert got["align_visual"].item() == pytest.approx(info_nce(pooled, mean_max_pool(visual), 0.2).item())
 
 
-def _tiny_reconstructor(latent_dim: int = 6) -> Reconstructor:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    return Reconstructor(latent_dim, unet)
-
-
-def test_diffusion_loss_against_a_manual_ddpm_noising():
+def test_diffusion_loss_against_a_manual_ddpm_noising(tiny_diffusion):
     from diffusers import DDPMScheduler
 
-    reconstructor = _tiny_reconstructor()
+    reconstructor = Reconstructor(6, tiny_diffusion()[1])
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 4, 8, 8, generator=g)

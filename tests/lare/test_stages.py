@@ -74,8 +74,7 @@ def test_stages_chain_and_train_only_their_parts(setup):
     assert answers.latent_steps == [4]
 
 
-def test_stage_two_with_the_diffusion_reconstructor(setup, tmp_path):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def test_stage_two_with_the_diffusion_reconstructor(setup, tmp_path, tiny_diffusion):
     from lare.config import LareTrainConfig
     from lare.losses import Reconstructor
     from lare.trainer import RECONSTRUCTOR_WEIGHTS, train_stage
@@ -83,17 +82,7 @@ def test_stage_two_with_the_diffusion_reconstructor(setup, tmp_path):
     from safetensors.torch import load_file
 
     root, init = setup
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        sample_size=16,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+    vae, unet = tiny_diffusion()
     reconstructor = Reconstructor(48, unet)
     start = {k: v.clone() for k, v in reconstructor.state_dict().items()}
     rows = list(read_reasoning(root / "train.jsonl", root))

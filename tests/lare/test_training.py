@@ -16,25 +16,15 @@ REASONING = ["row 1 column 2: red circle. So the count is 2.", "The pixels aroun
 ANSWERS = ["a circle", "two"]
 
 
-def _training_model(lare_parts, stage: int) -> tuple[LareForTraining, object]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def _training_model(lare_parts, stage: int, tiny_diffusion) -> tuple[LareForTraining, object]:
+    from diffusers import DDPMScheduler
     from lare import compose
     from lare.losses import Reconstructor
 
     model, processor = compose(
         str(lare_parts[0]), str(lare_parts[1]), LareConfig(extractor_hidden=32, extractor_heads=4, window=4)
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        sample_size=16,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+    vae, unet = tiny_diffusion()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     training = LareForTraining(model, Reconstructor(48, unet), vae, scheduler, stage=stage, crop_size=16)
     return training.train(), processor
@@ -72,8 +62,8 @@ def test_collator_builds_every_target_by_hand(lare_parts, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage, tmp_path):
-    training, processor = _training_model(lare_parts, stage)
+def test_each_stage_changes_exactly_what_it_trains(lare_parts, tiny_diffusion, stage, tmp_path):
+    training, processor = _training_model(lare_parts, stage, tiny_diffusion)
     groups = training.groups()
     trainable = {n for n, p in training.named_parameters() if p.requires_grad}
     by_module = {id(p): n for n, p in training.named_parameters()}
@@ -97,8 +87,8 @@ def test_each_stage_changes_exactly_what_it_trains(lare_parts, stage, tmp_path):
         assert any(n in changed for n in (by_module[id(p)] for p in groups[name].parameters())), name
 
 
-def test_every_aux_loss_reaches_the_extractor(lare_parts, tmp_path):
-    training, processor = _training_model(lare_parts, 2)
+def test_every_aux_loss_reaches_the_extractor(lare_parts, tiny_diffusion, tmp_path):
+    training, processor = _training_model(lare_parts, 2, tiny_diffusion)
     out = training(**_batch(processor, tmp_path))
     extractor = training.lare.extractor.ffn[-1].weight
     for name, value in out["aux_losses"].items():
@@ -111,10 +101,10 @@ def test_every_aux_loss_reaches_the_extractor(lare_parts, tmp_path):
         training.set_stage(5)
 
 
-def test_without_extractor_training_keeps_the_text_terms(lare_parts, tmp_path):
+def test_without_extractor_training_keeps_the_text_terms(lare_parts, tiny_diffusion, tmp_path):
     import dataclasses
 
-    training, processor = _training_model(lare_parts, 2)
+    training, processor = _training_model(lare_parts, 2, tiny_diffusion)
     training.lare.config = dataclasses.replace(training.lare.config, extractor=False)
     out = training(**_batch(processor, tmp_path))
     assert set(out["aux_losses"]) == {"align_text", "img", "text"}  # no window, so no visual anchors

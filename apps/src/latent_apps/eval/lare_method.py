@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from latent_apps.eval.methods import Generation, build_prompt_text, register_method
+from latent_apps.eval.methods import (
+    Generation,
+    build_prompt_text,
+    control_texts,
+    latent_generations,
+    register_method,
+)
 
 __all__ = ["LareMethod"]
 
@@ -74,29 +80,9 @@ class LareMethod:
             halt=self.halt, threshold=self.threshold,
         )  # fmt: skip
         answers = run()
-        controls: list[dict[str, str]] = [{} for _ in samples]
-        if self.diagnostics:
-            for kind in ("zero", "shuffle"):
-                for row, text in zip(controls, run(latents=kind).texts, strict=True):
-                    row[kind] = text
-        return [
-            Generation(
-                text=text,
-                generated_tokens=min(count + 1, max_new_tokens),
-                latent_steps=steps,
-                truncated=count >= max_new_tokens,
-                controls=control or None,
-                latent_similarity=None if sim != sim else float(sim),  # nan (a batch of one) -> None
-            )
-            for text, count, steps, control, sim in zip(
-                answers.texts,
-                answers.token_counts,
-                answers.latent_steps,
-                controls,
-                answers.latent_similarity,
-                strict=True,
-            )
-        ]
+        runs = {kind: {"latents": kind} for kind in ("zero", "shuffle")} if self.diagnostics else {}
+        controls = control_texts(run, runs, len(samples))
+        return latent_generations(answers, max_new_tokens, controls, answers.latent_similarity)
 
 
 register_method("lare", LareMethod)

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from latent_apps.eval.methods import Generation, build_prompt_text, register_method
+from latent_apps.eval.methods import (
+    Generation,
+    build_prompt_text,
+    control_texts,
+    latent_generations,
+    register_method,
+)
 
 __all__ = ["LavitMethod"]
 
@@ -68,30 +74,14 @@ class LavitMethod:
         if answers.latents is not None and answers.latents.shape[1]:  # continuous mode: what the steps fed
             from latent_core.diagnostics import pairwise_cosine, step_mean
 
-            similarity = [None if s != s else float(s) for s in pairwise_cosine(step_mean(answers.latents)).tolist()]
-        controls: list[dict[str, str]] = [{} for _ in samples]
-        if (
-            self.diagnostics and latent_ids
-        ):  # the latent diagnostics: zeroed / shuffled latents (continuous mode), masked latents
+            similarity = pairwise_cosine(step_mean(answers.latents)).tolist()
+        runs: dict[str, dict] = {}
+        if self.diagnostics and latent_ids:  # the latent diagnostics: zeroed / shuffled (continuous mode), masked
             runs = {"masked": {"mask_latents": True}}
             if mode == "continuous":
                 runs = {"zero": {"latents": "zero"}, "shuffle": {"latents": "shuffle"}, **runs}
-            for name, kwargs in runs.items():
-                for row, text in zip(controls, run(**kwargs).texts, strict=True):
-                    row[name] = text
-        return [
-            Generation(
-                text=text,
-                generated_tokens=min(count + 1, max_new_tokens),
-                latent_steps=steps,
-                truncated=count >= max_new_tokens,
-                controls=control or None,
-                latent_similarity=sim,
-            )
-            for text, count, steps, control, sim in zip(
-                answers.texts, answers.token_counts, answers.latent_steps, controls, similarity, strict=True
-            )
-        ]
+        controls = control_texts(run, runs, len(samples))
+        return latent_generations(answers, max_new_tokens, controls, similarity)
 
 
 register_method("lavit", LavitMethod)

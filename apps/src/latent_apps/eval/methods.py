@@ -42,6 +42,8 @@ __all__ = [
     "UnknownMethodError",
     "build_prompt_text",
     "build_inputs",
+    "control_texts",
+    "latent_generations",
     "count_generated",
     "eos_token_ids",
     "get_method",
@@ -190,6 +192,40 @@ def count_generated(new_tokens: torch.Tensor, eos_ids: set[int]) -> int:
         if token in eos_ids:
             return i + 1
     return len(new_tokens)
+
+
+def control_texts(run: Callable[..., Any], runs: dict[str, dict[str, Any]], n: int) -> list[dict[str, str]]:
+    """Per sample, the answer texts of the latent diagnostics' controls: ``run(**kwargs).texts`` for each
+    ``name -> kwargs`` of ``runs`` (e.g. ``{"zero": {"latents": "zero"}}``), as ``[{name: text}]``."""
+    controls: list[dict[str, str]] = [{} for _ in range(n)]
+    for name, kwargs in runs.items():
+        for row, text in zip(controls, run(**kwargs).texts, strict=True):
+            row[name] = text
+    return controls
+
+
+def latent_generations(
+    answers: Any,
+    max_new_tokens: int,
+    controls: Sequence[dict[str, str]],
+    similarity: Sequence[float | None],
+) -> list[Generation]:
+    """:class:`Generation` records of a latent method's decoded ``answers`` (``texts``, ``token_counts`` without
+    the end of turn, ``latent_steps``): generated tokens count the end of turn (capped at the budget), a count at the
+    budget is ``truncated``, a ``nan`` similarity (a batch of one) is ``None``."""
+    return [
+        Generation(
+            text=text,
+            generated_tokens=min(count + 1, max_new_tokens),
+            latent_steps=steps,
+            truncated=count >= max_new_tokens,
+            controls=control or None,
+            latent_similarity=None if sim is None or sim != sim else float(sim),
+        )
+        for text, count, steps, control, sim in zip(
+            answers.texts, answers.token_counts, answers.latent_steps, controls, similarity, strict=True
+        )
+    ]
 
 
 class PlainMethod:

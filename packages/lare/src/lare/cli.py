@@ -240,6 +240,7 @@ def decontaminate(
     decontamination.json (every removed row with its reason and evidence, and the readers' skip counts) and a
     resumable embedding cache in <out>/embeddings."""
     from latent_core.readers import ReadReport, read_reasoning, read_vlmevalkit_tsv
+    from rich.progress import MofNCompleteColumn, Progress
 
     from lare.decontaminate import clip_embedder
     from lare.decontaminate import decontaminate as run
@@ -261,7 +262,12 @@ def decontaminate(
         for row in read_vlmevalkit_tsv(path, report):
             test += [(f"{path.stem}:{row['id']}:{k}", image) for k, image in enumerate(row["images"])]
         reports[str(path)] = report.as_dict()
-    kept, summary = run(rows, train, test, clip_embedder(vision), out / "embeddings", threshold, batch_size)
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("CLIP embeddings (cached ones skipped)", total=len(rows) + len(test))
+        kept, summary = run(
+            rows, train, test, clip_embedder(vision), out / "embeddings", threshold, batch_size,
+            progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     with (out / "reasoning.jsonl").open("w", encoding="utf-8") as handle:
         for row in kept:
@@ -290,6 +296,7 @@ def analyze(
     from latent_core.cli import UserError
     from latent_core.hub import load_model, load_processor
     from latent_core.readers import read_questions
+    from rich.progress import track
 
     from lare.analysis import compare_distributions, first_token_visual_attention, plot_distributions
     from lare.config import CONFIG_NAME
@@ -310,7 +317,7 @@ def analyze(
         loaded, processor = load_lare(path) if lare_like else (load_model(path, family="llava"), load_processor(path))
         loaded.eval()
         parts = []
-        for start in range(0, len(samples), batch_size):
+        for start in track(range(0, len(samples), batch_size), description=f"lare analyze: {name}"):
             chunk = samples[start : start + batch_size]
             parts.append(first_token_visual_attention(loaded, processor, [s["image"] for s in chunk],
                                                       [s["text"] for s in chunk]))  # fmt: skip
@@ -341,9 +348,10 @@ def probe(
     """Table 6: do the pooled latents identify their sample's reasoning text and visual evidence? Linear SVM and MLP
     probes of matching vs non-matching pairs (lare.probe); probe.json."""
     import torch
+    from latent_core.collate import row_image
     from latent_core.prompts import question_text
     from latent_core.readers import ReadReport, read_reasoning
-    from PIL import Image
+    from rich.progress import track
 
     from lare.generate import generate_answers
     from lare.losses import mean_max_pool
@@ -359,12 +367,9 @@ def probe(
     if len(rows) < 4:
         raise typer.BadParameter(f"{len(rows)} readable rows: the probe needs at least 4", param_hint="--data")
     latents, texts, visuals = [], [], []
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), description="lare probe: representations"):
         chunk = rows[start : start + batch_size]
-        pictures = []
-        for row in chunk:
-            with Image.open(row["image"]) as handle:
-                pictures.append(handle.convert("RGB"))
+        pictures = [row_image(row) for row in chunk]
         got = generate_answers(loaded, processor, pictures, [question_text(r["question"]) for r in chunk], 1,
                                halt="none")  # fmt: skip
         latents.append(mean_max_pool(got.latents.float()))

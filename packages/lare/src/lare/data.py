@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from latent_core.collate import answer_token_ids, pad_targets
-from latent_core.prompts import encode_chats, question_text, render_prompts
-from PIL import Image
+from latent_core.collate import answer_batch, pad_targets
 
 from lare.losses import text_prefix_targets
 
@@ -35,18 +33,8 @@ class LareCollator:
         self.text_prefix, self.max_reasoning_tokens = text_prefix, max_reasoning_tokens
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        questions = [question_text(row["question"]) for row in rows]
-        images = []
-        for row in rows:
-            try:
-                with Image.open(row["image"]) as handle:
-                    images.append([handle.convert("RGB")])
-            except OSError as err:
-                raise ValueError(f"row {row['id']!r}: cannot read image {row['image']} ({err})") from err
-        batch = dict(encode_chats(self.processor, render_prompts(self.processor, questions, [1] * len(rows)), images))
+        batch = answer_batch(self.processor, rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        answers = [answer_token_ids(self.processor, q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
-        batch["answer_ids"], batch["labels"] = pad_targets(answers, pad)
         reasoning = [row["reasoning"] for row in rows]
         batch["text_ids"], batch["text_labels"] = text_prefix_targets(self.tokenizer, reasoning, self.text_prefix)
         tokens = [

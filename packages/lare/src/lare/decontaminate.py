@@ -186,12 +186,14 @@ def decontaminate(
     threshold: float = 0.95,
     batch_size: int = 64,
     block: int = 4096,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(kept rows, report)``: ``rows`` (reasoning records with ``id``, ``image``, ``question``, ``answer``) without
     the exact question-answer matches of ``train_benchmarks`` (VLMEvalKit records) and without the images whose
     embedding's cosine with any of ``test_images`` (``(id, image)``) is >= ``threshold``. Embeddings go through the
     resumable cache in ``cache`` (``reasoning/`` and ``test/``). The report counts each reason and lists every
-    removed row with its evidence (the benchmark row id, or the test image id and the cosine)."""
+    removed row with its evidence (the benchmark row id, or the test image id and the cosine). ``progress(n)`` is
+    called after each embedded batch of n images."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     ids = [str(r["id"]) for r in rows]
@@ -207,8 +209,8 @@ def decontaminate(
         else:
             survivors.append(row)
     test_cache, row_cache = EmbeddingCache(Path(cache) / "test"), EmbeddingCache(Path(cache) / "reasoning")
-    test_cache.fill(((str(i), image) for i, image in test_images), embed, batch_size)
-    row_cache.fill(((str(r["id"]), r["image"]) for r in survivors), embed, batch_size)
+    test_cache.fill(((str(i), image) for i, image in test_images), embed, batch_size, progress)
+    row_cache.fill(((str(r["id"]), r["image"]) for r in survivors), embed, batch_size, progress)
     test_ids = [str(i) for i, _ in test_images]
     kept = survivors
     if survivors and test_ids:

@@ -38,17 +38,7 @@ class SupervisedCollator:
         self.text_only = not hasattr(processor, "image_processor")
 
     def _image(self, row: dict[str, Any]) -> Image.Image | None:
-        image = row.get("image")
-        if image is None or isinstance(image, Image.Image):
-            return image
-        path = Path(image)
-        if self.image_root is not None and not path.is_absolute():
-            path = self.image_root / path
-        try:
-            with Image.open(path) as handle:
-                return handle.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"row {row.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
+        return row_image(row, self.image_root)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         for row in rows:
@@ -99,3 +89,36 @@ def pad_targets(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
         ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
         labels[i, : len(row)] = ids[i, : len(row)]
     return ids, labels
+
+
+def row_image(row: dict[str, Any], image_root: str | Path | None = None) -> Image.Image | None:
+    """The RGB image of a data row: ``row["image"]`` as a PIL image or a path (relative ones under ``image_root``);
+    ``None`` without one; an unreadable file is a ``ValueError`` naming the row and the path."""
+    image = row.get("image")
+    if image is None or isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    if image_root is not None and not path.is_absolute():
+        path = Path(image_root) / path
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"row {row.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
+
+
+def answer_batch(processor: Any, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A latent method's batch of ``{id, image, question, answer}`` rows: the image and question
+    (:func:`latent_core.prompts.question_text`, no instruction) in the chat template with the generation prompt,
+    LEFT padded, plus ``answer_ids`` / ``labels``, the assistant turn of each answer (:func:`answer_token_ids`)
+    right padded. The latents go between the two."""
+    from latent_core.prompts import question_text
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    questions = [question_text(row["question"]) for row in rows]
+    images = [[row_image(row)] for row in rows]
+    batch = dict(encode_chats(processor, render_prompts(processor, questions, [1] * len(rows)), images))
+    answers = [answer_token_ids(processor, q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch["answer_ids"], batch["labels"] = pad_targets(answers, pad)
+    return batch

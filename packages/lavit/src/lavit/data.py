@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from latent_core.collate import answer_token_ids, pad_targets
-from latent_core.prompts import encode_chats, question_text, render_prompts
-from PIL import Image
+from latent_core.collate import answer_batch
 
 from lavit.build import MANIFEST_NAME, read_teacher_data
 
@@ -70,18 +68,7 @@ class LavitCollator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        questions = [question_text(row["question"]) for row in rows]
-        images = []
-        for row in rows:
-            try:
-                with Image.open(row["image"]) as handle:
-                    images.append([handle.convert("RGB")])
-            except OSError as err:
-                raise ValueError(f"row {row['id']!r}: cannot read image {row['image']} ({err})") from err
-        batch = dict(encode_chats(self.processor, render_prompts(self.processor, questions, [1] * len(rows)), images))
-        answers = [answer_token_ids(self.processor, q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
-        answer_ids, labels = pad_targets(answers, self.tokenizer.pad_token_id or 0)
-        batch.update(answer_ids=answer_ids, labels=labels)
+        batch = answer_batch(self.processor, rows)
         if all("traj_target" in row for row in rows):
             batch["traj_targets"] = [row["traj_target"] for row in rows]
             batch["traj_grids"] = [tuple(row["traj_grid"]) for row in rows]
