@@ -2,4 +2,5 @@
 
 from latent_apps.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker (reproduce --jobs) re-imports this file
+    main()

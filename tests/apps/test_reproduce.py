@@ -156,3 +156,57 @@ def test_reduced_lavit_reproduction(tmp_path):
 
     with pytest.raises(UserError, match="other settings"):
         reproduce_lavit(dataclasses.replace(run, steps=3), command="test")
+
+
+@pytest.mark.slow
+def test_reduced_lare_reproduction(tmp_path):
+    """`latent reproduce lare` end to end from a made llava base (the control, LaRe with L_img through a VAE made
+    here, the w/o-extractor ablation; 2 jobs): the record's numbers are those of the evaluation and probe files it
+    wrote; the no-latent control ran stages I and III only and answers with no latent step; a re-run reuses
+    everything; other settings are refused."""
+    from latent_apps.reproduce.lare import LareRun, reproduce_lare
+    from latent_core.cli import UserError
+
+    shapes = tmp_path / "shapes"
+    make_shapes(8, 2, shapes, test_fraction=0.25)
+    base = tmp_path / "base"
+    make_base("llava", shapes, base, steps=2, batch_size=4, threads=1, eval_samples=0, show_progress=False,
+              vision_warmup_steps=1, vision_freeze_steps=1)  # fmt: skip
+    out = tmp_path / "run"
+    run = LareRun(
+        out=out, base=base, shapes=shapes, stage_steps=(1, 1, 2), batch_size=4, num_latents=2, extractor_hidden=16,
+        extractor_heads=2, vae_steps=2, vae_width=8, crop_size=64, ablations=("no-extractor",), jobs=2,
+        eval_samples=4, eval_batch_size=4, cot_max_new_tokens=4, halting=("cos:0.5",), probe_samples=8,
+        probe_seeds=1, show_progress=False,
+    )  # fmt: skip
+    results = reproduce_lare(run, command="test")
+    record = results["record"]
+    assert set(record) >= {
+        "cot_accuracy", "lare_accuracy", "cot_tokens_correct", "lare_tokens_correct", "no_extractor_accuracy",
+        "probe_accuracy_lare", "probe_accuracy_no_extractor", "sft_accuracy", "wall_s",
+    }  # fmt: skip
+    assert record["no_alignment_accuracy"] is None  # not trained here (--ablations)
+    for label, directory, bench in (
+        ("CoT (the base)", "cot", "llava_cot"),
+        ("LaRe", "lare", "shapes_mc"),
+        ("w/o extractor", "no-extractor", "shapes_mc"),
+        ("LaRe, halting cos < 0.5", "lare-halting-cos-lt-0.5", "shapes_mc"),
+        ("no-latent SFT", "no-latent-sft", "shapes_mc"),
+    ):
+        samples = [json.loads(x) for x in (out / "eval" / directory / bench / "samples.jsonl").open()]
+        assert len(samples) == 4
+        assert results["eval"][label]["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 4)
+        if label == "no-latent SFT":
+            assert {s["latent_steps"] for s in samples} == {0}
+    sft = out / "train" / "no-latent-sft" / "run"
+    assert (sft / "stage-3" / "lare_train.json").is_file() and not (sft / "stage-2").exists()
+    assert (out / "train" / "lare" / "run" / "stage-3" / "lare_reconstructor.safetensors").is_file()
+    for name, directory in (("lare", "lare"), ("no_extractor", "no-extractor")):
+        probe = json.loads((out / "probe" / directory / "probe.json").read_text())
+        assert record[f"probe_accuracy_{name}"] == probe["text"]["svm_accuracy"]
+    assert record["lare_accuracy"] == results["eval"]["LaRe"]["accuracy"]
+    assert (out / "results.md").is_file()
+    again = reproduce_lare(run, command="test")
+    assert again["eval"] == results["eval"] and again["record"]["wall_s"] < record["wall_s"]
+    with pytest.raises(UserError, match="other settings"):
+        reproduce_lare(dataclasses.replace(run, stage_steps=(1, 1, 3)), command="test")

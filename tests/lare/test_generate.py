@@ -74,7 +74,7 @@ def _naive(model, processor, image, question, num_latents, max_new_tokens):
         if token == processor.tokenizer.eos_token_id:
             break
         seq = torch.cat([seq, embed(torch.tensor([token]))])
-    return torch.stack(latents), windows, torch.stack(logits), answer
+    return torch.stack(latents) if latents else None, windows, torch.stack(logits), answer
 
 
 def test_cached_batched_loop_equals_the_naive_recompute(tiny_lare):
@@ -225,3 +225,22 @@ def test_table3_ablations_in_the_loop(tiny_lare):
     torch.testing.assert_close(a.latents, b.latents, atol=1e-6, rtol=0)
     assert all(w.shape == (2, 256) for w in a.windows)
     assert not torch.allclose(a.latents, generate_answers(model, processor, images, QUESTIONS, 3).latents)
+
+
+def test_no_latent_control_answers_straight_after_the_delimiters(tiny_lare):
+    # num_latents = 0 (reproduce lare's no-latent SFT control): [V, X_q, <bot>, <eot>, answer], no iteration; each
+    # sample of the padded batch equals the naive recompute with no latent step.
+    import dataclasses
+
+    model, processor = tiny_lare
+    images = _images(2)
+    control = copy.copy(model)
+    control.config = dataclasses.replace(model.config, num_latents=0)
+    got = generate_answers(control, processor, images, QUESTIONS, 3, output_logits=True, return_dict_in_generate=True)
+    assert got.latent_steps == [0, 0] and got.windows == [] and got.latents.shape[1] == 0
+    assert all(s != s for s in got.latent_similarity)  # nan: nothing to compare
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        _, _, logits, answer = _naive(model, processor, image, question, 0, 3)
+        assert got.sequences[b] == [t for t in answer if t != processor.tokenizer.eos_token_id]
+        mine = torch.stack([step[b] for step in got.generate_output.logits[: len(answer)]])
+        torch.testing.assert_close(mine, logits, atol=1e-4, rtol=0)

@@ -43,3 +43,28 @@ def test_separable_and_inseparable_planted_data():
     assert good["svm_accuracy"] > 0.85 and good["mlp_accuracy"] > 0.85
     assert abs(bad["svm_accuracy"] - 0.5) < 0.12 and abs(bad["mlp_accuracy"] - 0.5) < 0.12
     assert good["pairs"] == 400 and good["svm_std"] == 0.0
+
+
+def test_no_extractor_visual_evidence_is_every_projected_image_token(tiny_lare):
+    # Without the extractor there are no windows: the probe's visual representation is the mean-max pool of every
+    # image token after the projector, computed here independently with get_image_features.
+    import copy
+    import dataclasses
+
+    from lare.generate import encode_questions
+    from lare.losses import mean_max_pool
+    from lare.probe import representations
+    from latent_core.testing import tiny_image
+
+    model, processor = tiny_lare
+    no_extractor = copy.copy(model)
+    no_extractor.config = dataclasses.replace(model.config, extractor=False, num_latents=2)
+    rows = [{"image": tiny_image(i, 64), "question": f"Question {i}?", "reasoning": "row 1 column 1: red."}
+            for i in range(3)]  # fmt: skip
+    latents, texts, visuals = representations(no_extractor, processor, rows, batch_size=2)
+    assert latents.shape == texts.shape == visuals.shape == (3, 2 * model.vlm.config.text_config.hidden_size)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            inputs = encode_questions(processor, [row["image"]], [row["question"]])
+            features = model.vlm.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+            torch.testing.assert_close(visuals[i], mean_max_pool(features[None].float())[0], atol=1e-5, rtol=0)

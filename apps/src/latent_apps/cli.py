@@ -478,6 +478,68 @@ def reproduce_lavit_command(
     typer.echo(json.dumps(results["record"]))
 
 
+@reproduce_app.command("lare")
+def reproduce_lare_command(
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")] = Path("runs/reproduce/lare"),
+    base: Annotated[Path | None, typer.Option(help="The llava base (default: data/base/llava).")] = None,
+    shapes: Annotated[
+        Path | None, typer.Option(help="The base's shapes data (default: regenerated into <out>/shapes).")
+    ] = None,
+    stage_steps: Annotated[str, typer.Option(help="Steps of stages I,II,III (Appendix A: one epoch each).")] = (
+        "10,200,1000"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate of every stage.")] = 1e-3,
+    num_latents: Annotated[int, typer.Option(min=1, help="T refocusing iterations (paper: 4).")] = 4,
+    extractor_hidden: Annotated[int, typer.Option(min=8, help="Extractor width (Appendix B: 1536).")] = 128,
+    extractor_heads: Annotated[int, typer.Option(min=1, help="Extractor heads (Appendix B: 12).")] = 4,
+    img_weight: Annotated[float, typer.Option(help="L_img's weight (0: no VAE, no L_img anywhere).")] = 0.5,
+    vae_steps: Annotated[int, typer.Option(min=1, help="Steps of the shapes-scale KL VAE.")] = 200,
+    crop_size: Annotated[int, typer.Option(min=16, help="Side of L_img's window crops (4x4 VAE latents at 64).")] = 64,
+    ablations: Annotated[
+        str, typer.Option(help="Table 3's ablations to train, comma-separated; none: only LaRe and the controls.")
+    ] = "no-extractor,no-sliding-window,no-alignment,no-image-reconstruction,no-text-reconstruction",
+    jobs: Annotated[int, typer.Option(min=1, help="Variants trained at a time, each in its own process.")] = 1,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 400,
+    halting: Annotated[
+        str, typer.Option(help="Table 4's halting rows: METRIC:THRESHOLD,... (cos, l1, l2).")
+    ] = "cos:0.02,cos:0.05,cos:0.1",
+    probe_samples: Annotated[int, typer.Option(min=4, help="Train rows of Table 6's probe.")] = 500,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+) -> None:
+    """LaRe in one run from the shipped llava base: the CoT base against LaRe, the no-latent SFT control and Table
+    3's ablations (same stages, steps and seed), Table 4's halting rows and Table 6's probe, with the blank-image,
+    zeroed / shuffled-latent and majority controls. Writes results.json and results.md; prints the table and a
+    JSON line."""
+    import json
+
+    from latent_apps.reproduce.lare import LareRun, reproduce_lare
+
+    try:
+        steps = tuple(int(x) for x in stage_steps.split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) != 3 or min(steps) < 1:
+        raise typer.BadParameter(
+            f"expected three positive step counts, got {stage_steps!r}", param_hint="--stage-steps"
+        )
+    run = LareRun(
+        out=out, base=base, shapes=shapes, stage_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        num_latents=num_latents, extractor_hidden=extractor_hidden, extractor_heads=extractor_heads,
+        img_weight=img_weight, vae_steps=vae_steps, crop_size=crop_size, jobs=jobs, eval_samples=eval_samples,
+        ablations=tuple(a for a in ablations.split(",") if a and a != "none"),
+        halting=tuple(h for h in halting.split(",") if h), probe_samples=probe_samples, seed=seed,
+    )  # fmt: skip
+    command = (
+        f"uv run apps/cli reproduce lare --out {out} --stage-steps {stage_steps} --batch-size {batch_size} "
+        f"--learning-rate {learning_rate} --img-weight {img_weight} --crop-size {crop_size} "
+        f"--eval-samples {eval_samples} --seed {seed} --ablations {ablations}"
+    )
+    results = reproduce_lare(run, command=command)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(json.dumps(results["record"]))
+
+
 bench_app = MethodTyper(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",

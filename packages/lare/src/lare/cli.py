@@ -30,7 +30,9 @@ def init(
     from_llava: Annotated[
         str | None, typer.Option(help="Start from this llava checkpoint instead of composing --vision and --llm.")
     ] = None,
-    num_latents: Annotated[int, typer.Option(min=1, help="T refocusing iterations (paper: 4).")] = 4,
+    num_latents: Annotated[
+        int, typer.Option(min=0, help="T refocusing iterations (paper: 4); 0: the no-latent SFT control.")
+    ] = 4,
     window: Annotated[
         int | None, typer.Option(min=1, help="Sliding-window side in grid cells (default: half the grid, 8 of 16).")
     ] = None,
@@ -92,6 +94,9 @@ def train(
         "runs/lare"
     ),
     vae: Annotated[str | None, typer.Option(help="KL VAE (f=16) for L_img, by id or path (stages 2-4).")] = None,
+    start: Annotated[
+        Path | None, typer.Option(help="Start from this stage directory instead of <run-dir>/stage-(N-1).")
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Per-device batch (Appendix A: 256 in stage I, 128 after).")
     ] = None,
@@ -127,9 +132,47 @@ def train(
         text_weight=text_weight, crop_size=crop_size, seed=seed, deepspeed=deepspeed, logging_steps=1, report_to=[],
         remove_unused_columns=False, save_strategy="steps", save_steps=100,
     )  # fmt: skip
-    summary = train_stage(config, stage, rows, base, run_dir, vae=vae)
+    summary = train_stage(config, stage, rows, base, run_dir, vae=vae, start=start)
     shown = {k: summary.get(k) for k in ("stage", "steps", "first_loss", "last_loss", "samples", "output_dir")}
     typer.echo(json.dumps(shown, indent=2))
+
+
+@app.command("train-vae")
+def train_vae_command(
+    data: Annotated[
+        list[Path], typer.Option(help="Reasoning data (JSONL, Vision-R1-cold JSON) whose images to train on.")
+    ],
+    images: Annotated[Path, typer.Option(help="Image root of the reasoning data.")],
+    out: Annotated[Path, typer.Option(help="Output directory (an AutoencoderKL checkpoint, for --vae).")] = Path(
+        "runs/lare-vae"
+    ),
+    steps: Annotated[int, typer.Option(min=1)] = 400,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    learning_rate: Annotated[float, typer.Option()] = 1e-3,
+    crop_size: Annotated[int, typer.Option(min=16, help="Side of the crops (as lare train --crop-size).")] = 128,
+    width: Annotated[int, typer.Option(min=8, help="Channels of the first level (x2, x2, x4, x4 below).")] = 16,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many distinct images.")] = 2000,
+) -> None:
+    """A small f = 16 KL VAE (AutoencoderKL) trained from scratch on crops of the training images, for L_img where
+    no pretrained VAE can be loaded (lare.vae); lare_vae.json holds its summary."""
+    from latent_core.collate import row_image
+    from latent_core.readers import ReadReport, read_reasoning
+
+    from lare.vae import train_vae
+
+    paths: dict[str, dict] = {}
+    report = ReadReport("reasoning")
+    for path in data:
+        for row in read_reasoning(path, images, report):
+            paths.setdefault(str(row.get("image")), row)
+    if report.total_skipped:
+        typer.echo(f"skipped {report.total_skipped} rows: {dict(report.skipped)}", err=True)
+    pictures = [row_image(row) for row in list(paths.values())[:limit]]
+    if not pictures:
+        raise typer.BadParameter("no readable rows with an image", param_hint="--data")
+    summary = train_vae(pictures, out, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                        crop_size=crop_size, width=width)  # fmt: skip
+    typer.echo(json.dumps({k: summary[k] for k in ("steps", "images", "first_mse", "last_mse")}, indent=2))
 
 
 @app.command()
@@ -347,51 +390,20 @@ def probe(
 ) -> None:
     """Table 6: do the pooled latents identify their sample's reasoning text and visual evidence? Linear SVM and MLP
     probes of matching vs non-matching pairs (lare.probe); probe.json."""
-    import torch
-    from latent_core.collate import row_image
-    from latent_core.prompts import question_text
     from latent_core.readers import ReadReport, read_reasoning
-    from rich.progress import track
 
-    from lare.generate import generate_answers
-    from lare.losses import mean_max_pool
     from lare.model import load_lare
-    from lare.probe import probe_accuracy
+    from lare.probe import probe_model
 
     loaded, processor = load_lare(model)
-    tokenizer = processor.tokenizer
     rows, report = [], ReadReport("reasoning")
     for path in data:
         rows += list(read_reasoning(path, images, report))
     rows = rows[:limit]
     if len(rows) < 4:
         raise typer.BadParameter(f"{len(rows)} readable rows: the probe needs at least 4", param_hint="--data")
-    latents, texts, visuals = [], [], []
-    for start in track(range(0, len(rows), batch_size), description="lare probe: representations"):
-        chunk = rows[start : start + batch_size]
-        pictures = [row_image(row) for row in chunk]
-        got = generate_answers(loaded, processor, pictures, [question_text(r["question"]) for r in chunk], 1,
-                               halt="none")  # fmt: skip
-        latents.append(mean_max_pool(got.latents.float()))
-        visuals.append(mean_max_pool(got.anchors.float()))
-        encoded = tokenizer([r["reasoning"] for r in chunk], add_special_tokens=False, padding="longest",
-                            padding_side="right", truncation=True, max_length=256, return_tensors="pt")  # fmt: skip
-        with torch.no_grad():
-            hidden = loaded.vlm.model.language_model(
-                input_ids=encoded["input_ids"].to(loaded.device),
-                attention_mask=encoded["attention_mask"].to(loaded.device),
-            ).last_hidden_state
-        texts.append(mean_max_pool(hidden.float(), encoded["attention_mask"].to(loaded.device)))
-    pooled = torch.cat(latents).cpu()
-    n_pairs = min(pairs, 10 * len(rows))
-    run = range(seeds)
-    summary = {
-        "model": model,
-        "samples": len(rows),
-        "skipped": dict(report.skipped),
-        "text": probe_accuracy(pooled, torch.cat(texts).cpu(), seeds=run, positives=n_pairs, negatives=n_pairs),
-        "vision": probe_accuracy(pooled, torch.cat(visuals).cpu(), seeds=run, positives=n_pairs, negatives=n_pairs),
-    }
+    probed = probe_model(loaded, processor, rows, batch_size=batch_size, pairs=pairs, seeds=seeds, show_progress=True)
+    summary = {"model": model, "skipped": dict(report.skipped), **probed}
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shown = {k: {m: summary[k][m] for m in ("svm_accuracy", "svm_std", "mlp_accuracy", "mlp_std")}

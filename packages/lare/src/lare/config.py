@@ -41,7 +41,8 @@ class LareConfig:
     """The refocusing loop and the extractor (see the module docstring for the source of every default)."""
 
     num_latents: int = 4
-    """T refocusing iterations (paper: 4); with halting, the most a sample takes."""
+    """T refocusing iterations (paper: 4); with halting, the most a sample takes. 0: no latent steps at all
+    (``[V, X_q, <bot>, <eot>, answer]``), the no-latent SFT control of ``reproduce lare``."""
     window: int | None = None
     """Side w of the sliding window in grid cells; None: half the grid side (8 on 16x16; **choice**)."""
     stride: int = 1
@@ -68,8 +69,8 @@ class LareConfig:
     """Halt a sample once the distance between z_t and z_{t-1} is below this (with ``halt``)."""
 
     def __post_init__(self) -> None:
-        if self.num_latents < 1:
-            raise ValueError(f"num_latents must be >= 1, got {self.num_latents}")
+        if self.num_latents < 0:
+            raise ValueError(f"num_latents must be >= 0, got {self.num_latents}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 (or None: half the grid side), got {self.window}")
         if self.stride < 1:

@@ -46,9 +46,9 @@ class LareAnswers:
     a halted sample's last latent); ``windows`` (per iteration ``[B, w*w]``: the image tokens each sample's window
     covered); ``sequences`` (each answer's token ids, end of turn excluded); ``latent_similarity`` (each sample's
     mean cosine to the other samples' latents, each averaged over the steps it ran: :mod:`latent_core.diagnostics`;
-    ``nan`` for a batch of one); ``anchors`` ``[B, T * w * w, d]`` (every iteration's V_local: the visual anchors
-    L_align and the probe pool); ``generate_output`` (what ``generate`` returned, e.g. its ``logits`` with
-    ``output_logits=True``)."""
+    ``nan`` for a batch of one or without latents); ``anchors`` ``[B, T * w * w, d]`` (every iteration's V_local:
+    the visual anchors L_align and the probe pool); ``generate_output`` (what ``generate`` returned, e.g. its
+    ``logits`` with ``output_logits=True``)."""
 
     texts: list[str]
     token_counts: list[int]
@@ -106,7 +106,9 @@ def generate_answers(
         latents=out.latents,
         windows=step.windows,
         sequences=rows,
-        latent_similarity=pairwise_cosine(step_mean(out.latents, out.num_steps)).tolist(),
+        latent_similarity=pairwise_cosine(step_mean(out.latents, out.num_steps)).tolist()
+        if config.num_latents
+        else [float("nan")] * batch,
         anchors=torch.cat(step.v_locals, 1) if step.v_locals else None,
         generate_output=out.generate_output,
     )

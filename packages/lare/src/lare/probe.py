@@ -11,6 +11,11 @@ unrelated, so the representation is first mapped into the latents' space by a ri
 classifier can then read agreement). A stratified 70/30 split, then a linear SVM (C chosen by 5-fold
 cross-validation) and a one-hidden-layer MLP (256 units, early stopping) from scikit-learn; everything is repeated
 over ``seeds`` (fresh pairs and split) and reported as mean and standard deviation.
+
+:func:`representations` gathers those of a model on reasoning rows (:func:`probe_model` probes them): the mean-max
+pooled latents (T iterations, no halting), the pooled final hidden states of the LLM over the reasoning text alone,
+and the pooled visual anchors (every iteration's V_local; without the extractor, which has none, every image token:
+the visual evidence that model's latents could hold).
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NEGATIVE_STRATEGIES", "pair_features", "probe_accuracy", "probe_pairs", "project"]
+__all__ = [
+    "NEGATIVE_STRATEGIES",
+    "pair_features",
+    "probe_accuracy",
+    "probe_model",
+    "probe_pairs",
+    "project",
+    "representations",
+]
 
 NEGATIVE_STRATEGIES = ("random", "hard", "category")
 
@@ -117,4 +130,72 @@ def probe_accuracy(
         **{f"{name}_accuracy": float(np.mean(values)) for name, values in scores.items()},
         **{f"{name}_std": float(np.std(values)) for name, values in scores.items()},
         "per_seed": scores,
+    }
+
+
+def representations(
+    model: Any, processor: Any, rows: Sequence[dict[str, Any]], *, batch_size: int = 16, show_progress: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(latents, texts, visuals)``, each ``[n, 2d]`` mean-max pooled (:func:`lare.losses.mean_max_pool`): the
+    latents of T iterations (no halting), the LLM's final hidden states over the reasoning text alone, and the
+    visual anchors (every iteration's V_local; without the extractor every image token after the projector)."""
+    from latent_core.capture import capture_image_features
+    from latent_core.collate import row_image
+    from latent_core.prompts import question_text
+    from rich.progress import track
+
+    from lare.generate import encode_questions, generate_answers
+    from lare.losses import mean_max_pool
+
+    if model.config.num_latents < 1:
+        raise ValueError("the probe needs latents: this model has num_latents = 0")
+    tokenizer = processor.tokenizer
+    latents, texts, visuals = [], [], []
+    starts = range(0, len(rows), batch_size)
+    for start in track(starts, description="lare probe: representations", disable=not show_progress):
+        chunk = rows[start : start + batch_size]
+        pictures = [row_image(row) for row in chunk]
+        questions = [question_text(r["question"]) for r in chunk]
+        got = generate_answers(model, processor, pictures, questions, 1, halt="none")
+        latents.append(mean_max_pool(got.latents.float()))
+        with torch.no_grad():
+            if got.anchors is not None:
+                visuals.append(mean_max_pool(got.anchors.float()))
+            else:  # no extractor: every image token
+                inputs = encode_questions(processor, pictures, questions, model.device)
+                with capture_image_features(model.vlm, inputs["input_ids"]) as captured:
+                    model.vlm.model(**inputs)
+                visuals.append(torch.stack([mean_max_pool(f.float()[None])[0] for f in captured.features]))
+            encoded = tokenizer([r["reasoning"] for r in chunk], add_special_tokens=False, padding="longest",
+                                padding_side="right", truncation=True, max_length=256, return_tensors="pt")  # fmt: skip
+            mask = encoded["attention_mask"].to(model.device)
+            hidden = model.vlm.model.language_model(
+                input_ids=encoded["input_ids"].to(model.device), attention_mask=mask
+            ).last_hidden_state
+        texts.append(mean_max_pool(hidden.float(), mask))
+    return torch.cat(latents).cpu(), torch.cat(texts).cpu(), torch.cat(visuals).cpu()
+
+
+def probe_model(
+    model: Any,
+    processor: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 16,
+    pairs: int = 500,
+    seeds: int = 3,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Table 6 on ``rows`` (:func:`latent_core.read_reasoning` records) for a :class:`lare.model.LareModel`: the
+    text and the vision probe (:func:`probe_accuracy`) of its pooled latents (:func:`representations`)."""
+    if len(rows) < 4:
+        raise ValueError(f"{len(rows)} rows: the probe needs at least 4")
+    pooled, texts, visuals = representations(model, processor, rows, batch_size=batch_size,
+                                             show_progress=show_progress)  # fmt: skip
+    n_pairs = min(pairs, 10 * len(rows))
+    run = range(seeds)
+    return {
+        "samples": len(rows),
+        "text": probe_accuracy(pooled, texts, seeds=run, positives=n_pairs, negatives=n_pairs),
+        "vision": probe_accuracy(pooled, visuals, seeds=run, positives=n_pairs, negatives=n_pairs),
     }

@@ -9,6 +9,12 @@ with the base named in ``latent_stage.json``, and :func:`latent_core.load_stage`
 next to it ``lare_extractor.safetensors``, ``lare_reconstructor.safetensors`` (the U-Net and the latents'
 projection) and ``lare_config.json``; :func:`lare.model.load_lare` loads a stage like a checkpoint.
 ``lare_train.json`` holds the summary and every loss curve by name, ``lare_train.png`` the curves.
+``lare_reconstructor.json`` holds the U-Net's config, so a later stage rebuilds the same U-Net (the paper's, or the
+smaller one ``reproduce lare`` uses at shapes scale).
+
+A config with ``num_latents = 0`` trains the no-latent SFT control: the same sequence without latents
+(``[V, X_q, <bot>, <eot>, answer]``), NTP only; it has no stage II (nothing of it would train), so its stage III
+starts from stage I (``start``).
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ from typing import Any
 
 from lare.config import LareTrainConfig
 
-__all__ = ["RECONSTRUCTOR_WEIGHTS", "STAGE_BATCH", "STAGE_LEARNING_RATE", "stage_dir", "train_stage"]
+__all__ = [
+    "RECONSTRUCTOR_CONFIG",
+    "RECONSTRUCTOR_WEIGHTS",
+    "STAGE_BATCH",
+    "STAGE_LEARNING_RATE",
+    "stage_dir",
+    "train_stage",
+]
 
 RECONSTRUCTOR_WEIGHTS = "lare_reconstructor.safetensors"
+RECONSTRUCTOR_CONFIG = "lare_reconstructor.json"
 STAGE_BATCH = {1: 256, 2: 128, 3: 128, 4: 128}
 """Appendix A: global batch 256 in stage I, 128 after."""
 STAGE_LEARNING_RATE = {1: 1e-3, 2: 2e-5, 3: 2e-5, 4: 2e-5}
@@ -41,11 +55,13 @@ def train_stage(
     *,
     vae: Any = None,
     reconstructor: Any = None,
+    start: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one stage on reasoning ``rows`` (:func:`latent_core.read_reasoning` records) and save it in
     ``<run_dir>/stage-<stage>``; returns the summary. ``vae``: an ``AutoencoderKL`` or its id / path (needed when
     L_img is on in stages 2-4); ``reconstructor``: a :class:`lare.losses.Reconstructor` to start from (default: the
-    previous stage's, else the paper's U-Net, fresh)."""
+    previous stage's, else the paper's U-Net, fresh); ``start``: the stage directory to start from instead of the
+    previous stage (the no-latent control's stage III starts from its stage I)."""
     import torch
     from latent_core.hub import load_pretrained, load_tensors
     from latent_core.trainer import LatentTrainer, StageError
@@ -58,11 +74,13 @@ def train_stage(
         raise ValueError(f"LaRe has stages 1-4 (Appendix A), got {stage}")
     if not rows:
         raise ValueError("no reasoning rows to train on")
-    previous = stage_dir(run_dir, stage - 1) if stage > 1 else None
+    previous = Path(start) if start is not None else stage_dir(run_dir, stage - 1) if stage > 1 else None
     if previous is not None and not (previous / EXTRACTOR_WEIGHTS).is_file():
-        raise StageError(f"stage {stage} starts from {previous}, which is not a finished stage: run stage {stage - 1}")
+        raise StageError(f"stage {stage} starts from {previous}, which is not a finished stage: run the stage before")
     source = previous if previous is not None else Path(base).resolve()
     model, processor = load_lare(source, device="cuda" if torch.cuda.is_available() else "cpu")
+    if model.config.num_latents == 0 and stage == 2:
+        raise ValueError("with num_latents = 0 (the no-latent control) stage 2 has nothing to train: go to stage 3")
     terms = tuple(
         term
         for term, on in (
@@ -70,7 +88,7 @@ def train_stage(
             ("img", config.img_weight > 0),
             ("text", config.text_weight > 0),
         )
-        if on and stage > 1
+        if on and stage > 1 and model.config.num_latents > 0
     )
     if "img" in terms:
         if vae is None:
@@ -84,7 +102,11 @@ def train_stage(
             from diffusers import UNet2DConditionModel
 
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            unet = UNet2DConditionModel(**unet_config(config.crop_size // factor, vae.config.latent_channels))
+            saved = previous / RECONSTRUCTOR_CONFIG if previous is not None else None
+            if saved is not None and saved.is_file():  # the U-Net the earlier stage trained
+                unet = UNet2DConditionModel.from_config(json.loads(saved.read_text()))
+            else:
+                unet = UNet2DConditionModel(**unet_config(config.crop_size // factor, vae.config.latent_channels))
             reconstructor = Reconstructor(model.vlm.config.get_text_config().hidden_size, unet)
         if previous is not None and (previous / RECONSTRUCTOR_WEIGHTS).is_file():
             reconstructor.load_state_dict(load_tensors(previous / RECONSTRUCTOR_WEIGHTS))
@@ -138,6 +160,8 @@ def _save_parts(training: Any, out: Path) -> None:
     save_file(tensors(training.lare.extractor), str(out / EXTRACTOR_WEIGHTS))
     if training.reconstructor is not None:
         save_file(tensors(training.reconstructor), str(out / RECONSTRUCTOR_WEIGHTS))
+        config = {k: v for k, v in dict(training.reconstructor.unet.config).items() if not k.startswith("_")}
+        (out / RECONSTRUCTOR_CONFIG).write_text(json.dumps(config, indent=2, default=list) + "\n")
     training.lare.config.save(out)
 
 
