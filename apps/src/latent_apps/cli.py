@@ -144,6 +144,10 @@ def demo(
         for row in r["answers"]:
             table.add_row(row["id"], str(row["gold"]), str(row["latent_steps"]), row["answer"][:60])
         console.print(table)
+        console.print(
+            "the claim, against CoT, the no-latent control and Table 3's ablations: uv run apps/cli reproduce lare "
+            "(README)"
+        )
     scratch.cleanup()
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)

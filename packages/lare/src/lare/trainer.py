@@ -76,7 +76,8 @@ def train_stage(
         raise ValueError("no reasoning rows to train on")
     previous = Path(start) if start is not None else stage_dir(run_dir, stage - 1) if stage > 1 else None
     if previous is not None and not (previous / EXTRACTOR_WEIGHTS).is_file():
-        raise StageError(f"stage {stage} starts from {previous}, which is not a finished stage: run the stage before")
+        hint = f"run stage {stage - 1}" if start is None else "--start must be a finished stage"
+        raise StageError(f"stage {stage} starts from {previous}, which is not a finished stage: {hint}")
     source = previous if previous is not None else Path(base).resolve()
     model, processor = load_lare(source, device="cuda" if torch.cuda.is_available() else "cpu")
     if model.config.num_latents == 0 and stage == 2:
