@@ -200,6 +200,19 @@ def test_reduced_lare_reproduction(tmp_path):
             assert {s["latent_steps"] for s in samples} == {0}
     sft = out / "train" / "no-latent-sft" / "run"
     assert (sft / "stage-3" / "lare_train.json").is_file() and not (sft / "stage-2").exists()
+    for variant, stages in (("no-latent-sft", (1, 3)), ("lare", (1, 2, 3)), ("no-extractor", (1, 2, 3))):
+        for stage in stages:  # each stage ran its own step count
+            summary = json.loads((out / "train" / variant / "run" / f"stage-{stage}" / "lare_train.json").read_text())
+            assert summary["steps"] == run.stage_steps[stage - 1]
+    halted = [json.loads(x) for x in (out / "eval" / "lare-halting-cos-lt-0.5" / "shapes_mc" / "samples.jsonl").open()]
+    assert all(1 <= s["latent_steps"] <= 2 for s in halted)
+    assert record["halting_cos_0.5_steps"] == pytest.approx(sum(s["latent_steps"] for s in halted) / 4)
+    lare_rows = [json.loads(x) for x in (out / "eval" / "lare" / "shapes_mc" / "samples.jsonl").open()]
+    right = [s for s in lare_rows if s["correct"]]
+    if right:  # <bot>, the T latent steps, <eot> and the generated answer tokens
+        assert record["lare_tokens_correct"] == pytest.approx(
+            sum(s["generated_tokens"] for s in right) / len(right) + 2 + 2
+        )
     assert (out / "train" / "lare" / "run" / "stage-3" / "lare_reconstructor.safetensors").is_file()
     for name, directory in (("lare", "lare"), ("no_extractor", "no-extractor")):
         probe = json.loads((out / "probe" / directory / "probe.json").read_text())
@@ -210,3 +223,10 @@ def test_reduced_lare_reproduction(tmp_path):
     assert again["eval"] == results["eval"] and again["record"]["wall_s"] < record["wall_s"]
     with pytest.raises(UserError, match="other settings"):
         reproduce_lare(dataclasses.replace(run, stage_steps=(1, 1, 3)), command="test")
+    # a variant killed part-way is refused too, never finished with other settings
+    import shutil
+
+    for variant in ("no-latent-sft", "lare", "no-extractor"):
+        shutil.rmtree(out / "train" / variant / "run" / "stage-3")
+    with pytest.raises(UserError, match="other settings"):
+        reproduce_lare(dataclasses.replace(run, learning_rate=5e-2), command="test")

@@ -536,8 +536,12 @@ def reproduce_lare_command(
     )  # fmt: skip
     command = (
         f"uv run apps/cli reproduce lare --out {out} --stage-steps {stage_steps} --batch-size {batch_size} "
-        f"--learning-rate {learning_rate} --img-weight {img_weight} --crop-size {crop_size} "
-        f"--eval-samples {eval_samples} --seed {seed} --ablations {ablations}"
+        f"--learning-rate {learning_rate} --num-latents {num_latents} --extractor-hidden {extractor_hidden} "
+        f"--extractor-heads {extractor_heads} --img-weight {img_weight} --vae-steps {vae_steps} "
+        f"--crop-size {crop_size} --ablations {ablations} --jobs {jobs} --eval-samples {eval_samples} "
+        f"--halting {halting} --probe-samples {probe_samples} --seed {seed}"
+        + (f" --base {base}" if base else "")
+        + (f" --shapes {shapes}" if shapes else "")
     )
     results = reproduce_lare(run, command=command)
     typer.echo((out / "results.md").read_text())

@@ -10,7 +10,7 @@ On the synthetic shapes task, from the shipped llava base (``data/base/llava``, 
 these scenes' chains of thought), this command runs:
 
 1. the shapes data of the base (regenerated from its ``make_base.json``) and the reasoning texts of its train split
-   (``train/reasoning.jsonl``: question with its options, the reasoning, the answer);
+   (``train/reasoning.jsonl``: the question, with its options for about half, the reasoning, the answer);
 2. a small f = 16 KL VAE for L_img trained on crops of the train images (:mod:`lare.vae`; none can be downloaded);
 3. from the same base, with the same stage steps, batch, learning rate and seed, each through ``lare init
    --from-llava`` and ``lare train`` stages I (projector), II (extractor + U-Net) and III (all but vision):
@@ -19,9 +19,10 @@ these scenes' chains of thought), this command runs:
    0); and the **no-latent SFT** control (``num_latents = 0``: ``[V, X_q, <bot>, <eot>, answer]``, stages I and III
    only, nothing of stage II would train). ``--jobs N`` trains N variants at a time in separate processes;
 4. evaluation on the first ``--eval-samples`` test questions: the CoT row is the base with its own chain of thought
-   (``latent eval --method cot`` on ``test/llava_cot.jsonl``, the prompt it was trained with), every variant with
-   ``latent eval --method lare`` on ``test/shapes_mc.tsv`` (the same questions with the same options, the prompt the
-   variants were trained with); blank images for CoT, the SFT control and LaRe; LaRe's latents zeroed and shuffled;
+   (``latent eval --method cot`` on ``test/llava_cot.jsonl``, the form it was trained with), every variant with
+   ``latent eval --method lare`` on ``test/shapes_mc.tsv`` (the same questions in the same order; the TSV lists
+   every question's options, the CoT file those of about half, as the train splits do); blank images for CoT,
+   the SFT control and LaRe; LaRe's latents zeroed and shuffled;
    the majority baseline; Table 4's halting rows (LaRe with ``--halt METRIC --threshold X``, each of ``--halting``);
 5. Table 6's probe (:func:`lare.probe.probe_model`) of LaRe and of the w/o-extractor variant on ``--probe-samples``
    train rows: SVM and MLP accuracy of telling matching (latent, reasoning text) and (latent, visual evidence) pairs
@@ -46,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.lavit import _check_settings, _checkout, _pct, _slug
+from latent_apps.reproduce.lavit import SETTINGS_NAME, _check_settings, _checkout, _pct, _slug
 
 __all__ = ["VARIANTS", "LareRun", "reproduce_lare"]
 
@@ -115,7 +116,9 @@ class LareRun:
         return self
 
     def variants(self) -> list[str]:
-        return [n for n in VARIANTS if n in (SFT, "LaRe") or _slug(n) in self.ablations]
+        """The control, LaRe and the chosen ablations (w/o image reconstruction only when LaRe has L_img)."""
+        chosen = [n for n in VARIANTS if n in (SFT, "LaRe") or _slug(n) in self.ablations]
+        return [n for n in chosen if self.img_weight > 0 or VARIANTS[n].get("train", {}).get("img_weight") != 0.0]
 
 
 def _halting(spec: str) -> tuple[str, float]:
@@ -163,9 +166,9 @@ def _vae(run: LareRun, rows: list[dict[str, Any]]) -> Path | None:
     _check_settings(out, settings, reuse=(out / "lare_vae.json").is_file())
     if not (out / "lare_vae.json").is_file():
         _say(run, f"training the KL VAE for L_img ({run.vae_steps} steps)")
-    images = list({str(row["image"]): row for row in rows}.values())[:2000]
-    train_vae([row_image(r) for r in images], out, steps=run.vae_steps, crop_size=run.crop_size,
-              width=run.vae_width, seed=run.seed)  # fmt: skip
+        images = list({str(row["image"]): row for row in rows}.values())[:2000]
+        train_vae([row_image(r) for r in images], out, steps=run.vae_steps, crop_size=run.crop_size,
+                  width=run.vae_width, seed=run.seed)  # fmt: skip
     return out
 
 
@@ -177,6 +180,13 @@ def _train_settings(run: LareRun, name: str) -> dict[str, Any]:
 
 def _stages(run: LareRun, name: str) -> list[int]:
     return [1, 3] if VARIANTS[name].get("init", {}).get("num_latents") == 0 else [1, 2, 3]
+
+
+def _stage_done(directory: Path) -> bool:
+    """A stage is finished once ``train_stage`` wrote its loss curves into ``lare_train.json``: its last write, after
+    the extractor, the reconstructor and the config (a stage killed before that is trained again)."""
+    path = directory / "lare_train.json"
+    return path.is_file() and "loss_curves" in json.loads(path.read_text())
 
 
 def _final(run: LareRun, name: str) -> Path:
@@ -193,7 +203,10 @@ def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None
     from lare.trainer import stage_dir, train_stage
     from lare.vae import small_unet_config
 
-    if threads:
+    if threads:  # a --jobs worker: the runtime set-up of every command, then its share of the threads
+        from latent_core.cli import configure_runtime
+
+        configure_runtime()
         torch.set_num_threads(threads)
     spec = VARIANTS[name]
     root = run.out / "train" / _slug(name)
@@ -211,7 +224,7 @@ def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None
     summary: dict[str, Any] = {}
     for index, stage in enumerate(stages):
         out = stage_dir(root / "run", stage)
-        if (out / "lare_train.json").is_file():
+        if _stage_done(out):
             summary = json.loads((out / "lare_train.json").read_text())
             continue
         steps = run.stage_steps[stage - 1] if stage < 3 or len(stages) == 3 else run.stage_steps[2]
@@ -240,24 +253,34 @@ def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None
 
 def _train(run: LareRun, vae: Path | None) -> dict[str, dict[str, Any]]:
     """Step 3: every variant, ``--jobs`` at a time."""
-    import os
-
     names = run.variants()
-    for name in names:
-        done = (_final(run, name) / "lare_train.json").is_file()
-        _check_settings(run.out / "train" / _slug(name), _train_settings(run, name), reuse=done)
-    todo = [n for n in names if not (_final(run, n) / "lare_train.json").is_file()]
+    for name in names:  # any work of a variant (its init, a stage, a checkpoint) is reused only with its settings
+        root = run.out / "train" / _slug(name)
+        started = root.is_dir() and any(p.name != SETTINGS_NAME for p in root.iterdir())
+        _check_settings(root, _train_settings(run, name), reuse=started)
+    todo = [n for n in names if not _stage_done(_final(run, n))]
     if todo:
         _say(run, f"training {', '.join(todo)} (stages {run.stage_steps} steps, {run.jobs} at a time)")
     if run.jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        threads = max(1, (os.cpu_count() or 1) // min(run.jobs, len(todo)))
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(run.jobs, len(todo)), mp_context=context) as pool:
+        import torch
+
+        workers = min(run.jobs, len(todo))
+        threads = max(1, torch.get_num_threads() // workers)  # LATENT_THREADS / the CPU quota, shared out
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
             for future in [pool.submit(train_variant, run, name, vae, threads) for name in todo]:
                 future.result()
+        except BrokenProcessPool as err:
+            from latent_core.cli import UserError
+
+            raise UserError(f"a training worker died ({err}): run the same command again to resume, with fewer "
+                            "--jobs if it ran out of memory") from None  # fmt: skip
+        finally:
+            pool.shutdown(cancel_futures=True)
     return {name: train_variant(run, name, vae) for name in names}
 
 
@@ -382,7 +405,8 @@ def reproduce_lare(run: LareRun, command: str = "") -> dict[str, Any]:
         "cot_accuracy": cot["accuracy"],
         "lare_accuracy": lare["accuracy"],
         "cot_tokens_correct": cot["generated_tokens_correct"],
-        # everything LaRe generates past the prompt when correct: <bot>, the latent steps, <eot> and the answer text
+        # the positions LaRe runs past the question when correct: <bot>, the latent steps, <eot>, then the generated
+        # answer tokens (the answer and the end of turn, as latent eval counts them)
         "lare_tokens_correct": None
         if lare["generated_tokens_correct"] is None
         else lare["generated_tokens_correct"] + lare.get("mean_latent_steps", 0) + 2,
@@ -426,7 +450,9 @@ def reproduce_lare(run: LareRun, command: str = "") -> dict[str, Any]:
             "steps": f"stages I/II/III {steps} steps, batch {run.batch_size} (Appendix A: one epoch of 256 / 128)",
             "stage_iv": "not run: on the shapes task stage IV's reasoning data are stage III's",
             "extractor": f"{run.extractor_hidden} wide, {run.extractor_heads} heads (Appendix B: 1536, 12)",
-            "l_img": f"a {run.vae_width}-wide f = 16 VAE trained here and a quarter-width U-Net (lare.vae)",
+            "l_img": f"a {run.vae_width}-wide f = 16 VAE trained here and a quarter-width U-Net (lare.vae)"
+            if vae
+            else "off (--img-weight 0)",
         },
         "vae": json.loads((vae / "lare_vae.json").read_text()) if vae else None,
         "train": trained,
