@@ -371,6 +371,14 @@ reproduce_app = MethodTyper(
 app.add_typer(reproduce_app, name="reproduce")
 
 
+def _show_reproduction(out: Path, results: dict) -> None:
+    """A reproduction's table, then its JSON record as the last stdout line."""
+    import json
+
+    typer.echo((out / "results.md").read_text())
+    typer.echo(json.dumps(results["record"]))
+
+
 @reproduce_app.command("heima")
 def reproduce_heima_command(
     family: Annotated[str, typer.Option(help="Base family (data/base/<family>): mllama, qwen2_5_vl or llava.")] = (
@@ -409,7 +417,6 @@ def reproduce_heima_command(
     """Heima in one run from a shipped base: stage 0 -> 1..K -> recover and the one-shot ablation, evaluated on the
     test split against the CoT base (with blank-image and majority controls); interpreters per stage with zero /
     shuffled controls. Writes results.json, results.md, accuracy_vs_tokens.png; prints the table and a JSON line."""
-    import json
 
     from latent_apps.reproduce.heima import HeimaRun, reproduce_heima
 
@@ -429,8 +436,7 @@ def reproduce_heima_command(
         + (f" --direct-steps {direct_steps}" if direct_steps else "")
     )
     results = reproduce_heima(run, command=command)
-    typer.echo((out / "results.md").read_text())
-    typer.echo(json.dumps(results["record"]))
+    _show_reproduction(out, results)
 
 
 @reproduce_app.command("lavit")
@@ -461,7 +467,6 @@ def reproduce_lavit_command(
     its ablations from the tiny one with the same steps, evaluated on the test split (blank-image, masked-latent
     and majority controls) and analysed (attention entropy, KL to the teacher, latent diagnostics). Writes
     results.json and results.md; prints the table and a JSON line."""
-    import json
 
     from latent_apps.reproduce.lavit import LavitRun, reproduce_lavit
 
@@ -478,8 +483,7 @@ def reproduce_lavit_command(
         + ("" if ablations else " --no-ablations")
     )
     results = reproduce_lavit(run, command=command)
-    typer.echo((out / "results.md").read_text())
-    typer.echo(json.dumps(results["record"]))
+    _show_reproduction(out, results)
 
 
 @reproduce_app.command("lare")
@@ -515,7 +519,6 @@ def reproduce_lare_command(
     3's ablations (same stages, steps and seed), Table 4's halting rows and Table 6's probe, with the blank-image,
     zeroed / shuffled-latent and majority controls. Writes results.json and results.md; prints the table and a
     JSON line."""
-    import json
 
     from latent_apps.reproduce.lare import LareRun, reproduce_lare
 
@@ -544,8 +547,7 @@ def reproduce_lare_command(
         + (f" --shapes {shapes}" if shapes else "")
     )
     results = reproduce_lare(run, command=command)
-    typer.echo((out / "results.md").read_text())
-    typer.echo(json.dumps(results["record"]))
+    _show_reproduction(out, results)
 
 
 bench_app = MethodTyper(

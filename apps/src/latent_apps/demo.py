@@ -151,7 +151,7 @@ def run_shipped(work: Path, family: str = SHIPPED_FAMILY, n: int = 48, batch_siz
     the blank-image control, the majority baseline, generated / thinking tokens, truncated and unanswered counts."""
     from latent_apps.base import base_shapes
     from latent_apps.eval.runner import run_eval
-    from latent_apps.reproduce.heima import eval_row
+    from latent_apps.reproduce.common import eval_row
 
     paths = shipped_paths(family)
     for name, path in paths.items():

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latent_apps.reproduce.common import BASE_ROOT, checkout, eval_row, say
+
 __all__ = ["HeimaRun", "direct_rows", "reproduce_heima"]
 
-BASE_ROOT = Path("data") / "base"
 DIRECT = "direct (no CoT)"
 
 
@@ -86,7 +87,7 @@ class HeimaRun:
 
     def resolved(self) -> HeimaRun:
         """A copy with the default paths filled in."""
-        root = _repo_root()
+        root = checkout()
         return dataclasses.replace(
             self,
             out=Path(self.out),
@@ -96,28 +97,12 @@ class HeimaRun:
         )
 
 
-def _repo_root() -> Path:
-    """The checkout holding ``data/base`` (the working directory or above it, or above this file)."""
-    for start in (Path.cwd(), Path(__file__).resolve()):
-        for parent in [start, *start.parents]:
-            if (parent / BASE_ROOT).is_dir():
-                return parent
-    return Path.cwd()
-
-
-def _say(run: HeimaRun, message: str) -> None:
-    if run.show_progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold]reproduce heima[/bold] {message}")
-
-
 def _shapes_for(run: HeimaRun) -> Path:
     """The base's shapes data set, regenerated under ``run.shapes`` unless it is already there."""
     from latent_apps.base import base_shapes
 
     if not (run.shapes / "summary.json").is_file():
-        _say(run, f"writing the base's shapes data to {run.shapes}")
+        say("heima", run.show_progress, f"writing the base's shapes data to {run.shapes}")
     return base_shapes(run.base, run.shapes)
 
 
@@ -184,7 +169,7 @@ def _train_stages(run: HeimaRun, prepared: Path) -> dict[str, dict[str, Any]]:
         out = stage_output_dir(config, stage)
         summary_path = out / SUMMARY_NAME
         if not summary_path.is_file():
-            _say(run, f"training {name} ({config.max_steps} steps)")
+            say("heima", run.show_progress, f"training {name} ({config.max_steps} steps)")
             with contextlib.redirect_stdout(io.StringIO()):  # HF prints its log dicts when tqdm is off
                 train_stage(config, stage)
         summary = json.loads(summary_path.read_text())
@@ -231,7 +216,7 @@ def _train_direct(run: HeimaRun, prepared: Path) -> dict[str, Any]:
         dataset, meta = load_prepared(prepared)
         steps = run.direct_steps or _one_shot_steps(run, int(meta["num_stages"]))
         config = _heima_config(run, prepared, max_steps=steps)
-        _say(run, f"training the direct-answer control ({steps} steps)")
+        say("heima", run.show_progress, f"training the direct-answer control ({steps} steps)")
         transformers.set_seed(run.seed)
         base, processor = load_base(str(run.base))
         model = prepare_model(config, base, processor, tokens=[])  # Heima's LoRA setting, no thinking tokens
@@ -257,7 +242,7 @@ def _export(run: HeimaRun, recover_dir: str) -> Path:
 
     out = run.out / "model"
     if not (out / "config.json").is_file():
-        _say(run, f"exporting the recovered Heima to {out}")
+        say("heima", run.show_progress, f"exporting the recovered Heima to {out}")
         export(recover_dir, out)
     return out
 
@@ -274,7 +259,7 @@ def _evaluate(
     jobs.append((DIRECT, direct["dir"], "cot", True))
     results = {}
     for label, model, method, blank in jobs:
-        _say(run, f"evaluating {label}")
+        say("heima", run.show_progress, f"evaluating {label}")
         out = run.out / "eval" / label.split()[0]
         summary = run_eval(
             model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=run.max_new_tokens,
@@ -282,25 +267,6 @@ def _evaluate(
         )["benches"][bench.stem]  # fmt: skip
         results[label] = eval_row(summary)
     return results
-
-
-def eval_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The row of one evaluation summary in the reproduction's tables."""
-    row = {
-        "n": summary["n"],
-        "accuracy": summary["accuracy"],
-        "accuracy_per_kind": {k: v["accuracy"] for k, v in summary["accuracy_per_category"].items()},
-        "majority_baseline": summary["majority_baseline"]["accuracy"],
-        "generated_tokens": summary["mean_generated_tokens"],
-        "reasoning_tokens": summary["mean_reasoning_tokens"],
-        "thinking_tokens": summary.get("mean_thinking_tokens"),
-        "truncated": summary["n_truncated"],
-        "unanswered": summary["n_unanswered"],
-        "latency_s": summary["mean_latency_s"],
-    }
-    if summary.get("blank"):
-        row["blank_accuracy"] = summary["blank"]["accuracy"]
-    return row
 
 
 def _interpreters(run: HeimaRun, prepared: dict[str, Path], recover_dir: str) -> dict[str, Any]:
@@ -323,7 +289,7 @@ def _interpreters(run: HeimaRun, prepared: dict[str, Path], recover_dir: str) ->
         )
     captures = {}
     for split, limit in (("train", run.capture_records), ("test", run.decode_samples)):
-        _say(run, f"capturing thinking states ({split})")
+        say("heima", run.show_progress, f"capturing thinking states ({split})")
         captures[split] = run.out / "capture" / split
         capture(
             recover_dir, prepared[split], captures[split], position=run.capture_position, batch_size=32,
@@ -344,10 +310,10 @@ def _interpreters(run: HeimaRun, prepared: dict[str, Path], recover_dir: str) ->
     )
     for stage in STAGES:
         if not (run.out / "interpreters" / stage / TRAIN_SUMMARY_NAME).is_file():
-            _say(run, f"training the {stage} interpreter ({run.interpreter_steps} steps)")
+            say("heima", run.show_progress, f"training the {stage} interpreter ({run.interpreter_steps} steps)")
             with contextlib.redirect_stdout(io.StringIO()):
                 train_interpreter(config, captures["train"], stage=stage)
-    _say(run, "decoding the test states (real, zero, shuffled)")
+    say("heima", run.show_progress, "decoding the test states (real, zero, shuffled)")
     decoded = decode(
         run.out / "interpreters", captures["test"], run.out / "decoded", max_new_tokens=run.decode_max_new_tokens,
         batch_size=50, seed=run.seed, show_progress=False,

@@ -47,11 +47,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.lavit import SETTINGS_NAME, _check_settings, _checkout, _pct, _slug
+from latent_apps.reproduce.common import (
+    BASE_ROOT,
+    SETTINGS_NAME,
+    check_settings,
+    checkout,
+    eval_row,
+    pct,
+    say,
+    slug,
+)
 
 __all__ = ["VARIANTS", "LareRun", "reproduce_lare"]
 
-BASE = Path("data") / "base" / "llava"
+BASE = BASE_ROOT / "llava"
 SFT = "no-latent SFT"
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     SFT: {"init": {"num_latents": 0}},
@@ -86,7 +95,7 @@ class LareRun:
     vae_steps: int = 200
     vae_width: int = 8
     crop_size: int = 64
-    ablations: tuple[str, ...] = tuple(_slug(n) for n in VARIANTS if n.startswith("w/o "))
+    ablations: tuple[str, ...] = tuple(slug(n) for n in VARIANTS if n.startswith("w/o "))
     """Table 3's ablations to train, by slug (``no-extractor``, ``no-sliding-window``, ``no-alignment``,
     ``no-image-reconstruction``, ``no-text-reconstruction``)."""
     jobs: int = 1
@@ -100,14 +109,14 @@ class LareRun:
     show_progress: bool = True
 
     def resolve(self) -> LareRun:
-        self.base = Path(self.base or _checkout() / BASE)
+        self.base = Path(self.base or checkout() / BASE)
         self.shapes = Path(self.shapes or self.out / "shapes")
         self.stage_steps = tuple(self.stage_steps)
         self.halting = tuple(self.halting)
         for spec in self.halting:
             _halting(spec)
         self.ablations = tuple(self.ablations)
-        known = [_slug(n) for n in VARIANTS if n.startswith("w/o ")]
+        known = [slug(n) for n in VARIANTS if n.startswith("w/o ")]
         unknown = [a for a in self.ablations if a not in known]
         if unknown:
             from latent_core.cli import UserError
@@ -117,7 +126,7 @@ class LareRun:
 
     def variants(self) -> list[str]:
         """The control, LaRe and the chosen ablations (w/o image reconstruction only when LaRe has L_img)."""
-        chosen = [n for n in VARIANTS if n in (SFT, "LaRe") or _slug(n) in self.ablations]
+        chosen = [n for n in VARIANTS if n in (SFT, "LaRe") or slug(n) in self.ablations]
         return [n for n in chosen if self.img_weight > 0 or VARIANTS[n].get("train", {}).get("img_weight") != 0.0]
 
 
@@ -135,13 +144,6 @@ def _halting(spec: str) -> tuple[str, float]:
 
         raise UserError(f"--halting {spec!r}: expected METRIC:THRESHOLD with METRIC one of {', '.join(HALT_METRICS)}")
     return metric, threshold
-
-
-def _say(run: LareRun, message: str) -> None:
-    if run.show_progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold]reproduce lare[/bold] {message}")
 
 
 def _rows(shapes: Path) -> list[dict[str, Any]]:
@@ -163,9 +165,9 @@ def _vae(run: LareRun, rows: list[dict[str, Any]]) -> Path | None:
         return None
     out = run.out / "vae"
     settings = {"steps": run.vae_steps, "width": run.vae_width, "crop_size": run.crop_size, "seed": run.seed}
-    _check_settings(out, settings, reuse=(out / "lare_vae.json").is_file())
+    check_settings(out, settings, reuse=(out / "lare_vae.json").is_file())
     if not (out / "lare_vae.json").is_file():
-        _say(run, f"training the KL VAE for L_img ({run.vae_steps} steps)")
+        say("lare", run.show_progress, f"training the KL VAE for L_img ({run.vae_steps} steps)")
         images = list({str(row["image"]): row for row in rows}.values())[:2000]
         train_vae([row_image(r) for r in images], out, steps=run.vae_steps, crop_size=run.crop_size,
                   width=run.vae_width, seed=run.seed)  # fmt: skip
@@ -190,7 +192,7 @@ def _stage_done(directory: Path) -> bool:
 
 
 def _final(run: LareRun, name: str) -> Path:
-    return run.out / "train" / _slug(name) / "run" / "stage-3"
+    return run.out / "train" / slug(name) / "run" / "stage-3"
 
 
 def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None = None) -> dict[str, Any]:
@@ -209,14 +211,14 @@ def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None
         configure_runtime()
         torch.set_num_threads(threads)
     spec = VARIANTS[name]
-    root = run.out / "train" / _slug(name)
+    root = run.out / "train" / slug(name)
     init = root / "init"
     if not (init / "lare_config.json").is_file():
         config = LareConfig(num_latents=run.num_latents, extractor_hidden=run.extractor_hidden,
                             extractor_heads=run.extractor_heads).replace(**spec.get("init", {}))  # fmt: skip
         model, processor = from_llava(str(run.base), config)
         model.save_pretrained(init, processor)
-    rows = _rows(run.shapes)
+    rows: list[dict[str, Any]] = []  # read only when a stage has to train
     weights = {"align_text_weight": run.align_weight, "align_visual_weight": run.align_weight,
                "img_weight": run.img_weight if vae is not None else 0.0, "text_weight": run.text_weight,
                **spec.get("train", {})}  # fmt: skip
@@ -227,7 +229,8 @@ def train_variant(run: LareRun, name: str, vae: Path | None, threads: int | None
         if _stage_done(out):
             summary = json.loads((out / "lare_train.json").read_text())
             continue
-        steps = run.stage_steps[stage - 1] if stage < 3 or len(stages) == 3 else run.stage_steps[2]
+        rows = rows or _rows(run.shapes)
+        steps = run.stage_steps[stage - 1]
         config = LareTrainConfig(
             output_dir=str(out), per_device_train_batch_size=run.batch_size, learning_rate=run.learning_rate,
             max_steps=steps, seed=run.seed, logging_steps=10, report_to=[], remove_unused_columns=False,
@@ -255,12 +258,16 @@ def _train(run: LareRun, vae: Path | None) -> dict[str, dict[str, Any]]:
     """Step 3: every variant, ``--jobs`` at a time."""
     names = run.variants()
     for name in names:  # any work of a variant (its init, a stage, a checkpoint) is reused only with its settings
-        root = run.out / "train" / _slug(name)
+        root = run.out / "train" / slug(name)
         started = root.is_dir() and any(p.name != SETTINGS_NAME for p in root.iterdir())
-        _check_settings(root, _train_settings(run, name), reuse=started)
+        check_settings(root, _train_settings(run, name), reuse=started)
     todo = [n for n in names if not _stage_done(_final(run, n))]
     if todo:
-        _say(run, f"training {', '.join(todo)} (stages {run.stage_steps} steps, {run.jobs} at a time)")
+        say(
+            "lare",
+            run.show_progress,
+            f"training {', '.join(todo)} (stages {run.stage_steps} steps, {run.jobs} at a time)",
+        )
     if run.jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -287,7 +294,6 @@ def _train(run: LareRun, vae: Path | None) -> dict[str, dict[str, Any]]:
 def _evaluate(run: LareRun, shapes: Path, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Step 4: the CoT base (its own prompt) and every variant (``lare``), the controls and the halting rows."""
     from latent_apps.eval.runner import run_eval
-    from latent_apps.reproduce.heima import eval_row
 
     mc, cot = shapes / "test" / "shapes_mc.tsv", shapes / "test" / "llava_cot.jsonl"
     jobs: list[tuple[str, str, str, Path, dict[str, Any], bool]] = [(COT, str(run.base), "cot", cot, {}, True)]
@@ -300,8 +306,8 @@ def _evaluate(run: LareRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
                      {"halt": metric, "threshold": threshold}, False))  # fmt: skip
     results = {}
     for label, model, method, bench, options, blank in jobs:
-        out = run.out / "eval" / _slug(label.replace(",", "").replace("<", "lt").replace(" (the base)", ""))
-        _say(run, f"evaluating {label}")
+        out = run.out / "eval" / slug(label.replace(",", "").replace("<", "lt").replace(" (the base)", ""))
+        say("lare", run.show_progress, f"evaluating {label}")
         tokens = run.cot_max_new_tokens if method == "cot" else 8
         summary = run_eval(
             model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=tokens,
@@ -326,11 +332,11 @@ def _probe(run: LareRun, trained: dict[str, dict[str, Any]]) -> dict[str, dict[s
     for name in ("LaRe", "w/o extractor"):
         if name not in trained:
             continue
-        out = run.out / "probe" / _slug(name)
+        out = run.out / "probe" / slug(name)
         settings = {"model": trained[name]["dir"], "samples": len(rows), "seeds": run.probe_seeds}
-        _check_settings(out, settings, reuse=(out / "probe.json").is_file())
+        check_settings(out, settings, reuse=(out / "probe.json").is_file())
         if not (out / "probe.json").is_file():
-            _say(run, f"probing {name}'s latents on {len(rows)} train rows")
+            say("lare", run.show_progress, f"probing {name}'s latents on {len(rows)} train rows")
             model, processor = load_lare(trained[name]["dir"])
             summary = probe_model(model, processor, rows, pairs=min(500, 5 * len(rows)), seeds=run.probe_seeds)
             (out / "probe.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -352,27 +358,27 @@ def _markdown(results: dict[str, Any]) -> str:
     for name, row in results["eval"].items():
         kinds = row["accuracy_per_kind"]
         lines.append(
-            f"| {name} | {_pct(row['accuracy'])} | "
-            + " | ".join(_pct(kinds.get(k)) for k in ("colour", "exists", "count", "compare"))
-            + f" | {_pct(row.get('blank_accuracy'))} | {num(row['generated_tokens'])} | "
+            f"| {name} | {pct(row['accuracy'])} | "
+            + " | ".join(pct(kinds.get(k)) for k in ("colour", "exists", "count", "compare"))
+            + f" | {pct(row.get('blank_accuracy'))} | {num(row['generated_tokens'])} | "
             f"{num(row.get('generated_tokens_correct'))} | {num(row.get('mean_latent_steps'), '.2f')} | "
             f"{row['truncated']} |"
         )
     first = results["eval"]["LaRe"]
-    lines += ["", f"Majority baseline: {_pct(first['majority_baseline'])} ({first['n']} test questions).", ""]
+    lines += ["", f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions).", ""]
     for name in ("LaRe", "w/o extractor"):
         controls = results["eval"].get(name, {}).get("latent_controls", {})
         if controls:
             cosine = num(results["eval"][name].get("mean_latent_similarity"), ".3f")
             lines.append(f"{name}'s latents: " + "; ".join(
-                f"{kind} accuracy {_pct(c['accuracy'])}, answers changed {_pct(c['change_rate'])}"
+                f"{kind} accuracy {pct(c['accuracy'])}, answers changed {pct(c['change_rate'])}"
                 for kind, c in controls.items()
             ) + f"; mean cross-sample cosine {cosine}.")  # fmt: skip
     if results["probe"]:
         lines += ["", "| probe (Table 6) | text, SVM | text, MLP | vision, SVM | vision, MLP |",
                   "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for name, entry in results["probe"].items():
-            cells = [f"{_pct(entry[m][f'{c}_accuracy'])} ± {_pct(entry[m][f'{c}_std'])}"
+            cells = [f"{pct(entry[m][f'{c}_accuracy'])} ± {pct(entry[m][f'{c}_std'])}"
                      for m in ("text", "vision") for c in ("svm", "mlp")]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     vae = results.get("vae")
@@ -413,7 +419,7 @@ def reproduce_lare(run: LareRun, command: str = "") -> dict[str, Any]:
         "lare_answer_tokens_correct": lare["generated_tokens_correct"],
         "sft_accuracy": evaluated[SFT]["accuracy"],
         **{
-            f"{_slug(n).replace('-', '_')}_accuracy": evaluated[n]["accuracy"] if n in evaluated else None
+            f"{slug(n).replace('-', '_')}_accuracy": evaluated[n]["accuracy"] if n in evaluated else None
             for n in VARIANTS
             if n.startswith("w/o ")
         },

@@ -40,9 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latent_apps.reproduce.common import BASE_ROOT, check_settings, checkout, eval_row, num, pct, say, slug
+
 __all__ = ["LavitRun", "reproduce_lavit"]
 
-BASE_ROOT = Path("data") / "base"
 VARIANTS: dict[str, dict[str, Any]] = {
     "naive SFT": {"naive": True},
     "LaViT": {},
@@ -81,28 +82,13 @@ class LavitRun:
     own_build: bool = field(default=False, init=False, repr=False)
 
     def resolve(self) -> LavitRun:
-        root = _checkout()
+        root = checkout()
         self.teacher = Path(self.teacher or root / BASE_ROOT / "qwen2_5_vl-small")
         self.student = Path(self.student or root / BASE_ROOT / "qwen2_5_vl")
         self.shapes = Path(self.shapes or self.out / "shapes")
         self.own_build = self.teacher_data is None  # built here (checked against --build-samples), not given
         self.teacher_data = Path(self.teacher_data or self.out / "teacher-data")
         return self
-
-
-def _checkout() -> Path:
-    for start in (Path.cwd(), Path(__file__).resolve()):
-        for parent in [start, *start.parents]:
-            if (parent / BASE_ROOT).is_dir():
-                return parent
-    return Path.cwd()
-
-
-def _say(run: LavitRun, message: str) -> None:
-    if run.show_progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold]reproduce lavit[/bold] {message}")
 
 
 def _build(run: LavitRun, shapes: Path) -> dict[str, Any]:
@@ -120,7 +106,7 @@ def _build(run: LavitRun, shapes: Path) -> dict[str, Any]:
             raise UserError(f"{run.teacher_data} holds a build of {done['settings'].get('limit')} questions, not "
                             f"--build-samples {run.build_samples}: use another --out")  # fmt: skip
         return done
-    _say(run, f"building the teacher data ({run.build_samples} questions) in {run.teacher_data}")
+    say("lavit", run.show_progress, f"building the teacher data ({run.build_samples} questions) in {run.teacher_data}")
     config = BuildConfig(
         data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(run.teacher_data),
         teacher=str(run.teacher), options=TeacherOptions.preset("paper", max_new_tokens=run.teacher_max_new_tokens),
@@ -140,12 +126,12 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
         if not run.ablations and name not in ("naive SFT", "LaViT"):
             continue
         naive = bool(overrides.get("naive"))
-        out = run.out / "train" / _slug(name)
+        out = run.out / "train" / slug(name)
         stage = out / ("naive" if naive else "student")
         summary_path = stage / "lavit_train.json"
-        _check_settings(out, _train_settings(run, name), reuse=summary_path.is_file())
+        check_settings(out, _train_settings(run, name), reuse=summary_path.is_file())
         if not summary_path.is_file():
-            _say(run, f"training {name} ({run.steps} steps)")
+            say("lavit", run.show_progress, f"training {name} ({run.steps} steps)")
             values = dict(
                 output_dir=str(out), num_latents=run.num_latents, gate_warmup=run.gate_warmup, max_steps=run.steps,
                 per_device_train_batch_size=run.batch_size, learning_rate=run.learning_rate, seed=run.seed,
@@ -162,28 +148,9 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
     return trained
 
 
-SETTINGS_NAME = "reproduce_settings.json"
-
-
 def _train_settings(run: LavitRun, name: str) -> dict[str, Any]:
     keys = ("student", "teacher_data", "steps", "gate_warmup", "batch_size", "learning_rate", "num_latents", "seed")
     return {"variant": name, **{k: str(getattr(run, k)) for k in keys}}
-
-
-def _check_settings(directory: Path, settings: dict[str, Any], reuse: bool) -> None:
-    """A step's output is reused only if it was made with the same settings: a re-run with other settings and the
-    same ``--out`` is refused (use another ``--out``), never mixed with the old results."""
-    path = directory / SETTINGS_NAME
-    if reuse and path.is_file() and json.loads(path.read_text()) != settings:
-        from latent_core.cli import UserError
-
-        raise UserError(f"{directory} was made with other settings ({path}): use another --out")
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def _slug(name: str) -> str:
-    return name.lower().replace("w/o ", "no-").replace(" ", "-").replace("_", "")
 
 
 _MAIN = ("naive SFT", "LaViT", "LaViT, latents masked")
@@ -191,13 +158,12 @@ _MAIN = ("naive SFT", "LaViT", "LaViT, latents masked")
 
 def _key(name: str) -> str:
     """A variant's name as a record key: ``w/o L_traj`` -> ``no_ltraj``."""
-    return _slug(name).replace("-", "_")
+    return slug(name).replace("-", "_")
 
 
 def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Step 4: ``latent eval --method lavit`` of every variant; blank images for naive SFT and LaViT; LaViT masked."""
     from latent_apps.eval.runner import run_eval
-    from latent_apps.reproduce.heima import eval_row
 
     bench = shapes / "test" / "shapes_mc.tsv"
     diagnostics = {"diagnostics": True}  # LaViT also answers with its latents zeroed, shuffled and masked
@@ -208,8 +174,8 @@ def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
     jobs.append(("LaViT, latents masked", trained["LaViT"]["dir"], {"mask_latents": True}, False))
     results = {}
     for label, model, options, blank in jobs:
-        _say(run, f"evaluating {label}")
-        out = run.out / "eval" / _slug(label.replace(",", ""))
+        say("lavit", run.show_progress, f"evaluating {label}")
+        out = run.out / "eval" / slug(label.replace(",", ""))
         summary = run_eval(
             model, "lavit", [bench], out, batch_size=run.eval_batch_size, max_new_tokens=8, limit=run.eval_samples,
             method_options=options, blank=blank, show_progress=run.show_progress,
@@ -232,10 +198,10 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
         "samples": run.analysis_samples,
         "max_new_tokens": run.analysis_max_new_tokens,
     }
-    _check_settings(out, settings, reuse=(out / "analysis.json").is_file())
+    check_settings(out, settings, reuse=(out / "analysis.json").is_file())
     if (out / "analysis.json").is_file():
         return json.loads((out / "analysis.json").read_text())
-    _say(run, f"analysing attention on {run.analysis_samples} test questions")
+    say("lavit", run.show_progress, f"analysing attention on {run.analysis_samples} test questions")
     models = {
         "teacher": str(run.teacher),
         "base": str(run.student),
@@ -245,14 +211,6 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
     samples = read_questions(shapes / "test" / "shapes_mc.tsv", run.analysis_samples)
     budget = run.analysis_max_new_tokens  # the base and the teacher write their chain of thought
     return analyze_models(models, samples, out, teacher="teacher", batch_size=32, max_new_tokens=budget)
-
-
-def _pct(value: Any) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value: Any, spec: str = ".3f") -> str:
-    return "" if value is None else format(value, spec)
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -270,12 +228,12 @@ def _markdown(results: dict[str, Any]) -> str:
     for name, row in results["eval"].items():
         kinds = row["accuracy_per_kind"]
         lines.append(
-            f"| {name} | {_pct(row['accuracy'])} | "
-            + " | ".join(_pct(kinds.get(k)) for k in ("colour", "exists", "count", "compare"))
-            + f" | {_pct(row.get('blank_accuracy'))} | {row['truncated']} |"
+            f"| {name} | {pct(row['accuracy'])} | "
+            + " | ".join(pct(kinds.get(k)) for k in ("colour", "exists", "count", "compare"))
+            + f" | {pct(row.get('blank_accuracy'))} | {row['truncated']} |"
         )
     first = next(iter(results["eval"].values()))
-    lines += ["", f"Majority baseline: {_pct(first['majority_baseline'])} ({first['n']} test questions).", ""]
+    lines += ["", f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions).", ""]
     lines += [
         "| model (analysis) | accuracy | entropy | salient | CV | KL to teacher | KL, answer rows | KL, latent rows "
         "| KL to A_traj target | same, latent rows |",
@@ -283,24 +241,24 @@ def _markdown(results: dict[str, Any]) -> str:
     ]
     for name, entry in results["analysis"]["models"].items():
         lines.append(
-            f"| {name} | {_pct(entry.get('correct'))} | {_num(entry.get('response_entropy'))} | "
-            f"{_num(entry.get('response_salient'), '.2f')} | {_num(entry.get('response_cv'))} | "
-            f"{_num(entry.get('kl_to_teacher'))} | {_num(entry.get('kl_to_teacher_answer'))} | "
-            f"{_num(entry.get('kl_to_teacher_latent'))} | {_num(entry.get('kl_to_traj_target'))} | "
-            f"{_num(entry.get('kl_to_traj_target_latent'))} |"
+            f"| {name} | {pct(entry.get('correct'))} | {num(entry.get('response_entropy'))} | "
+            f"{num(entry.get('response_salient'), '.2f')} | {num(entry.get('response_cv'))} | "
+            f"{num(entry.get('kl_to_teacher'))} | {num(entry.get('kl_to_teacher_answer'))} | "
+            f"{num(entry.get('kl_to_teacher_latent'))} | {num(entry.get('kl_to_traj_target'))} | "
+            f"{num(entry.get('kl_to_traj_target_latent'))} |"
         )
     controls = results["eval"]["LaViT"].get("latent_controls", {})
     if controls:
         lines += ["", f"LaViT's latents on the {results['eval']['LaViT']['n']} test questions: " + "; ".join(
-            f"{name} accuracy {_pct(c['accuracy'])}, answers changed {_pct(c['change_rate'])}"
+            f"{name} accuracy {pct(c['accuracy'])}, answers changed {pct(c['change_rate'])}"
             for name, c in controls.items()
         ) + "."]  # fmt: skip
     diag = results["analysis"]["models"].get("LaViT", {}).get("diagnostics", {})
     if diag:
         lines += ["", "Analysis questions, LaViT's latents: " + "; ".join(
-            f"{kind} accuracy {_pct(d['accuracy'])}, answers changed {_pct(d['change_rate'])}"
+            f"{kind} accuracy {pct(d['accuracy'])}, answers changed {pct(d['change_rate'])}"
             for kind, d in diag.items() if isinstance(d, dict)
-        ) + f"; mean pairwise cosine {_num(diag.get('mean_pairwise_cosine'))}."]  # fmt: skip
+        ) + f"; mean pairwise cosine {num(diag.get('mean_pairwise_cosine'))}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
