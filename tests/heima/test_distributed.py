@@ -1,5 +1,6 @@
 """`heima train` scales out as the README says: two processes under torchrun with ZeRO-3 on CPU (gloo), through the
-command line a user runs; the saved stage loads in one process and generates.
+command line a user runs; the saved stage loads in one process, generates, and the next stage continues it in one
+process.
 
 It used to fail on both ranks while loading the base: on a CPU machine accelerate found no backend and counted one
 process, and DeepSpeed's communication layer was never attached, so ZeRO-3's batch check saw "2 != 1 * 1 * 1".
@@ -50,6 +51,15 @@ def test_heima_train_under_torchrun_zero3_on_cpu(tmp_path):
     assert args.world_size == 2 and args.deepspeed  # two processes really trained it
     adapter = load_file(str(stage / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # LoRA B starts at zero: it trained
+
+    # The next stage in one process (PEFT's trainable tokens) continues the ZeRO-3 stage (TrainableRows): it used to
+    # fail with "extra_modules.safetensors holds [...latent_trainable_rows.head_rows, ...] which the model does not
+    # have".
+    result = CliRunner().invoke(app, ["train", "--stage", "1", "--prepared", str(prepared), "--model", str(base),
+                                      "--run-dir", str(run), "--max-steps", "1", "--batch-size", "1",
+                                      "--warmup-steps", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "stage-1" / "latent_stage.json").read_text())["trainable_rows"]["route"] == "peft"
 
     loaded, loaded_processor = load_for_inference(stage, device="cpu")
     records = generate(loaded, loaded_processor, [{"id": "q", "question": "Is there a red circle?",

@@ -246,3 +246,40 @@ def test_overfit_recover_emits_thinking_tokens_and_right_conclusion(shapes, base
         assert before == len(reference), (before, len(reference))
         conclusions.add(record["conclusion"])
     assert len(conclusions) == 3  # three different answers: the model reads the question and the image
+
+
+@pytest.mark.parametrize(("first", "then"), [("rows", "peft"), ("peft", "rows")])
+def test_a_stage_continues_a_stage_trained_under_the_other_rows_route(shapes, base, tmp_path, first, then):
+    """torchrun + ZeRO-3 on CPU trains the rows with TrainableRows, one process with PEFT's trainable tokens: the
+    next stage starts from the previous one's weights either way (the reference: the saved stage loaded for
+    inference), with the trained rows, not fresh ones."""
+    from latent_core.inference import load_trained
+    from latent_core.trainer import saved_token_rows
+
+    prepared = _prepared(shapes, tmp_path / "prepared", n=2)
+    config = _config(base, prepared, tmp_path / "run", one_shot=True, learning_rate=1e-2, rows_route=first)
+    stage = train_stage(config, 3)  # every thinking token in the inputs: their rows train
+    reference, processor = load_trained(stage, device="cpu")
+    ids = processor.tokenizer("Is there a red circle? " + " ".join(TOKENS), return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+
+    fresh, fresh_processor = load_model(str(base)), load_processor(str(base))
+    token_ids = add_thinking_tokens(fresh, fresh_processor, TOKENS)
+    rows = saved_token_rows(stage, fresh)
+    assert rows["route"] == first and rows["token_ids"] == token_ids
+    assert not torch.allclose(rows["embed"], fresh.get_input_embeddings().weight[token_ids].detach())  # trained
+
+    started: dict[str, torch.Tensor] = {}
+
+    class Capturing(heima_trainer.LatentTrainer):
+        def train(self, *args, **kwargs):
+            with torch.no_grad():
+                started["logits"] = self.model(input_ids=ids).logits
+            return super().train(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(heima_trainer, "LatentTrainer", Capturing)
+        recover = train_stage(dataclasses.replace(config, rows_route=then), "recover")
+    torch.testing.assert_close(started["logits"], expected, rtol=0, atol=1e-5)
+    assert saved_token_rows(recover, fresh)["route"] == then

@@ -121,6 +121,14 @@ class HeimaConfig(LatentTrainingArguments):
         default=True,
         metadata={"help": "Also adapt the output projection lm_head (Table A1 / METHODS.md §1: yes)."},
     )
+    rows_route: str = field(
+        default="auto",
+        metadata={
+            "help": "How the thinking-token rows train: 'peft' (PEFT's trainable_token_indices, METHODS.md §1), "
+            "'rows' (latent_core's TrainableRows) or 'auto' ('rows' under ZeRO-3 without CUDA, where PEFT's route "
+            "cannot start). A stage continues a stage trained under either route."
+        },
+    )
 
     # ------------------------------------------------------------------ TrainingArguments with paper defaults
     output_dir: str | None = field(

@@ -127,6 +127,7 @@ def prepare_model(config: Any, model: nn.Module, processor: Any, tokens: Sequenc
         alpha=int(getattr(config, "lora_alpha", 32)),
         dropout=float(getattr(config, "lora_dropout", 0.0)),
         include_lm_head=include_head,
+        rows_route=str(getattr(config, "rows_route", "auto")),
         **extra,
     )
 

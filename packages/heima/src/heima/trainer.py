@@ -19,9 +19,11 @@ one-shot, recover    ``answers[K]``      ``run_dir/one-shot``                  `
 "Starts from" a stage directory means: the base model is loaded fresh (``load_model(config.model)``), the thinking
 tokens are added (same tokens, same order, so the same ids), the previous stage's adapter is loaded as trainable
 (``latent_core.trainer.load_stage``: the *same* LoRA adapter and token rows keep training, METHODS.md §1), and any
-extra trainable modules it saved are loaded (``load_extra_modules``). The recovering stage uses
-``recover_learning_rate`` / ``recover_batch_size`` (Table A2: 1e-5 / 8), the others ``learning_rate`` /
-``per_device_train_batch_size`` (1e-4 / 6). All thinking tokens are added from stage 0 on, so every stage has the
+extra trainable modules it saved are loaded (``load_extra_modules``). The thinking-token rows continue under this
+run's route (``HeimaConfig.rows_route``) whichever route trained them, so stages chain whatever launched them: one
+process (PEFT's ``trainable_token_indices``) after N processes under ZeRO-3 without CUDA (``TrainableRows``) and back.
+The recovering stage uses ``recover_learning_rate`` / ``recover_batch_size`` (Table A2: 1e-5 / 8), the others
+``learning_rate`` / ``per_device_train_batch_size`` (1e-4 / 6). All thinking tokens are added from stage 0 on, so every stage has the
 same vocabulary (stage 0 simply never sees them in its targets).
 
 Each stage directory holds the adapter, ``extra_modules.safetensors`` (when any), the processor with the thinking
@@ -42,8 +44,6 @@ from typing import Any
 import transformers
 from datasets import Dataset
 from latent_core.collate import SupervisedCollator
-from latent_core.lora import resolve_rows_route
-from latent_core.trainable_rows import attach_trainable_rows
 from latent_core.trainer import LatentTrainer, StageError, load_base, load_extra_modules, load_stage, stage_info
 from torch import nn
 
@@ -209,10 +209,9 @@ def train_stage(
     else:
         logger.info("heima stage %s starts from %s", stage, previous)
         ids = add_thinking_tokens(base, processor, tokens)
-        peft_model = load_stage(base, previous, is_trainable=True)
-        if resolve_rows_route("auto") == "rows":
-            attach_trainable_rows(peft_model, ids)
-        load_extra_modules(peft_model, previous)
+        # The rows continue under this run's route, whichever route trained them (1 process <-> N processes).
+        peft_model = load_stage(base, previous, is_trainable=True, token_ids=ids, rows_route=config.rows_route)
+        load_extra_modules(peft_model, previous, skip_token_rows=True)
 
     rows = samples_for_stage(dataset, stage, one_shot=config.one_shot)
     image_root = dataset[0]["images_root"] if len(dataset) else None

@@ -69,6 +69,7 @@ __all__ = [
     "load_base",
     "load_extra_modules",
     "load_stage",
+    "saved_token_rows",
     "schedule_callback",
 ]
 
@@ -224,7 +225,7 @@ def _transformers_model(model: nn.Module) -> tuple[PreTrainedModel | None, str]:
     return None, ""
 
 
-def _copy_into(model: nn.Module, path: Path) -> list[str]:
+def _copy_into(model: nn.Module, path: Path, skip: Sequence[str] = ()) -> list[str]:
     """Copy the tensors of the safetensors file ``path`` into ``model``'s parameters of the same names; returns the
     names. Every key must exist with its shape (checked from the header first). One tensor is read and, under
     ZeRO-3, one parameter gathered at a time (only the writing rank reads it), so a large stage never sits whole in
@@ -243,7 +244,7 @@ def _copy_into(model: nn.Module, path: Path) -> list[str]:
     params = dict(model.named_parameters())
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
+            keys = [k for k in handle.keys() if not any(part in k for part in skip)]
             missing = [k for k in keys if k not in params]
             if missing:
                 raise StageError(
@@ -264,6 +265,22 @@ def _copy_into(model: nn.Module, path: Path) -> list[str]:
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({err})") from None
     return keys
+
+
+def _rows_record(peft_model: Any) -> dict[str, Any] | None:
+    """How the new-token rows of ``peft_model`` train (``latent_stage.json``'s ``trainable_rows``): the route and
+    the token ids in the order of the saved rows, so that :func:`saved_token_rows` can read them back under any
+    route; ``None`` when no rows train."""
+    from latent_core.trainable_rows import get_trainable_rows
+
+    rows = get_trainable_rows(peft_model)
+    if rows is not None:
+        return {"route": "rows", "token_ids": [int(i) for i in rows.token_ids.tolist()]}
+    indices = getattr(peft_model.peft_config[peft_model.active_adapter], "trainable_token_indices", None)
+    if not indices:
+        return None
+    first = next(iter(indices.values())) if isinstance(indices, Mapping) else indices
+    return {"route": "peft", "token_ids": [int(i) for i in first]}
 
 
 def _applied_stages(model: nn.Module) -> list[str]:
@@ -296,10 +313,13 @@ def extra_state_dict(
     return {n: source[n].detach().to("cpu").contiguous() for n in names}
 
 
-def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+def load_extra_modules(model: nn.Module, directory: str | os.PathLike, *, skip_token_rows: bool = False) -> list[str]:
     """Load ``extra_modules.safetensors`` of ``directory`` into ``model`` (every key must exist with its shape).
 
     Modules the model has but the stage did not save (a later stage adding a head) keep their initialisation.
+    ``skip_token_rows``: leave out the ``TrainableRows`` keys (``latent_trainable_rows.*``), for a model that
+    :func:`load_stage` gave the stage's token rows already (``token_ids=``: they are in its tables, whatever route
+    trains them now).
 
     Raises:
         StageError: the stage saved extra parameters that ``model`` lacks or has with another shape.
@@ -307,17 +327,163 @@ def load_extra_modules(model: nn.Module, directory: str | os.PathLike) -> list[s
     path = Path(directory) / EXTRA_MODULES_NAME
     if not path.is_file():
         return []
-    return sorted(_copy_into(model, path))
+    skip = (f"{TRAINABLE_ROWS_NAME}.",) if skip_token_rows else ()
+    return sorted(_copy_into(model, path, skip=skip))
 
 
-def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = True):
+# ---------------------------------------------------------------------------------------------------------------
+# New-token rows across routes: a stage trained under one route (PEFT's trainable_token_indices, or TrainableRows
+# under ZeRO-3 without CUDA) must continue under the other (1 process <-> N processes).
+# ---------------------------------------------------------------------------------------------------------------
+
+_PEFT_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _peft_row_ids(indices: Any, module_name: str) -> list[int]:
+    """The ids of PEFT's ``trainable_token_indices`` (a list, or module name -> list) for ``module_name``."""
+    if isinstance(indices, Mapping):
+        for name, ids in indices.items():
+            name = name.replace(".base_layer", "")
+            if module_name == name or module_name.endswith("." + name) or name.endswith("." + module_name):
+                return [int(i) for i in ids]
+        raise StageError(f"trainable_token_indices {dict(indices)} name no entry for {module_name}")
+    return [int(i) for i in indices]
+
+
+def saved_token_rows(directory: str | os.PathLike, model: nn.Module) -> dict[str, Any] | None:
+    """The new-token rows a stage trained, whichever route trained them: ``{"route", "token_ids", "embed",
+    "head", "head_bias"}`` (``head`` / ``head_bias``: ``None`` when the head is tied / has no bias), or ``None`` when
+    the stage trained no rows.
+
+    ``"rows"``: :class:`~latent_core.trainable_rows.TrainableRows` in ``extra_modules.safetensors``, in the order of
+    ``latent_stage.json``'s ``trainable_rows.token_ids``; ``"peft"``: the ``trainable_tokens_delta`` tensors in the
+    adapter, in the order of ``adapter_config.json``'s ``trainable_token_indices``. ``model`` is the bare transformers
+    model the stage is loaded onto (it tells the embedding's entry from the head's).
+
+    Raises:
+        StageError: rows saved without their token ids (a stage written before the ids were recorded).
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    extras = directory / EXTRA_MODULES_NAME
+    if extras.is_file():
+        check_tensors(extras)
+        with safe_open(str(extras), framework="pt") as handle:
+            keys = [k for k in handle.keys() if f"{TRAINABLE_ROWS_NAME}." in k]
+            found = {k.rsplit(".", 1)[-1]: handle.get_tensor(k) for k in keys}
+        if found:
+            ids = (stage_info(directory).get("trainable_rows") or {}).get("token_ids")
+            if ids is None:
+                raise StageError(
+                    f"{directory} saved trainable token rows without their token ids (latent_stage.json has no "
+                    "trainable_rows.token_ids): retrain that stage with this version, or continue it with the "
+                    "route it was trained with"
+                )
+            return {"route": "rows", "token_ids": [int(i) for i in ids], "embed": found["rows"],
+                    "head": found.get("head_rows"), "head_bias": found.get("head_bias")}  # fmt: skip
+    config_path, adapter = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not (config_path.is_file() and adapter.is_file()):
+        return None
+    try:
+        indices = json.loads(config_path.read_text()).get("trainable_token_indices")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{config_path} is not valid JSON ({err}): the stage output is corrupted") from None
+    if not indices:
+        return None
+    check_tensors(adapter)
+    embedding = model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(embedding)]
+    out: dict[str, Any] = {"route": "peft", "token_ids": None, "embed": None, "head": None, "head_bias": None}
+    with safe_open(str(adapter), framework="pt") as handle:
+        for key in handle.keys():
+            if not key.endswith(_PEFT_ROWS_SUFFIX):
+                continue
+            name = key[: -len(_PEFT_ROWS_SUFFIX)].removeprefix("base_model.model.")
+            while name.endswith(".base_layer"):
+                name = name.removesuffix(".base_layer")
+            ids = _peft_row_ids(indices, name)
+            part = "embed" if name == embed_name else "head"
+            out[part] = handle.get_tensor(key)
+            if out["token_ids"] is not None and out["token_ids"] != ids:
+                raise StageError(f"{adapter}: the embedding and lm_head rows are of different tokens")
+            out["token_ids"] = ids
+    return out if out["embed"] is not None else None
+
+
+def _copy_saved_tables(model: nn.Module, saved: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """Copy the base weights an adapter file carries (the embedding / ``lm_head`` tables PEFT's
+    ``save_embedding_layers`` adds: no ``lora_`` / token-adapter / ``modules_to_save`` key) into the bare ``model``;
+    return the adapter's own entries."""
+    from latent_core.zero3 import full_shape, gathered
+
+    params = dict(model.named_parameters())
+    adapter: dict[str, torch.Tensor] = {}
+    for key, value in saved.items():
+        if _saved_by_peft(key) or key.endswith(_PEFT_ROWS_SUFFIX):
+            adapter[key] = value
+            continue
+        name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        param = params.get(name)
+        if param is None or tuple(full_shape(param)) != tuple(value.shape):
+            raise StageError(f"{directory}: the adapter's {key} {tuple(value.shape)} has no place in this model")
+        with torch.no_grad(), gathered([param], modifier_rank=0) as writes:
+            if writes:
+                param.copy_(value.to(param.dtype))
+    return adapter
+
+
+def _write_token_rows(model: nn.Module, rows: dict[str, Any], token_ids: Sequence[int], directory: Path) -> None:
+    """Write ``rows`` (:func:`saved_token_rows`) into ``model``'s embedding and untied ``lm_head`` (ZeRO-3 safe)."""
+    from latent_core.zero3 import full_shape, gathered
+
+    ids = [int(i) for i in token_ids]
+    if rows["token_ids"] != ids:
+        raise StageError(
+            f"{directory} trained the rows of token ids {rows['token_ids']}, this model's tokens have ids {ids}: add "
+            "the same tokens in the same order before loading the stage"
+        )
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is embedding.weight
+    targets = [(embedding.weight, rows["embed"])]
+    if not tied and rows["head"] is not None:
+        targets.append((head.weight, rows["head"]))
+    if head is not None and rows["head_bias"] is not None and getattr(head, "bias", None) is not None:
+        targets.append((head.bias, rows["head_bias"]))
+    for weight, value in targets:
+        if tuple(full_shape(weight)[1:]) != tuple(value.shape[1:]):
+            raise StageError(f"{directory}: its token rows are {tuple(value.shape)}, the model's table is "
+                             f"{tuple(full_shape(weight))}")  # fmt: skip
+    with torch.no_grad(), gathered([w for w, _ in targets], modifier_rank=0) as writes:
+        if writes:
+            for weight, value in targets:
+                index = torch.tensor(ids, device=weight.device)
+                weight.data.index_copy_(0, index, value.to(device=weight.device, dtype=weight.dtype))
+
+
+def load_stage(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    is_trainable: bool = True,
+    *,
+    token_ids: Sequence[int] | None = None,
+    rows_route: str | None = None,
+):
     """Continue from a previous stage's output, of either kind.
 
     ``model`` is the base transformers model (loaded from the stage's ``base_model``) with the stage's tokens
     already added (they are in ``latent_stage.json`` and the saved tokenizer).
 
     - an *adapter* stage: returns ``model`` with the stage's LoRA adapter (the same adapter keeps training unless
-      ``is_trainable=False``);
+      ``is_trainable=False``). With ``rows_route`` (``"auto"``, ``"peft"``, ``"rows"``:
+      :func:`latent_core.lora.resolve_rows_route`) and ``token_ids`` (the new tokens' ids, in the order they were
+      added), the new-token rows the stage trained continue under *this* setup's route, whichever route trained
+      them: a stage saved by N processes under ZeRO-3 without CUDA (``TrainableRows``) continues in one process
+      (PEFT's ``trainable_token_indices``) and back. The saved rows (:func:`saved_token_rows`) are written into the
+      embedding and ``lm_head`` tables first, the route's trainable copy then starts from them (PEFT's token
+      adapter or a freshly attached ``TrainableRows``; load the other extra modules with
+      ``load_extra_modules(..., skip_token_rows=True)``). Without ``rows_route`` the adapter loads as saved;
     - a *full-weight* stage: copies its trained weights into ``model`` (ZeRO-3 partitioned parameters too) and
       returns it; which weights train next is the caller's choice.
 
@@ -365,10 +531,68 @@ def load_stage(model: nn.Module, directory: str | os.PathLike, is_trainable: boo
         return model
     setattr(model, _STAGES_ATTR, applied)
     check_tensors(directory / "adapter_model.safetensors")  # a corrupted adapter: an error naming the file
+    if rows_route is not None:
+        return _load_adapter_for_route(model, directory, token_ids, rows_route, is_trainable)
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         raise StageError(f"the adapter in {directory} does not fit this model: {err}") from err
+    return peft_model
+
+
+def _load_adapter_for_route(
+    model: nn.Module, directory: Path, token_ids: Sequence[int] | None, rows_route: str, is_trainable: bool
+):
+    """The stage's adapter on ``model`` with its new-token rows under this setup's rows route (see
+    :func:`load_stage`): the saved rows are written into the tables, the adapter is rebuilt from its config with
+    this route's ``trainable_token_indices`` (or none, and ``TrainableRows`` attached), its LoRA weights loaded."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from latent_core.lora import _TIED_WARNING, _lora_targets_head, _peft_token_indices, resolve_rows_route
+    from latent_core.trainable_rows import attach_trainable_rows
+
+    route = resolve_rows_route(rows_route)
+    ids = [int(i) for i in token_ids or ()]
+    saved = load_tensors(directory / "adapter_model.safetensors")
+    # Vocabulary tables saved with the adapter (PEFT's save_embedding_layers) are the stage's base tables: into the
+    # model first, then the trained rows on top of them.
+    state = _copy_saved_tables(model, saved, directory)
+    rows = saved_token_rows(directory, model)
+    if rows is not None:
+        if not ids:
+            raise StageError(
+                f"{directory} trained the rows of new tokens {rows['token_ids']}: pass their token_ids to load_stage"
+            )
+        _write_token_rows(model, rows, ids, directory)
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as err:
+        raise StageError(f"{directory}/adapter_config.json is not a LoRA adapter config ({err})") from None
+    config.trainable_token_indices = None
+    if route == "peft" and ids:
+        config.trainable_token_indices = _peft_token_indices(model, ids, _lora_targets_head(model, config))
+    config.inference_mode = not is_trainable
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TIED_WARNING)
+        peft_model = get_peft_model(model, config)
+    # The LoRA (and modules_to_save) weights as saved; the token rows as this route holds them now (initialised from
+    # the tables, which hold the saved rows).
+    state = {k: v for k, v in state.items() if not k.endswith(_PEFT_ROWS_SUFFIX)}
+    state.update({k: v for k, v in get_peft_model_state_dict(peft_model).items() if k.endswith(_PEFT_ROWS_SUFFIX)})
+    try:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=peft_model.active_adapter)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise StageError(f"the adapter in {directory} does not fit this model: {err}") from err
+    missing = [k for k in result.missing_keys if ".lora_" in k or ".modules_to_save." in k]
+    if result.unexpected_keys or missing:
+        raise StageError(
+            f"the adapter in {directory} does not fit this model: unexpected {result.unexpected_keys[:3]}, missing "
+            f"{missing[:3]}"
+        )
+    if route == "rows" and ids:
+        attach_trainable_rows(peft_model, ids)
     return peft_model
 
 
@@ -630,6 +854,7 @@ class LatentTrainer(Trainer):
             "embedding_rows": int(num_rows(peft_model.get_input_embeddings())),
             "extra_keys": sorted(extras),
             "previous_stages": _applied_stages(model),
+            "trainable_rows": _rows_record(peft_model),
         }
         self._write_stage_files(output_dir, info)
 
