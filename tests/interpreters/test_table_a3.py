@@ -1,8 +1,8 @@
 """The interpreters' training setting (paper 000 Table A3 / "the same LoRA setting" as Heima) and its CLI.
 
-- the placeholder defaults to a reserved token of the interpreter's tokenizer (Llama-3.x has 248): no new vocabulary,
-  so the adapter holds no embedding table; a tokenizer without one gets a new <THOUGHT> (and the vocabulary tables
-  saved with the adapter, what the default used to do for every model);
+- the placeholder defaults to a reserved token of the interpreter's tokenizer (Llama-3.x has 248), else an unused
+  special token: no new vocabulary, so the adapter holds no embedding table; a tokenizer without either gets a new
+  <THOUGHT>, whose rows (not the whole tables: 239 MB on SmolLM2-135M) the adapter saves, tied head or untied;
 - LoRA adapts lm_head where it is untied; AdamW weight decay 0.01; activation checkpointing on;
 - --placeholder / --template reach the trained interpreter; a VLM is refused as interpreter.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from interpreters.cli import app
-from interpreters.config import DEFAULT_PLACEHOLDER, InterpreterConfig, placeholder_for
+from interpreters.config import DEFAULT_PLACEHOLDER, InterpreterConfig, choose_placeholder, placeholder_for
 from latent_core.testing import save_tiny_model, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,10 +25,18 @@ RESERVED = [f"<|reserved_special_token_{i}|>" for i in (0, 1, 2)]
 runner = CliRunner()
 
 
-def _base(out: Path, reserved: bool) -> Path:
+def _base(out: Path, reserved: bool, tied: bool = False) -> Path:
     """A tiny Llama-3-style text LM saved like a checkpoint; with ``reserved``, its vocabulary has reserved tokens
-    (added in 2, 0, 1 order: the default must pick token 0 by number, not by position)."""
+    (added in 2, 0, 1 order: the default must pick token 0 by number, not by position); ``tied``: one table for the
+    embedding and ``lm_head``."""
     model, tokenizer = tiny_model("causal_lm")
+    if tied:
+        from transformers import LlamaForCausalLM
+
+        model.config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(model.config)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if reserved:
         tokenizer.add_special_tokens({"additional_special_tokens": [RESERVED[2], RESERVED[0], RESERVED[1]]})
         model.resize_token_embeddings(len(tokenizer))
@@ -49,11 +57,23 @@ def _captures(out: Path, d: int = 64, n: int = 8) -> Path:
 
 
 def test_placeholder_default():
-    _, tokenizer = tiny_model("causal_lm")
-    assert placeholder_for(tokenizer) == DEFAULT_PLACEHOLDER == "<THOUGHT>"
+    _, tokenizer = tiny_model("causal_lm")  # Llama-3 style: <|python_tag|> is special, unnamed and not in the template
+    assert choose_placeholder(tokenizer) == ("<|python_tag|>", "unused special token")
     tokenizer.add_special_tokens({"additional_special_tokens": [RESERVED[2], RESERVED[0]]})
-    assert placeholder_for(tokenizer) == "<|reserved_special_token_0|>"
+    assert choose_placeholder(tokenizer) == ("<|reserved_special_token_0|>", "reserved")
     assert placeholder_for(tokenizer, "<MINE>") == "<MINE>"
+
+
+def test_unused_special_tokens_are_those_with_no_job():
+    from tokenizers import AddedToken
+
+    tokenizer = tiny_model("qwen2_5_vl")[1].tokenizer  # every special token has a job (turns, images, padding)
+    assert choose_placeholder(tokenizer) == (DEFAULT_PLACEHOLDER, "added")
+    # SmolLM2 / StarCoder-style vocabularies: special tokens of the pre-training data that chat never uses.
+    tokenizer.add_tokens([AddedToken("<jupyter_start>", special=True), AddedToken("<repo_name>", special=True)])
+    assert choose_placeholder(tokenizer) == ("<repo_name>", "unused special token")
+    tokenizer.chat_template += "{{ '<repo_name>' }}"  # a token the template writes is in use
+    assert choose_placeholder(tokenizer) == (DEFAULT_PLACEHOLDER, "added")
 
 
 def test_paper_defaults():
@@ -70,7 +90,7 @@ def _adapter_keys(directory: Path) -> list[str]:
 
 def _vocabulary_table(key: str) -> bool:
     """A whole vocabulary-sized table saved with the adapter (embedding or lm_head)."""
-    return "embed_tokens" in key or key.endswith("lm_head.base_layer.weight") or key.endswith("lm_head.weight")
+    return key.endswith(("embed_tokens.weight", "lm_head.base_layer.weight", "lm_head.weight"))
 
 
 def _train(tmp_path: Path, base: Path, *extra: str) -> Path:
@@ -100,10 +120,47 @@ def test_reserved_placeholder_keeps_the_adapter_small(tmp_path, monkeypatch):
     assert args.weight_decay == 0.01
 
 
-def test_new_placeholder_saves_the_vocabulary_tables(tmp_path):
-    out = _train(tmp_path, _base(tmp_path / "lm", reserved=False), "--no-activation-checkpointing")
-    assert json.loads((out / "latent_stage.json").read_text())["interpreter"]["placeholder"] == "<THOUGHT>"
-    assert any(_vocabulary_table(k) for k in _adapter_keys(out))  # why the reserved token is the default
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_new_placeholder_is_saved_as_its_rows_not_the_tables(tmp_path, monkeypatch, tied):
+    """A vocabulary with no spare row and no reserved token (SmolLM2-135M has tied tables, Vicuna untied): the new
+    <THOUGHT> grows the tables; the adapter holds its rows only, and the interpreter reloads to the trained model."""
+    from interpreters import trainer as interpreters_trainer
+    from interpreters.model import load_interpreter
+
+    base = _base(tmp_path / "lm", reserved=False, tied=tied)
+    hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    prompt = "According to question: What is there?, can you explain the thinking progress <THOUGHT>?"
+    trained: dict[str, torch.Tensor] = {}
+
+    class Recording(interpreters_trainer.LatentTrainer):
+        def train_and_save(self, *args, **kwargs):
+            summary = super().train_and_save(*args, **kwargs)
+            model = self.model.eval()  # the reference: the model as training left it, in memory
+            ids = self.processing_class([prompt] * 2, return_tensors="pt").input_ids
+            with torch.no_grad():
+                trained["logits"] = model(input_ids=ids, hidden=hidden)["logits"]
+            return summary
+
+    monkeypatch.setattr(interpreters_trainer, "LatentTrainer", Recording)
+    out = _train(tmp_path, base, "--placeholder", "<THOUGHT>", "--no-activation-checkpointing")
+    rows = len(load_model_and_tokenizer(base)[1]) + 1
+    keys = _adapter_keys(out)
+    assert not any(_vocabulary_table(k) for k in keys)  # no whole table ...
+    assert any("trainable_tokens_delta" in k for k in keys)  # ... the placeholder's rows instead
+    for path in out.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        assert (rows, 64) not in shapes.values(), path  # no table, under any name
+        assert all(v == (1, 64) for k, v in shapes.items() if "trainable_tokens_delta" in k)  # one row each
+    info = json.loads((out / "latent_stage.json").read_text())["interpreter"]
+    assert info["placeholder"] == "<THOUGHT>" and "saved as rows" in info["placeholder_origin"]
+
+    loaded, tokenizer = load_interpreter(out, device="cpu")
+    ids = tokenizer([prompt] * 2, return_tensors="pt").input_ids
+    assert loaded.backbone.get_input_embeddings().weight.shape[0] == rows
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, hidden=hidden)["logits"]
+    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-5)
 
 
 def test_placeholder_and_template_flags(tmp_path):
@@ -151,7 +208,7 @@ def test_a_new_placeholder_in_spare_rows_reloads_exactly(tmp_path):
         model.get_input_embeddings().weight[len(tokenizer) :] = 7.0
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    out = _train(tmp_path, base)
+    out = _train(tmp_path, base, "--placeholder", "<THOUGHT>")
     # The reference: the rows training started from, re-made independently on a fresh copy of the base.
     fresh, fresh_tokenizer = load_model_and_tokenizer(base)
     (thought,) = add_special_tokens(fresh, fresh_tokenizer, ["<THOUGHT>"])

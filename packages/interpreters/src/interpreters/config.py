@@ -23,6 +23,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "UNIFIED",
     "InterpreterConfig",
+    "choose_placeholder",
     "placeholder_for",
 ]
 
@@ -38,19 +39,53 @@ UNIFIED = "unified"
 DEFAULT_PLACEHOLDER = "<THOUGHT>"
 """The token added as placeholder when the interpreter's tokenizer has no reserved token (:func:`placeholder_for`)."""
 
-_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+_RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>|<unused(\d+)>|\[unused(\d+)\]")
+# Names of special tokens that have a job (turn, padding, modality and tool markers): never taken as unused.
+_IN_USE = re.compile(
+    r"begin|end|eos|bos|eot|pad|unk|mask|sep|cls|start|stop|im_|image|video|vision|audio|box|quad|ref|tool|fim", re.I
+)
+
+
+def choose_placeholder(tokenizer: Any, placeholder: str | None = None) -> tuple[str, str]:
+    """The placeholder token and why it was chosen, in this order:
+
+    1. ``placeholder`` when given (``"given"``);
+    2. the tokenizer's first reserved token by number: ``<|reserved_special_token_N|>`` (Llama-3.x), ``<unusedN>``,
+       ``[unusedN]`` (``"reserved"``), in the vocabulary already, as the paper reuses Llama-3's reserved tokens;
+    3. an unused special token (``"unused special token"``): a special added token that is no ``bos`` / ``eos`` /
+       ``pad`` / ... nor an extra special token of the tokenizer, does not occur in its chat template, and whose name
+       names no job (turns, padding, images, tools: ``<repo_name>`` on SmolLM2 and StarCoder-style vocabularies);
+    4. else :data:`DEFAULT_PLACEHOLDER` added as a new token (``"added"``): its embedding and ``lm_head`` rows are
+       trained and saved as rows (PEFT ``trainable_token_indices`` / ``TrainableRows``), never as whole tables.
+
+    The placeholder's input embedding is always replaced by the hidden state, so any of these works; 1-3 keep the
+    vocabulary as it is.
+    """
+    if placeholder:
+        return placeholder, "given"
+    vocab = tokenizer.get_vocab()
+    reserved = sorted(
+        (int(next(g for g in m.groups() if g is not None)), token)
+        for token in vocab
+        if (m := _RESERVED.fullmatch(token))
+    )
+    if reserved:
+        return reserved[0][1], "reserved"
+    named = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    named |= {str(t) for t in getattr(tokenizer, "extra_special_tokens", None) or []}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
+    for _, added in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items()):
+        token = str(added.content)
+        if getattr(added, "special", False) and token not in named and token not in template:
+            if not _IN_USE.search(token):
+                return token, "unused special token"
+    return DEFAULT_PLACEHOLDER, "added"
 
 
 def placeholder_for(tokenizer: Any, placeholder: str | None = None) -> str:
-    """The placeholder token: ``placeholder`` when given, else the tokenizer's first reserved token
-    (``<|reserved_special_token_0|>`` on Llama-3.x: it is in the vocabulary already, so nothing is resized and the
-    adapter stays small, as the paper reuses Llama-3's reserved tokens), else :data:`DEFAULT_PLACEHOLDER`, added as
-    a new token (new vocabulary: every adapter then carries the vocabulary tables, embedding and ``lm_head``, to
-    reload exactly: ~1-2 GB on Llama-3.1-8B)."""
-    if placeholder:
-        return placeholder
-    reserved = sorted((int(m.group(1)), token) for token in tokenizer.get_vocab() if (m := _RESERVED.fullmatch(token)))
-    return reserved[0][1] if reserved else DEFAULT_PLACEHOLDER
+    """The placeholder token :func:`choose_placeholder` picks."""
+    return choose_placeholder(tokenizer, placeholder)[0]
 
 
 DEFAULT_TEMPLATE = "According to question: {question}, can you explain the thinking progress {placeholder}?"
@@ -89,8 +124,8 @@ class InterpreterConfig(LatentTrainingArguments):
         default=None,
         metadata={
             "help": "Token whose embedding is replaced by the hidden state. Default: the tokenizer's first reserved "
-            "token (<|reserved_special_token_0|> on Llama-3.x: no new vocabulary, small adapters), else a new "
-            "<THOUGHT> token: new vocabulary, so every adapter carries the vocabulary tables (~1-2 GB on Llama-3.1-8B)."
+            "token (<|reserved_special_token_0|> on Llama-3.x), else an unused special token of the tokenizer, else a "
+            "new <THOUGHT> token whose rows are saved as rows (a few KB), never as the whole vocabulary table."
         },
     )
     projector: str = field(

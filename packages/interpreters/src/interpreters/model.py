@@ -2,8 +2,9 @@
 
 Prompt (paper 000 section 3.3): ``According to question: {question}, can you explain the thinking progress
 <THOUGHT>?``, rendered as the user turn of the LM's chat template; the target (the stage's CoT text) is the assistant
-turn. The placeholder (``<THOUGHT>`` above) is one token: by default a reserved token the tokenizer already has
-(:func:`interpreters.config.placeholder_for`), else an added special token. Its input embedding is **replaced after
+turn. The placeholder (``<THOUGHT>`` above) is one token: by default a reserved (or unused special) token the
+tokenizer already has (:func:`interpreters.config.choose_placeholder`), else an added special token whose rows the
+adapter saves as rows. Its input embedding is **replaced after
 the embedding layer**:
 
     e_t = projector(H)   at the placeholder position t,   e_i = Embed(x_i) elsewhere,
@@ -174,13 +175,21 @@ def build_interpreter(
     **lora_kwargs: Any,
 ) -> InterpreterModel:
     """Add ``placeholder`` to ``model``/``tokenizer``, wrap ``model`` with LoRA (``latent_core.prepare_lora_model``:
-    ``r``, ``alpha``, ``dropout``...; Table A3: 16/32) unless ``lora=False``, and attach the projector. The
-    placeholder's row needs no training: it is always replaced."""
+    ``r``, ``alpha``, ``dropout``...; Table A3: 16/32) unless ``lora=False``, and attach the projector.
+
+    A placeholder new to the vocabulary gets its rows through the trainable-rows route (PEFT's
+    ``trainable_token_indices``, or ``TrainableRows`` under ZeRO-3 without CUDA): its input row is always replaced by
+    the hidden state, but its ``lm_head`` row is part of the model, and this way the adapter saves that one row of each
+    table instead of the whole vocabulary tables (~239 MB on SmolLM2-135M, ~2 GB on an 8B model)."""
     from latent_core.lora import prepare_lora_model
     from latent_core.tokens import add_special_tokens
 
+    new = placeholder not in tokenizer.get_vocab()
     (placeholder_id,) = add_special_tokens(model, tokenizer, [placeholder])
-    backbone = prepare_lora_model(model, **lora_kwargs) if lora else model
+    if lora:
+        backbone = prepare_lora_model(model, new_token_ids=[placeholder_id] if new else (), **lora_kwargs)
+    else:
+        backbone = model
     return InterpreterModel(
         backbone, placeholder_id, hidden_size, projector, template=template, placeholder=placeholder
     )

@@ -22,14 +22,7 @@ from latent_core.families import model_parts
 from latent_core.trainer import LatentTrainer, load_base
 from torch import nn
 
-from interpreters.config import (
-    DEFAULT_PLACEHOLDER,
-    STAGES,
-    SUPPORTED_FAMILIES,
-    UNIFIED,
-    InterpreterConfig,
-    placeholder_for,
-)
+from interpreters.config import STAGES, SUPPORTED_FAMILIES, UNIFIED, InterpreterConfig, choose_placeholder
 from interpreters.data import InterpreterCollator, load_captures
 from interpreters.model import build_interpreter
 
@@ -78,13 +71,9 @@ def _train_one(
     transformers.set_seed(config.seed)
     base, tokenizer = _load_base(config, model, tokenizer)
     hidden_size = int(rows[0]["hidden"].shape[-1])
-    placeholder = placeholder_for(tokenizer, config.placeholder)
-    if config.placeholder:
-        origin = "given"
-    elif placeholder != DEFAULT_PLACEHOLDER:
-        origin = "a reserved token of the tokenizer"
-    else:
-        origin = "added: the tokenizer has no reserved token; the adapter saves the vocabulary tables"
+    placeholder, origin = choose_placeholder(tokenizer, config.placeholder)
+    if placeholder not in tokenizer.get_vocab():
+        origin += ": new vocabulary, its embedding and lm_head rows are saved as rows"
     logger.info("placeholder %s (%s)", placeholder, origin)
     interpreter = build_interpreter(
         base,
@@ -104,7 +93,7 @@ def _train_one(
         "stages": stages,
         "base": str(config.model),
         "capture": str(capture_dir),
-        "interpreter": interpreter.info(),
+        "interpreter": {**interpreter.info(), "placeholder_origin": origin},
     }
     args = dataclasses.replace(config, output_dir=str(out), remove_unused_columns=False)
     trainer = LatentTrainer(

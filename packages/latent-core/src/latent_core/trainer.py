@@ -177,15 +177,20 @@ def schedule_callback(fn: Callable[[int], Any]) -> TrainerCallback:
 
 
 def _vocabulary_changed(peft_model: Any, tokens: Sequence[str] = ()) -> bool:
-    """Whether an adapter must carry the embedding / ``lm_head`` tables to be reloaded exactly: the vocabulary was
-    resized, or ``tokens`` (the stage's added tokens) are new to the base tokenizer and no trainable-token route
-    (PEFT ``trainable_token_indices`` / ``TrainableRows``) saves their rows (a new token placed in spare rows keeps
-    rows the reload would not re-create). Otherwise not: PEFT's ``"auto"`` would save the whole ``lm_head`` whenever
-    LoRA targets it (~1 GB on Llama-3.1-8B per stage) although the LoRA weights alone restore it. An unknown base:
-    saved, to be safe."""
+    """Whether an adapter must carry the whole embedding / ``lm_head`` tables to be reloaded exactly.
+
+    Not when a trainable-token route (PEFT ``trainable_token_indices`` / ``TrainableRows``) holds the rows of every
+    added token: those rows are saved as rows, and the rest of a grown table is what :func:`add_special_tokens`
+    re-creates on reload (the base rows, mean-initialised filler rows). Not either when the vocabulary is the base's
+    and ``tokens`` (the stage's added tokens) are all in the base tokenizer: PEFT's ``"auto"`` would save the whole
+    ``lm_head`` whenever LoRA targets it (~1 GB on Llama-3.1-8B per stage) although the LoRA weights alone restore
+    it. Otherwise (new rows no route saves, or an unknown base): saved, to be safe."""
     from latent_core.hub import load_config, load_processor
 
     config = peft_model.peft_config[peft_model.active_adapter]
+    trained = (_rows_record(peft_model) or {}).get("token_ids") or []
+    if tokens and len(set(trained)) >= len(set(tokens)):
+        return False
     base_id = getattr(config, "base_model_name_or_path", None)
     if not base_id:
         return True
@@ -194,10 +199,7 @@ def _vocabulary_changed(peft_model: Any, tokens: Sequence[str] = ()) -> bool:
             load_config(str(base_id)).get_text_config().vocab_size
         ):
             return True
-        trained_rows = getattr(config, "trainable_token_indices", None) is not None or any(
-            TRAINABLE_ROWS_NAME in name for name, _ in peft_model.named_modules()
-        )
-        if tokens and not trained_rows:
+        if tokens and not trained:
             processor = load_processor(str(base_id))
             vocab = getattr(processor, "tokenizer", processor).get_vocab()
             return any(token not in vocab for token in tokens)
