@@ -239,3 +239,91 @@ def test_training_and_evaluation_prompts_agree(shapes):
             assert build_prompt_text(tsv[i], CotMethod.instruction) == sample["prompt"]
             compared_mc += 1
     assert compared_mc > 0
+
+
+class _LanguageModelInputs:
+    """Records, at every prefill (more than one position), what the language model is given from the image: the
+    ``inputs_embeds`` (image features scattered into the sequence) and mllama's ``cross_attention_states``, and the
+    output of mllama's first cross-attention layer (where the image enters the text)."""
+
+    def __init__(self, model) -> None:
+        from latent_core.families import model_parts
+
+        self.parts = model_parts(model)
+        self.prefills: list[dict[str, torch.Tensor]] = []
+        self.handles = [self.parts.language_model.register_forward_pre_hook(self._decoder, with_kwargs=True)]
+        for i in self.parts.cross_attention_layers[:1]:
+            self.handles.append(self.parts.decoder_layers[i].register_forward_hook(self._cross_layer))
+
+    def _decoder(self, module, args, kwargs):
+        embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+        sequence = embeds if embeds is not None else ids
+        if sequence is not None and sequence.shape[1] > 1:
+            record = {"inputs_embeds": embeds.detach().clone()} if embeds is not None else {}
+            if kwargs.get("cross_attention_states") is not None:
+                record["cross_attention_states"] = kwargs["cross_attention_states"].detach().clone()
+            self.prefills.append(record)
+
+    def _cross_layer(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] > 1 and self.prefills:
+            self.prefills[-1]["cross_attention_output"] = hidden.detach().clone()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _lavit_student(family: str):
+    from latent_apps.eval.lavit_method import LavitMethod
+    from latent_core.tokens import add_special_tokens
+
+    model, processor = tiny_model(family)
+    method = LavitMethod()
+    method.latent_ids = add_special_tokens(model, processor, [f"<v-trace_{i}>" for i in range(1, 5)])
+    return model, processor, method
+
+
+def _lare_model(tmp_path: Path):
+    from lare import LareConfig
+    from lare.model import from_llava
+    from latent_apps.eval.lare_method import LareMethod
+    from latent_core.testing import save_tiny_model
+
+    model, processor = from_llava(str(save_tiny_model("llava", tmp_path / "llava")), LareConfig(
+        extractor_hidden=32, extractor_heads=4, window=2, num_latents=2))  # fmt: skip
+    return model, processor, LareMethod()
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [(f, m) for f in ("mllama", "llava_next", "qwen2_5_vl", "llava") for m in ("plain", "cot", "heima")]
+    + [("qwen2_5_vl", "lavit"), ("llava", "lare")],
+)
+def test_a_blank_image_changes_what_the_language_model_sees(shapes, family, method, tmp_path):
+    """The blank-image control must reach the model: in every family and eval method the language model gets other
+    image inputs at prefill (mllama: other cross-attention states, and its cross-attention layer computes other
+    states), not just other PIL images in the sample (issue: mllama's CoT scored the same with blank images)."""
+    from latent_apps.eval.methods import get_method
+
+    if method == "lavit":
+        model, processor, method_obj = _lavit_student(family)
+    elif method == "lare":
+        model, processor, method_obj = _lare_model(tmp_path)
+    else:
+        (model, processor), method_obj = tiny_model(family), get_method(method)
+    recorder = _LanguageModelInputs(model.vlm if method == "lare" else model.eval())
+    try:
+        bench = shapes / "test" / "llava_cot.jsonl"
+        run_eval(model, method_obj, [bench], tmp_path / "eval", processor=processor, limit=2, batch_size=2,
+                 max_new_tokens=2, blank=True, show_progress=False)  # fmt: skip
+    finally:
+        recorder.remove()
+    assert len(recorder.prefills) % 2 == 0 and recorder.prefills  # the images pass, then the blank pass
+    half = len(recorder.prefills) // 2
+    image, blank = recorder.prefills[0], recorder.prefills[half]
+    keys = ["cross_attention_states", "cross_attention_output"] if family == "mllama" else ["inputs_embeds"]
+    for key in keys:
+        assert key in image and key in blank, key
+        assert image[key].shape == blank[key].shape
+        assert not torch.allclose(image[key], blank[key]), key
