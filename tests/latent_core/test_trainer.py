@@ -464,3 +464,29 @@ def test_two_process_deepspeed_full_weight_stage_resumes_to_the_same_weights(tmp
         expected = weights[name] if name in weights else dict(start.named_parameters())[name]
         torch.testing.assert_close(param.detach(), expected, rtol=0, atol=0, msg=name)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+
+
+def test_bf16_training_keeps_fp32_master_weights_and_applies_small_updates(tmp_path):
+    """Table A1 trains LaViT's LLM in full at lr 5e-6 with bf16: the weights loaded in bf16 (load_base(bf16=True))
+    must train as fp32 master copies, or most updates vanish below bf16's precision. The reference is AdamW by
+    hand: its first step moves every weight with a non-zero gradient by lr * g / (|g| + eps), i.e. by lr."""
+    from latent_core.testing import save_tiny_model
+    from latent_core.trainer import load_base
+
+    model, processor = load_base(str(save_tiny_model("qwen2_5_vl", tmp_path / "base")), bf16=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model_parts(model).vision_tower.requires_grad_(False)  # frozen, as LaViT's vision tower
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    lr = 5e-6
+    args = _args(tmp_path, max_steps=1, learning_rate=lr, weight_decay=0.0, max_grad_norm=0.0, bf16=True,
+                 loss_weights=None)  # fmt: skip
+    trainer = LatentTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+                            data_collator=SupervisedCollator(processor))  # fmt: skip
+    trainer.train()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trained.values()} == {torch.float32}  # the master copies
+    assert {p.dtype for p in model_parts(model).vision_tower.parameters()} == {torch.bfloat16}  # frozen: half memory
+    layer = "model.language_model.layers.0.mlp.down_proj.weight"
+    step = (trained[layer].detach() - before[layer]).abs()
+    assert (step > 0).float().mean() > 0.99  # in bf16, most of these updates round away
+    assert step.median() == pytest.approx(lr, rel=0.05)

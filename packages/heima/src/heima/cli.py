@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from latent_core.cli import method_app
+from latent_core.cli import BF16_OPTION, method_app
 
 import heima
 
@@ -99,6 +99,7 @@ def train(
     train_projector: Annotated[
         bool, typer.Option(help="Also train the multi_modal_projector in full (a choice; off as in Table A1).")
     ] = False,
+    bf16: BF16_OPTION = None,
 ) -> None:
     """Train one Heima stage; stage N starts from stage N-1's output in --run-dir (Tables A1/A2 defaults)."""
     from heima.config import HeimaConfig
@@ -141,6 +142,7 @@ def train(
         report_to=[r.strip() for r in report_to.split(",") if r.strip()],
         train_projector=train_projector,
         keep_checkpoints=keep_checkpoints,
+        bf16=bf16,
         **overrides,
     )
     out = train_stage(config, parsed)

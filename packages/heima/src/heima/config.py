@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from latent_core.families import VISION_FAMILIES
 from latent_core.thinking import THINKING_STAGES, thinking_token, thinking_tokens
 from latent_core.trainer import LatentTrainingArguments
@@ -46,10 +45,6 @@ def stage_name(stage: int | str) -> str:
     if s < 0:
         raise ValueError(f"stage must be an integer >= 0 or {RECOVER!r}, got {stage!r}")
     return f"stage-{s}"
-
-
-def _bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -173,8 +168,6 @@ class HeimaConfig(LatentTrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss terms every N steps."})
 
     def __post_init__(self) -> None:
-        if self.bf16 is None:
-            self.bf16 = _bf16_available()
         if self.output_dir is None:
             self.output_dir = str(self.run_dir)
         if self.tokens_per_stage < 1:

@@ -23,8 +23,8 @@ extra trainable modules it saved are loaded (``load_extra_modules``). The thinki
 run's route (``HeimaConfig.rows_route``) whichever route trained them, so stages chain whatever launched them: one
 process (PEFT's ``trainable_token_indices``) after N processes under ZeRO-3 without CUDA (``TrainableRows``) and back.
 The recovering stage uses ``recover_learning_rate`` / ``recover_batch_size`` (Table A2: 1e-5 / 8), the others
-``learning_rate`` / ``per_device_train_batch_size`` (1e-4 / 6). All thinking tokens are added from stage 0 on, so every stage has the
-same vocabulary (stage 0 simply never sees them in its targets).
+``learning_rate`` / ``per_device_train_batch_size`` (1e-4 / 6). All thinking tokens are added from stage 0 on, so every
+stage has the same vocabulary (stage 0 simply never sees them in its targets).
 
 Each stage directory holds the adapter, ``extra_modules.safetensors`` (when any), the processor with the thinking
 tokens, ``latent_stage.json`` (``{"method": "heima", "stage": s, "tokens": [...], "starts_from": ..., ...}``) and

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from latent_core.cli import method_app
+from latent_core.cli import BF16_OPTION, method_app
 from latent_core.thinking import THINKING_STAGES as STAGES
 
 import interpreters
@@ -69,7 +69,8 @@ def train(
         str | None,
         typer.Option(
             help="Token whose embedding becomes the hidden state (default: the tokenizer's first reserved "
-            "token, e.g. <|reserved_special_token_0|>, else a new <THOUGHT>)."
+            "token, e.g. <|reserved_special_token_0|>, else an unused special token, else a new <THOUGHT> whose "
+            "rows are saved as rows)."
         ),
     ] = None,
     template: Annotated[
@@ -82,6 +83,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Table A3: 8.")] = 8,
     activation_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing (on, as for Heima).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data order.")] = 42,
+    bf16: BF16_OPTION = None,
 ) -> None:
     """Train interpreters: the placeholder's embedding is replaced by (a projection of) the thinking token's state."""
     from interpreters.config import InterpreterConfig
@@ -100,6 +102,7 @@ def train(
         max_steps=max_steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
+        bf16=bf16,
     )
     out = train_interpreter(config, capture_dir, stage=stage, unified=unified)
     typer.echo(f"interpreter(s) saved to {out}")

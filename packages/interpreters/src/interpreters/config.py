@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from latent_core.thinking import THINKING_STAGES
 from latent_core.trainer import LatentTrainingArguments
 
@@ -98,10 +97,6 @@ CONDITIONS: tuple[str, ...] = ("real", "zero", "shuffled")
 """What the interpreter is fed: the real hidden state, a zero vector, or another sample's state (the control)."""
 
 
-def _bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 @dataclass
 class InterpreterConfig(LatentTrainingArguments):
     """Training arguments of an interpreter (METHODS.md §1 "Interpreters", paper 000 Table A3 defaults).
@@ -173,8 +168,6 @@ class InterpreterConfig(LatentTrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
 
     def __post_init__(self) -> None:
-        if self.bf16 is None:
-            self.bf16 = _bf16_available()
         if self.output_dir is None:
             self.output_dir = str(self.run_dir)
         if self.projector not in PROJECTORS:

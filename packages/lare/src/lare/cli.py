@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from latent_core.cli import method_app
+from latent_core.cli import BF16_OPTION, method_app
 
 import lare
 
@@ -112,6 +112,7 @@ def train(
     crop_size: Annotated[int, typer.Option(min=8, help="Side the window's crop is resized to for the VAE.")] = 128,
     seed: Annotated[int, typer.Option(help="Data order and initialisation seed.")] = 0,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3, zero3_offload or a JSON config.")] = None,
+    bf16: BF16_OPTION = None,
 ) -> None:
     """Train one LaRe stage from the previous one (stage 1 from the `lare init` checkpoint); resumable; writes the
     stage, lare_train.json (every loss curve by name) and lare_train.png."""
@@ -130,7 +131,7 @@ def train(
         learning_rate=learning_rate or STAGE_LEARNING_RATE[stage], num_train_epochs=epochs, max_steps=max_steps,
         align_text_weight=align_text_weight, align_visual_weight=align_visual_weight, img_weight=img_weight,
         text_weight=text_weight, crop_size=crop_size, seed=seed, deepspeed=deepspeed, logging_steps=1, report_to=[],
-        remove_unused_columns=False, save_strategy="steps", save_steps=100,
+        remove_unused_columns=False, save_strategy="steps", save_steps=100, bf16=bf16,
     )  # fmt: skip
     summary = train_stage(config, stage, rows, base, run_dir, vae=vae, start=start)
     shown = {k: summary.get(k) for k in ("stage", "steps", "first_loss", "last_loss", "samples", "output_dir")}

@@ -79,7 +79,9 @@ def train_stage(
         hint = f"run stage {stage - 1}" if start is None else "--start must be a finished stage"
         raise StageError(f"stage {stage} starts from {previous}, which is not a finished stage: {hint}")
     source = previous if previous is not None else Path(base).resolve()
-    model, processor = load_lare(source, device="cuda" if torch.cuda.is_available() else "cpu")
+    # bf16: the frozen parts stay in bf16, LatentTrainer keeps fp32 master copies of what trains (Appendix A: bf16).
+    dtype = torch.bfloat16 if config.bf16 else None
+    model, processor = load_lare(source, device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
     if model.config.num_latents == 0 and stage == 2:
         raise ValueError("with num_latents = 0 (the no-latent control) stage 2 has nothing to train: go to stage 3")
     terms = tuple(

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 __all__ = [
+    "BF16_OPTION",
     "MethodTyper",
     "UserError",
     "configure_runtime",
@@ -35,6 +36,17 @@ DEBUG_ENV = "LATENT_DEBUG"
 """Set to 1 to see the traceback of a user error instead of the one-line message."""
 THREADS_ENV = "LATENT_THREADS"
 """Torch intra-op threads for the commands (default :func:`default_threads`)."""
+
+
+BF16_OPTION = Annotated[
+    bool | None,
+    typer.Option(
+        "--bf16/--no-bf16",
+        help="bf16 mixed precision: the base loads in bf16, the trained weights train as fp32 master copies, compute "
+        "runs in bf16 (HF Trainer / DeepSpeed style). Default: on iff CUDA supports bf16.",
+    ),
+]
+"""The ``--bf16/--no-bf16`` option of every method's train command (one definition)."""
 
 
 class UserError(Exception):

@@ -116,6 +116,13 @@ class LatentTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Weight of each auxiliary loss the model returns, by name (e.g. {'concept': 0.3})."},
     )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision: fp32 master copies of the trained weights, bf16 compute under autocast "
+            "(frozen weights may stay in bf16). None = on iff CUDA supports bf16."
+        },
+    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={
@@ -125,10 +132,14 @@ class LatentTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             self.deepspeed = deepspeed_config(self.deepspeed)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids torch's warning on every CPU run
+            if self.bf16 and not other_accelerator():
+                self.use_cpu = True  # bf16 autocast on the CPU (HF refuses bf16 without a GPU unless told "CPU")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not other_accelerator():
                 # Launched on several CPU processes (torchrun / the deepspeed launcher): say "CPU" explicitly, so that
                 # accelerate sets the processes up with gloo; left implicit it finds no backend, counts one process,
@@ -707,8 +718,31 @@ class LatentTrainer(Trainer):
                 if cfg is not None and hasattr(cfg, "use_cache"):
                     cfg.use_cache = False
         self.stage_info = dict(stage_info or {})
+        self._master_weights()
         self._save_tables: bool | None = None
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
+
+    def _master_weights(self) -> None:
+        """Mixed precision the way HF Trainer's AMP and DeepSpeed do it: the weights that train are fp32 (the master
+        copy the optimizer updates; a bf16 weight loses most updates below its 8-bit mantissa, e.g. lr 5e-6 steps on
+        weights of 1e-2), compute runs in bf16 / fp16 under the Trainer's autocast. A base loaded in bf16
+        (``load_base(bf16=True)``: half the memory of the frozen parts) gets its trained weights upcast here, before
+        the optimizer is built. Under DeepSpeed its engine keeps the fp32 master copies itself."""
+        half = (torch.bfloat16, torch.float16)
+        trained = [p for p in self.model.parameters() if p.requires_grad and p.dtype in half]
+        if not trained or self.is_deepspeed_enabled:
+            return
+        if not (self.args.bf16 or self.args.fp16):
+            logger.warning(
+                "%d trainable tensors are %s but mixed precision is off: training them in half precision loses small "
+                "updates; pass --bf16 (fp32 master weights, bf16 compute) or load the model in float32",
+                len(trained), trained[0].dtype,
+            )  # fmt: skip
+            return
+        with torch.no_grad():
+            for param in trained:
+                param.data = param.data.float()
+        logger.info("mixed precision: %d trained tensors upcast to fp32 master weights", len(trained))
 
     # -- loss -----------------------------------------------------------------------------------------------------
 
