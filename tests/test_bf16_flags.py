@@ -17,7 +17,7 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("flag", [None, "--bf16", "--no-bf16"])
+@pytest.mark.parametrize("flag", [None, "--bf16"])
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_bf16_flag_reaches_the_training_arguments(name, flag, tmp_path, monkeypatch):
     cli, trainer, function, position, extra = COMMANDS[name]
@@ -34,4 +34,4 @@ def test_bf16_flag_reaches_the_training_arguments(name, flag, tmp_path, monkeypa
     result = CliRunner().invoke(importlib.import_module(cli).app, args)
     assert result.exit_code == 0, result.output
     default = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    assert seen[0].bf16 is {None: default, "--bf16": True, "--no-bf16": False}[flag]
+    assert seen[0].bf16 is {None: default, "--bf16": True}[flag]
