@@ -14,6 +14,7 @@ COMMANDS = {
     "heima": ("heima.cli", "heima.trainer", "train_stage", 0, ["--stage", "0"]),
     "interpreters": ("interpreters.cli", "interpreters.trainer", "train_interpreter", 0, ["--capture", "caps"]),
     "lare": ("lare.cli", "lare.trainer", "train_stage", 0, ["--stage", "1", "--data", "{data}", "--images", "."]),
+    "lavit": ("lavit.cli", "lavit.trainer", "train_student", 0, ["--data", "{data}"]),
 }
 
 

@@ -105,6 +105,7 @@ def test_reduced_lavit_reproduction(tmp_path):
     from latent_apps.reproduce.lavit import LavitRun, reproduce_lavit
     from latent_core.inference import load_trained
     from lavit.build import BuildConfig, build
+    from lavit.inputs import InputSettings
     from lavit.teacher import TeacherOptions
 
     shapes = tmp_path / "shapes"
@@ -116,6 +117,7 @@ def test_reduced_lavit_reproduction(tmp_path):
     config = BuildConfig(
         data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(data), teacher=str(base),
         options=TeacherOptions(max_new_tokens=4), batch_size=8, limit=8, keep_rejected=True, overlays=0,
+        inputs=InputSettings.own(),  # as the reproduction builds (the base's own inputs)
     )  # fmt: skip
     build(config, *load_trained(str(base)))
     index = data / "index.jsonl"

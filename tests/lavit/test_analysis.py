@@ -149,7 +149,7 @@ def test_analyze_models_summary_kl_and_diagnostics(tmp_path):
     teacher, t_proc = tiny_model("qwen2_5_vl", seed=5)
     student, s_proc = tiny_model("qwen2_5_vl", seed=6)
     ids = add_special_tokens(student, s_proc, latent_tokens(3))
-    loaded = {"teacher": (teacher, t_proc, None, "plain"), "student": (student, s_proc, ids, "continuous")}
+    loaded = {"teacher": (teacher, t_proc, None, "plain", None), "student": (student, s_proc, ids, "continuous", None)}
     samples = [
         {"id": str(i), "image": tiny_image(i, size=84), "text": f"Is there a star {i}?", "answer": "yes"}
         for i in range(3)

@@ -75,7 +75,7 @@ def test_each_filter_is_counted_and_a_failing_judge_is_an_error(shapes, tmp_path
     }
     by_question = {row["question"]: row for row in rows}
 
-    def fake_pass(model, processor, images, questions, options):
+    def fake_pass(model, processor, images, questions, options, system=None):
         outs = []
         for question in questions:
             row = by_question[question]
@@ -90,7 +90,7 @@ def test_each_filter_is_counted_and_a_failing_judge_is_an_error(shapes, tmp_path
             outs.append(TeacherOutput(answer, [1, 2], False, scores, 2, torch.ones(9, 4), (1, 3, 3), cell_px=28))
         return outs
 
-    def fake_text(model, processor, questions, max_new_tokens):
+    def fake_text(model, processor, questions, max_new_tokens, system=None):
         return [by_question[q]["answer"] if plan[by_question[q]["id"]][1] == "right" else "pass" for q in questions]
 
     monkeypatch.setattr(build_module, "teacher_pass", fake_pass)
@@ -214,19 +214,25 @@ def test_command_on_the_shapes_task_with_a_shipped_base(shapes, tmp_path):
     args = ["build-lavit-15k", "--teacher", str(REPO / "data" / "base" / "qwen2_5_vl"),
             "--data", str(shapes / "test" / "visual_cot.jsonl"), "--images", str(shapes), "--out", str(out),
             "--limit", "4", "--batch-size", "2", "--max-new-tokens", "8", "--overlays", "1"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    own = ["--min-pixels", "0", "--max-pixels", "0", "--system-prompt", ""]  # what the shapes base was trained on
+    result = CliRunner().invoke(app, [*args, *own])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["samples"] == 4 and manifest["settings"]["options"]["queries"] == "answer"
+    assert manifest["inputs"] == {"system_prompt": None, "min_pixels": 7056, "max_pixels": 7056}  # its processor's
+    # A teacher without a Qwen2.5-VL merged patch grid (a LLaVA) is refused in one line, before it loads.
+    llava = CliRunner().invoke(app, [*args[:2], str(REPO / "data" / "base" / "llava"), *args[3:8], str(tmp_path / "x")])
+    assert llava.exit_code == 2 and llava.output.startswith("error:") and len(llava.output.strip().splitlines()) == 1
+    assert "qwen2_5_vl" in llava.output and "llava" in llava.output
     assert (out / "stats.md").is_file() and len((out / INDEX_NAME).read_text().splitlines()) == 4
-    again = CliRunner().invoke(app, [*args[:-2], "--overlays", "2"])
+    again = CliRunner().invoke(app, [*args[:-2], "--overlays", "2", *own])
     assert again.exit_code == 0  # overlays only change the pictures, not the data: not a setting
-    other = CliRunner().invoke(app, [*args, "--top-k", "4"])
+    other = CliRunner().invoke(app, [*args, *own, "--top-k", "4"])
     assert other.exit_code == 2 and other.output.startswith("error:") and "options" in other.output
     # The difficulty filter with a named text model (the shipped text base) instead of the teacher without image.
     # Long enough answers that the base gets some right, so the filter runs on them.
     text_args = [*args[:8], str(tmp_path / "with-text"), *args[9:13], "--max-new-tokens", "300",
-                 "--text-model", str(REPO / "data/base/causal_lm")]  # fmt: skip
+                 "--text-model", str(REPO / "data/base/causal_lm"), *own]  # fmt: skip
     result = CliRunner().invoke(app, text_args)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (tmp_path / "with-text" / INDEX_NAME).read_text().splitlines()]

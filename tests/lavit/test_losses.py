@@ -1,10 +1,11 @@
 """LaViT's losses against hand computations: L_concept, L_traj (KL per latent token, renormalised rows) and the
-bilinear resampling of A_traj onto another grid."""
+the resampling of A_traj onto another grid (area pooling down, bilinear up), the warm-up."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from lavit.losses import ConceptHead, concept_loss, resample_trajectory, trajectory_loss
 
@@ -52,9 +53,7 @@ def test_config_defaults_are_table_a1_and_the_authors_preset(tmp_path):
     from lavit.config import LavitConfig, latent_tokens
 
     paper = LavitConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    assert (paper.learning_rate, paper.lr_scheduler_type, paper.warmup_ratio, paper.weight_decay) == (
-        5e-6, "linear", 0.03, 0.0
-    )  # fmt: skip
+    assert (paper.learning_rate, paper.lr_scheduler_type, paper.weight_decay) == (5e-6, "linear", 0.0)
     assert (paper.max_steps, paper.per_device_train_batch_size, paper.num_latents) == (1000, 16, 4)
     assert (paper.gate, paper.gate_warmup, paper.gate_eps, paper.concept_weight, paper.traj_weight) == (
         "cosine", 400, 1e-6, 0.3, 0.3
@@ -67,3 +66,41 @@ def test_config_defaults_are_table_a1_and_the_authors_preset(tmp_path):
         LavitConfig(output_dir=str(tmp_path), use_cpu=True, latent_mode="both")
     with pytest.raises(ValueError, match="unknown preset"):
         LavitConfig.preset("mine", output_dir=str(tmp_path))
+
+
+def test_resampling_onto_a_coarser_grid_keeps_every_top_k_peak():
+    # 8 Top-K peaks on a 32 x 32 teacher grid onto the student's 8 x 8: each 4 x 4 block of teacher cells is one
+    # student cell, so the student map is the block sum of the teacher's (by hand), renormalised. Bilinear sampling
+    # without antialiasing reads 4 teacher cells per student cell and misses peaks (here: all of them).
+    target = torch.zeros(32, 32)
+    peaks = [(0, 0), (4, 11), (8, 3), (12, 28), (16, 19), (20, 7), (24, 27), (31, 15)]
+    for n, (r, c) in enumerate(peaks):
+        target[r, c] = n + 1.0
+    target = target / target.sum()
+    got = resample_trajectory(target.flatten(), (32, 32), (8, 8)).reshape(8, 8)
+    expected = torch.zeros(8, 8)
+    for n, (r, c) in enumerate(peaks):
+        expected[r // 4, c // 4] += (n + 1.0) / 36.0
+    torch.testing.assert_close(got, expected)
+    # A non-integer ratio: the centre cell of a 3 x 3 map overlaps each cell of a 2 x 2 one by half per axis.
+    centre = torch.zeros(9)
+    centre[4] = 1.0
+    torch.testing.assert_close(resample_trajectory(centre, (3, 3), (2, 2)), torch.full((4,), 0.25))
+
+
+def test_the_trainer_warms_up_for_three_percent_of_the_steps(tmp_path):
+    # Table A1: warm-up ratio 0.03 of 1000 steps = 30 steps from 0 to 5e-6, then linear decay to 0 at step 1000,
+    # read from the scheduler HF's Trainer builds from the config (transformers 5 ignores a `warmup_ratio` field).
+    from lavit.config import LavitConfig
+    from transformers import Trainer
+
+    config = LavitConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=config)
+    trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
+    lrs = []
+    for _ in range(61):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    expected = [5e-6 * t / 30 if t < 30 else 5e-6 * (1000 - t) / 970 for t in range(61)]
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-15)

@@ -449,3 +449,53 @@ def test_the_closed_gate_leaves_the_analytic_share_and_keeps_causality():
     later = run(1e-6, changed)
     for b in range(2):
         torch.testing.assert_close(later[b][:, :-1], closed[b][:, :-1])  # every row before the last one
+
+
+def test_table_a1_pixel_bounds_and_the_system_prompt_reach_every_path(tmp_path):
+    # Table A1's bounds on a processor with the released Qwen2.5-VL's own (3,136 .. 12,845,056 pixels): a 1920 x 1080
+    # image goes from 39 x 69 = 2,691 merged tokens to 26 x 47 = 1,222 (by hand: area 2,073,600 > 1,003,520, so
+    # both sides shrink by sqrt(2,073,600 / 1,003,520) = 1.4375 and round down to multiples of 28: 728 x 1316).
+    from latent_core.testing import save_tiny_model
+    from lavit.config import LavitConfig
+    from lavit.generate import load_student
+    from lavit.inputs import SYSTEM_PROMPT, InputSettings, SettingsMismatchError
+    from lavit.trainer import train_student
+    from PIL import Image
+
+    _, processor = tiny_model("qwen2_5_vl")
+    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12_845_056}
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}], add_generation_prompt=True
+    )
+    wide = Image.new("RGB", (1920, 1080))
+    assert int(processor(images=[wide], text=[chat])["image_grid_thw"].prod()) // 4 == 2691
+    assert InputSettings().apply(processor) == InputSettings(SYSTEM_PROMPT, 200_704, 1_003_520)
+    assert processor(images=[wide], text=[chat])["image_grid_thw"].tolist() == [[1, 52, 94]]
+
+    # The build (paper defaults) records them; a 96 px scene is scaled up to 448 px: a 16 x 16 merged grid.
+    shapes, lines = _built_teacher_data(tmp_path, scenes=2)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["inputs"] == {"system_prompt": SYSTEM_PROMPT, "min_pixels": 200_704, "max_pixels": 1_003_520}
+    assert all(line["grid"] == [1, 16, 16] for line in lines)
+    # A student with other bounds is refused before it trains; one with the build's records them in its stage.
+    base = save_tiny_model("qwen2_5_vl", tmp_path / "student-base")
+    common = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no",
+                  remove_unused_columns=False, disable_tqdm=True, num_latents=2, gate_warmup=1)  # fmt: skip
+    own = LavitConfig(output_dir=str(tmp_path / "own"), min_pixels=None, max_pixels=None, **common)
+    with pytest.raises(SettingsMismatchError, match="min_pixels=200704"):
+        train_student(own, tmp_path / "data", str(base), tmp_path / "own")
+    assert not (tmp_path / "own" / "student").exists()
+    paper = LavitConfig(output_dir=str(tmp_path / "run"), **common)
+    train_student(paper, tmp_path / "data", str(base), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "student" / "latent_stage.json").read_text())
+    assert info["inputs"] == manifest["inputs"]
+    # Loading the stage gives its system prompt and a processor that resizes within the bounds, as it trained.
+    _, loaded, _, mode, system = load_student(str(tmp_path / "run" / "student"))
+    assert (mode, system) == ("continuous", SYSTEM_PROMPT)
+    assert loaded(images=[wide], text=[chat])["image_grid_thw"].tolist() == [[1, 52, 94]]
+    # The collator writes the system turn instead of the template's default one.
+    from lavit.data import LavitCollator, teacher_rows
+
+    batch = LavitCollator(loaded, system=SYSTEM_PROMPT)(teacher_rows(tmp_path / "data")[:1])
+    text = loaded.tokenizer.decode(batch["input_ids"][0])
+    assert SYSTEM_PROMPT in text and "You are a helpful assistant" not in text

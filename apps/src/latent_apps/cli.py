@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 from latent_core.cli import MethodTyper, method_app
+from lavit.cli import MAX_PIXELS_OPTION, MIN_PIXELS_OPTION, SYSTEM_PROMPT_OPTION
+from lavit.inputs import MAX_PIXELS, MIN_PIXELS, SYSTEM_PROMPT
 
 app = method_app("latent-apps", "Latent reasoning for VLMs: demo, dataset builders, evaluation and benchmarks.")
 
@@ -270,6 +272,9 @@ def build_lavit_15k(
     device_map: Annotated[
         str | None, typer.Option(help="'auto' splits a teacher too large for one GPU (transformers' device_map).")
     ] = None,
+    min_pixels: MIN_PIXELS_OPTION = MIN_PIXELS,
+    max_pixels: MAX_PIXELS_OPTION = MAX_PIXELS,
+    system_prompt: SYSTEM_PROMPT_OPTION = SYSTEM_PROMPT,
 ) -> None:
     """LaViT's teacher data (METHODS.md section 2): one fused teacher pass per batch (answer, attention rows of the
     answer over the image, V_sem), three counted filters, safetensors shards + index.jsonl + manifest + stats;
@@ -280,7 +285,9 @@ def build_lavit_15k(
     from latent_core.families import require_family
     from latent_core.hub import load_config, load_model, load_processor
     from lavit.build import BuildConfig, build, check_settings
+    from lavit.cli import input_settings
     from lavit.filters import JudgeSettings
+    from lavit.inputs import InputSettings
     from lavit.teacher import TeacherOptions
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -295,6 +302,7 @@ def build_lavit_15k(
         limit=limit, sources=tuple(sources) if sources else None, min_alignment=min_alignment, difficulty=difficulty,
         text_model=text_model, keep_rejected=keep_rejected, overlays=overlays, vsem_tokens=vsem_tokens,
         judge=JudgeSettings(judge_model, judge_base_url, judge_key_env) if judge_model else None,
+        inputs=InputSettings(**input_settings(min_pixels, max_pixels, system_prompt)),
     )  # fmt: skip
     import os
 
@@ -307,7 +315,8 @@ def build_lavit_15k(
         torch.cuda.set_device(device)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 or world == 1:
         check_settings(config)  # a resume with other settings fails before the teacher loads
-    require_family(load_config(teacher), ("qwen2_5_vl", "llava", "llava_next"), "build-lavit-15k (the teacher)")
+    # A_traj and the bbox filter live on the merged 2-D patch grid of a Qwen2.5-VL processor (image_grid_thw)
+    require_family(load_config(teacher), ("qwen2_5_vl",), "build-lavit-15k (the teacher's merged patch grid)")
     model = load_model(teacher, dtype=chosen, device_map=device_map).eval()
     if device_map is None:
         model = model.to(device)

@@ -181,10 +181,12 @@ def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20,
     from lavit.analysis import analyze_models
     from lavit.build import BuildConfig, build
     from lavit.config import LavitConfig
+    from lavit.inputs import InputSettings
     from lavit.teacher import TeacherOptions
     from lavit.trainer import train_student
 
     from latent_apps.base import base_shapes
+    from latent_apps.reproduce.lavit import OWN_INPUTS  # the shapes bases' own inputs
 
     root = find_demo_data().parents[2] / "data" / "base"
     teacher, student = root / "qwen2_5_vl-small", root / "qwen2_5_vl"
@@ -193,13 +195,13 @@ def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20,
     config = BuildConfig(
         data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(work / "teacher-data"),
         teacher=str(teacher), options=TeacherOptions(max_new_tokens=400), batch_size=build_questions,
-        limit=build_questions, overlays=0,
+        limit=build_questions, overlays=0, inputs=InputSettings.own(),
     )  # fmt: skip
     manifest = build(config, *load_trained(str(teacher), families=("qwen2_5_vl",)))
     args = LavitConfig.preset(
         "paper", output_dir=str(work / "lavit"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
         gate_warmup=steps // 2, logging_steps=5, report_to=[], remove_unused_columns=False, save_strategy="no",
-        disable_tqdm=True,
+        disable_tqdm=True, **OWN_INPUTS,
     )  # fmt: skip
     import contextlib
     import io
@@ -208,7 +210,10 @@ def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20,
         trained = train_student(args, work / "teacher-data", str(student), work / "lavit")
     samples = read_questions(shapes / "test" / "shapes_mc.tsv", n)
     models = {"teacher": str(teacher), "LaViT (demo)": str(work / "lavit" / "student")}
-    analysis = analyze_models(models, samples, out, teacher="teacher", batch_size=n, max_new_tokens=400, overlays=n)
+    analysis = analyze_models(
+        models, samples, out, teacher="teacher", batch_size=n, max_new_tokens=400, overlays=n,
+        plain_inputs=InputSettings.own(),
+    )  # fmt: skip
     return {
         "build": manifest["counts"],
         "train": {k: trained.get(k) for k in ("steps", "samples", "first_loss", "last_loss")},

@@ -45,12 +45,13 @@ class LavitMethod:
         self.diagnostics = diagnostics
         self.mode = mode
         self.latent_ids: list[int] | None = None
+        self.system: str | None = None  # the stage's system prompt (latent_stage.json)
 
     def load(self, model: str) -> tuple[Any, Any]:
         """``(model, processor)`` for ``--model``: a ``lavit train`` stage on its base, or a checkpoint."""
         from lavit.generate import load_student
 
-        loaded, processor, latent_ids, mode = load_student(model, method="latent eval --method lavit")
+        loaded, processor, latent_ids, mode, self.system = load_student(model, method="latent eval --method lavit")
         if mode == "plain":
             raise ValueError(f"{model} is not a `lavit train` stage (its latent_stage.json names no lavit method)")
         self.mode = self.mode or mode
@@ -68,7 +69,9 @@ class LavitMethod:
         texts = [build_prompt_text(sample, self.instruction) for sample in samples]
         mode = self.mode or "continuous"
         latent_ids = self.latent_ids or None  # a naive-SFT stage (the control): the same prompt, no latent block
-        run = partial(generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens)
+        run = partial(
+            generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens, system=self.system
+        )
         answers = run(mask_latents=self.mask_latents)
         similarity = [None] * len(samples)
         if answers.latents is not None and answers.latents.shape[1]:  # continuous mode: what the steps fed

@@ -54,6 +54,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """The trained students: the control, the method and its ablations (overrides of :class:`lavit.config.LavitConfig`)."""
 
+OWN_INPUTS: dict[str, Any] = {"min_pixels": None, "max_pixels": None, "system_prompt": None}
+"""At CPU scale the students and the teacher see the shapes bases' own inputs (84 px images, their processors'
+bounds; the chat template's system turn they were trained with), not Table A1's pixel bounds (which would scale the
+84 px scenes up to 448 px) or Appendix C.3's prompt; the build records them and training checks they agree. The
+students train with no warm-up (the recorded results were made so; the paper's is ``warmup_steps=0.03``)."""
+
 
 @dataclass
 class LavitRun:
@@ -95,6 +101,7 @@ def _build(run: LavitRun, shapes: Path) -> dict[str, Any]:
     """The teacher data (step 2): resumed, or reused when its manifest says it is complete."""
     from latent_core.inference import load_trained
     from lavit.build import MANIFEST_NAME, BuildConfig, build
+    from lavit.inputs import InputSettings
     from lavit.teacher import TeacherOptions
 
     manifest = run.teacher_data / MANIFEST_NAME
@@ -110,7 +117,7 @@ def _build(run: LavitRun, shapes: Path) -> dict[str, Any]:
     config = BuildConfig(
         data=str(shapes / "train" / "visual_cot.jsonl"), images=str(shapes), out=str(run.teacher_data),
         teacher=str(run.teacher), options=TeacherOptions.preset("paper", max_new_tokens=run.teacher_max_new_tokens),
-        batch_size=run.build_batch_size, limit=run.build_samples,
+        batch_size=run.build_batch_size, limit=run.build_samples, inputs=InputSettings.own(),
     )  # fmt: skip
     model, processor = load_trained(str(run.teacher), families=("qwen2_5_vl",), method="reproduce lavit")
     return build(config, model, processor)
@@ -136,7 +143,7 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
                 output_dir=str(out), num_latents=run.num_latents, gate_warmup=run.gate_warmup, max_steps=run.steps,
                 per_device_train_batch_size=run.batch_size, learning_rate=run.learning_rate, seed=run.seed,
                 logging_steps=10, report_to=[], remove_unused_columns=False, save_strategy="steps", save_steps=250,
-                disable_tqdm=not run.show_progress,
+                disable_tqdm=not run.show_progress, warmup_steps=0, **OWN_INPUTS,
             )  # fmt: skip
             values.update({k: v for k, v in overrides.items() if k != "naive"})
             config = LavitConfig.preset("paper", **values)
@@ -190,6 +197,7 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
     """Step 5: ``lavit analyze`` of the base, the teacher, naive SFT and LaViT on the same test questions."""
     from latent_core.readers import read_questions
     from lavit.analysis import analyze_models
+    from lavit.inputs import InputSettings
 
     out = run.out / "analysis"
     settings = {
@@ -210,7 +218,9 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
     }
     samples = read_questions(shapes / "test" / "shapes_mc.tsv", run.analysis_samples)
     budget = run.analysis_max_new_tokens  # the base and the teacher write their chain of thought
-    return analyze_models(models, samples, out, teacher="teacher", batch_size=32, max_new_tokens=budget)
+    return analyze_models(
+        models, samples, out, teacher="teacher", batch_size=32, max_new_tokens=budget, plain_inputs=InputSettings.own()
+    )
 
 
 def _markdown(results: dict[str, Any]) -> str:

@@ -29,10 +29,13 @@ class SupervisedCollator:
     Args:
         processor: the family's processor (or a tokenizer for text models).
         image_root: directory that relative image paths are resolved against.
+        system: a system turn before every prompt (a method's own, e.g. LaViT's Appendix C.3 prompt); ``None``:
+            the chat template's default.
     """
 
-    def __init__(self, processor: Any, image_root: str | Path | None = None) -> None:
+    def __init__(self, processor: Any, image_root: str | Path | None = None, system: str | None = None) -> None:
         self.processor = processor
+        self.system = system
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_root = Path(image_root) if image_root is not None else None
         self.text_only = not hasattr(processor, "image_processor")
@@ -53,10 +56,14 @@ class SupervisedCollator:
         n_images = [0 if groups is None else 1 for _ in rows]
         apply = self.tokenizer.apply_chat_template
         full = [
-            apply(chat_messages(r["prompt"], n, r["answer"], text_only=self.text_only), tokenize=False)
+            apply(
+                chat_messages(r["prompt"], n, r["answer"], text_only=self.text_only, system=self.system), tokenize=False
+            )
             for r, n in zip(rows, n_images, strict=True)
         ]
-        prompts = render_prompts(self.processor, [r["prompt"] for r in rows], n_images, self.text_only)
+        prompts = render_prompts(
+            self.processor, [r["prompt"] for r in rows], n_images, self.text_only, system=self.system
+        )
         batch = encode_chats(self.processor, full, groups, padding_side="right")
         # Prompt lengths (image tokens expanded) from one batched call on the prompts alone.
         prompt_lengths = encode_chats(self.processor, prompts, groups, padding_side="right")["attention_mask"].sum(1)
@@ -68,13 +75,15 @@ class SupervisedCollator:
         return dict(batch)
 
 
-def answer_token_ids(processor: Any, user_text: str, answer: str, num_images: int = 1) -> list[int]:
+def answer_token_ids(
+    processor: Any, user_text: str, answer: str, num_images: int = 1, system: str | None = None
+) -> list[int]:
     """The assistant turn's tokens for ``answer`` exactly as the chat template writes them after the generation
-    prompt of ``user_text`` (end of turn included): the targets a latent method teacher-forces after its prompt (and
-    latents)."""
+    prompt of ``user_text`` (after the system turn ``system``, when given; end of turn included): the targets a
+    latent method teacher-forces after its prompt (and latents)."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    full = tokenizer.apply_chat_template(chat_messages(user_text, num_images, answer), tokenize=False)
-    prompt = render_prompts(processor, [user_text], [num_images])[0]
+    full = tokenizer.apply_chat_template(chat_messages(user_text, num_images, answer, system=system), tokenize=False)
+    prompt = render_prompts(processor, [user_text], [num_images], system=system)[0]
     if not full.startswith(prompt):
         raise ValueError("the chat template does not write the answer after the generation prompt")
     return tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
@@ -107,18 +116,20 @@ def row_image(row: dict[str, Any], image_root: str | Path | None = None) -> Imag
         raise ValueError(f"row {row.get('id')!r}: cannot read image {str(path)!r} ({err})") from err
 
 
-def answer_batch(processor: Any, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def answer_batch(processor: Any, rows: Sequence[dict[str, Any]], system: str | None = None) -> dict[str, Any]:
     """A latent method's batch of ``{id, image, question, answer}`` rows: the image and question
-    (:func:`latent_core.prompts.question_text`, no instruction) in the chat template with the generation prompt,
-    LEFT padded, plus ``answer_ids`` / ``labels``, the assistant turn of each answer (:func:`answer_token_ids`)
-    right padded. The latents go between the two."""
+    (:func:`latent_core.prompts.question_text`, no instruction) in the chat template with the generation prompt
+    (after the system turn ``system``, when given), LEFT padded, plus ``answer_ids`` / ``labels``, the assistant
+    turn of each answer (:func:`answer_token_ids`) right padded. The latents go between the two."""
     from latent_core.prompts import question_text
 
     tokenizer = getattr(processor, "tokenizer", processor)
     questions = [question_text(row["question"]) for row in rows]
     images = [[row_image(row)] for row in rows]
-    batch = dict(encode_chats(processor, render_prompts(processor, questions, [1] * len(rows)), images))
-    answers = [answer_token_ids(processor, q, row["answer"]) for q, row in zip(questions, rows, strict=True)]
+    batch = dict(encode_chats(processor, render_prompts(processor, questions, [1] * len(rows), system=system), images))
+    answers = [
+        answer_token_ids(processor, q, row["answer"], system=system) for q, row in zip(questions, rows, strict=True)
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch["answer_ids"], batch["labels"] = pad_targets(answers, pad)
     return batch

@@ -15,7 +15,8 @@ Training (:class:`latent_core.collate.SupervisedCollator`), generation (``heima.
   evaluation of an untrained chat model adds :data:`SHORT_INSTRUCTION`). The synthetic shapes task writes its
   multiple-choice questions with this function, so its training data and its VLMEvalKit TSV ask the same thing.
 - :func:`chat_messages` puts the images (first, as in LLaVA-CoT and the chat templates of every family) and the
-  text in one user turn, optionally followed by the assistant's answer.
+  text in one user turn, optionally after a system turn (``system``: a method's own system prompt, e.g. LaViT's;
+  without it the chat template writes its default, if it has one) and followed by the assistant's answer.
 - :func:`decode_answers` cuts greedy answers at their end token and decodes them (LaViT's and LaRe's decoders).
 - :func:`encode_chats` runs the processor on rendered chats with the family's image nesting (mllama takes one list
   of images per sample) and the padding side asked for (left for generation, right for training).
@@ -87,16 +88,20 @@ def parse_options(text: str) -> dict[str, str]:
     return options
 
 
-def chat_messages(text: str, num_images: int = 1, answer: str | None = None, *, text_only: bool = False) -> list:
+def chat_messages(
+    text: str, num_images: int = 1, answer: str | None = None, *, text_only: bool = False, system: str | None = None
+) -> list:
     """One user turn holding ``num_images`` images then ``text``, and the assistant's ``answer`` when given.
 
-    ``text_only`` (a text LLM's chat template) writes the user content as a plain string.
+    ``text_only`` (a text LLM's chat template) writes the user content as a plain string. ``system`` (a non-empty
+    string) comes first as a system turn; ``None`` or ``""`` leaves the chat template's default.
     """
     if text_only or num_images == 0:
         content: Any = text if text_only else [{"type": "text", "text": text}]
     else:
         content = [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}]
-    messages = [{"role": "user", "content": content}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
@@ -106,17 +111,28 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def render_prompts(processor: Any, texts: Sequence[str], num_images: Sequence[int], text_only: bool = False) -> list:
-    """The chat-template strings of user turns ``texts`` with the generation prompt (what the model continues)."""
+def render_prompts(
+    processor: Any,
+    texts: Sequence[str],
+    num_images: Sequence[int],
+    text_only: bool = False,
+    *,
+    system: str | None = None,
+) -> list:
+    """The chat-template strings of user turns ``texts`` with the generation prompt (what the model continues),
+    after the system turn ``system`` when given (:func:`chat_messages`)."""
     apply = _tokenizer(processor).apply_chat_template
     return [
-        apply(chat_messages(text, n, text_only=text_only), tokenize=False, add_generation_prompt=True)
+        apply(chat_messages(text, n, text_only=text_only, system=system), tokenize=False, add_generation_prompt=True)
         for text, n in zip(texts, num_images, strict=True)
     ]
 
 
 def encode_chats(
-    processor: Any, chats: Sequence[str], images: Sequence[Sequence[Any]] | None, padding_side: str = "left"
+    processor: Any,
+    chats: Sequence[str],
+    images: Sequence[Sequence[Any]] | None,
+    padding_side: str = "left",
 ) -> Any:
     """Run ``processor`` on rendered ``chats`` (one list of PIL images per chat, or ``None`` for text only), padded
     on ``padding_side``. Mllama's processor takes the nested lists; the others one flat list in prompt order.

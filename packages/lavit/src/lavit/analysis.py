@@ -91,6 +91,7 @@ def response_maps(
     latent_ids: Sequence[int] | None = None,
     mode: str = "continuous",
     max_new_tokens: int = 64,
+    system: str | None = None,
 ) -> list[ResponseMap]:
     """Greedy answers and the response-query attention maps of one batch (see the module docstring).
 
@@ -101,6 +102,7 @@ def response_maps(
         latent_ids: the student's ``<v-trace_1..K>`` ids; ``None``: a plain model (no latent block).
         mode: ``continuous`` or ``discrete`` (students only).
         max_new_tokens: the answer budget (a longer answer is cut; its fed tokens still count).
+        system: the model's system turn (:func:`lavit.generate.load_student`; ``None``: the template's).
     """
     from latent_core.attention import record_attention
     from latent_core.families import backbone_of, image_token_mask
@@ -111,13 +113,12 @@ def response_maps(
     from lavit.model import append_tokens, merged_grids
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    inputs = dict(
-        encode_chats(processor, render_prompts(processor, questions, [1] * len(questions)), [[i] for i in images])
-    )
+    chats = render_prompts(processor, questions, [1] * len(questions), system=system)
+    inputs = dict(encode_chats(processor, chats, [[i] for i in images]))
     inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     batch, prompt_len = inputs["input_ids"].shape
     k = len(latent_ids) if latent_ids else 0
-    answers = generate_answers(model, processor, images, questions, latent_ids, mode, max_new_tokens)
+    answers = generate_answers(model, processor, images, questions, latent_ids, mode, max_new_tokens, system=system)
     sequences = answers.sequences
     lengths = [len(row) for row in sequences]
     width = max(max(lengths), 1)
@@ -203,6 +204,7 @@ def analyze_models(
     max_new_tokens: int = 64,
     overlays: int = 8,
     loader: Any = None,
+    plain_inputs: Any = None,
 ) -> dict[str, Any]:
     """Table 2 / Figure 5 and the latent diagnostics for a set of models on the same samples.
 
@@ -217,7 +219,8 @@ def analyze_models(
 
     Writes ``<out>/samples.jsonl`` (per sample and model), ``<out>/analysis.json`` (the summary, returned) and
     ``<out>/overlays/<n>.png`` (the first ``overlays`` samples, one panel per model). ``loader(path) -> (model,
-    processor, latent_ids, mode)`` defaults to :func:`lavit.generate.load_student`.
+    processor, latent_ids, mode, system)`` defaults to :func:`lavit.generate.load_student` (a plain checkpoint
+    presented with ``plain_inputs``: default the paper's :class:`lavit.config.InputSettings`).
     """
     from latent_core.answers import answers_match
     from latent_core.readers import conclusion_of
@@ -228,7 +231,7 @@ def analyze_models(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loader = loader or load_student
+    loader = loader or partial(load_student, plain_inputs=plain_inputs)
     if teacher is not None and teacher not in models:
         raise ValueError(f"the teacher {teacher!r} is not one of the models {sorted(models)}")
     order = ([teacher] if teacher else []) + [name for name in models if name != teacher]
@@ -236,15 +239,17 @@ def analyze_models(
     maps: dict[str, list[ResponseMap]] = {}
     summary: dict[str, Any] = {"samples": len(samples), "teacher": teacher, "models": {}}
     for name in order:
-        model, processor, latent_ids, mode = loader(models[name])
+        model, processor, latent_ids, mode, system = loader(models[name])
         found: list[ResponseMap] = []
         diag: dict[str, list] = {"zero": [], "shuffle": [], "masked": [], "latents": []}
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             images, texts = [s["image"] for s in chunk], [s["text"] for s in chunk]
-            found += response_maps(model, processor, images, texts, latent_ids, mode, max_new_tokens)
+            found += response_maps(model, processor, images, texts, latent_ids, mode, max_new_tokens, system)
             if latent_ids:
-                run = partial(generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens)
+                run = partial(
+                    generate_answers, model, processor, images, texts, latent_ids, mode, max_new_tokens, system=system
+                )
                 diag["masked"] += run(mask_latents=True).texts
                 if mode == "continuous":
                     diag["zero"] += run(latents="zero").texts

@@ -43,9 +43,18 @@ import torch
 from latent_core.cli import UserError
 
 from lavit.filters import JudgeSettings, answers_match, judge_match
+from lavit.inputs import InputSettings, check_inputs
 from lavit.teacher import TeacherOptions, alignment, bbox_cell_weights, teacher_pass, trajectory_target
 
-__all__ = ["BuildConfig", "BuildError", "build", "check_settings", "read_teacher_data"]
+__all__ = [
+    "BuildConfig",
+    "BuildError",
+    "build",
+    "built_inputs",
+    "check_settings",
+    "check_student_inputs",
+    "read_teacher_data",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +85,7 @@ class BuildConfig:
     overlays: int = 8
     judge: JudgeSettings | None = None
     vsem_tokens: bool = True
+    inputs: InputSettings = field(default_factory=InputSettings)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the output: a resume must match it exactly."""
@@ -93,6 +103,7 @@ class BuildConfig:
             "keep_rejected": self.keep_rejected,
             "vsem_tokens": self.vsem_tokens,
             "judge": None if self.judge is None else {"model": self.judge.model, "base_url": self.judge.base_url},
+            "inputs": self.inputs.as_dict(),
         }
 
 
@@ -152,12 +163,15 @@ def _final(answer: str) -> str:
     return conclusion_of(answer) or answer
 
 
-def _text_answers(model: Any, processor: Any, questions: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers of ``model`` to ``questions`` without any image (the difficulty filter)."""
+def _text_answers(
+    model: Any, processor: Any, questions: Sequence[str], max_new_tokens: int, system: str | None = None
+) -> list[str]:
+    """Greedy answers of ``model`` to ``questions`` without any image (the difficulty filter), after the system
+    turn ``system`` (the teacher's)."""
     from latent_core.prompts import encode_chats, render_prompts
 
     text_only = not hasattr(processor, "image_processor")
-    chats = render_prompts(processor, questions, [0] * len(questions), text_only=text_only)
+    chats = render_prompts(processor, questions, [0] * len(questions), text_only=text_only, system=system)
     inputs = encode_chats(processor, chats, None, padding_side="left").to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -211,6 +225,8 @@ def build(
 
     root = Path(config.out)
     settings = config.settings()
+    # Table A1's pixel bounds on the teacher's processor (the student trains with the same: lavit.config.check_inputs)
+    inputs = config.inputs.apply(processor)
     rank, world = _distributed()
     if rank == 0:
         _check_manifest(root, settings)
@@ -240,7 +256,7 @@ def build(
         batch = rows[j * size : (j + 1) * size]
         images = [Image.open(row["image"]).convert("RGB") for row in batch]
         questions = [question_text(row["question"]) for row in batch]
-        outs = teacher_pass(model, processor, images, questions, config.options)
+        outs = teacher_pass(model, processor, images, questions, config.options, system=inputs.system_prompt)
         correct: list[bool | None] = []
         judged: list[str | None] = []
         finals = [_final(result.answer) for result in outs]
@@ -254,7 +270,11 @@ def build(
         ask = [i for i, ok in enumerate(correct) if ok] if config.difficulty else []
         if ask:
             answers = _text_answers(
-                text_model, text_processor, [questions[i] for i in ask], config.options.max_new_tokens
+                text_model,
+                text_processor,
+                [questions[i] for i in ask],
+                config.options.max_new_tokens,
+                system=inputs.system_prompt,
             )
             for i, answer in zip(ask, answers, strict=True):
                 blind[i] = _final(answer)
@@ -320,7 +340,7 @@ def build(
         if rank > 0:
             return {"settings": settings, "rank": rank}
         _merge_parts(root, world)
-    return _finish(root, settings, read_counts, rows)
+    return _finish(root, settings, read_counts, rows, inputs)
 
 
 def _distributed() -> tuple[int, int]:
@@ -352,8 +372,11 @@ def _merge_parts(root: Path, world: int) -> None:
     os.replace(tmp, root / INDEX_NAME)
 
 
-def _finish(out: Path, settings: dict[str, Any], read_counts: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
-    """Counts from the index (so a resumed build reports the whole build), stats, and the manifest."""
+def _finish(
+    out: Path, settings: dict[str, Any], read_counts: dict[str, Any], rows: list[dict[str, Any]], inputs: InputSettings
+) -> dict:
+    """Counts from the index (so a resumed build reports the whole build), stats, and the manifest (with the
+    ``inputs`` the teacher saw: system prompt and the pixel bounds its processor resized within)."""
     from latent_core.shards import read_index
 
     lines = read_index(out)
@@ -370,7 +393,7 @@ def _finish(out: Path, settings: dict[str, Any], read_counts: dict[str, Any], ro
     stats = _stats([line for line in lines if line["kept"]])
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     (out / "stats.md").write_text(_stats_markdown(stats, counts))
-    manifest = {"settings": settings, "counts": counts}
+    manifest = {"settings": settings, "inputs": inputs.as_dict(), "counts": counts}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -405,6 +428,19 @@ def _stats_markdown(stats: dict[str, Any], counts: dict[str, Any]) -> str:
         s = stats[name]
         out.append(f"| {name.replace('_', ' ')} | {s['mean']} | {s['min']} | {s['max']} |")
     return "\n".join(out) + "\n"
+
+
+def built_inputs(directory: str | Path) -> InputSettings:
+    """The :class:`lavit.config.InputSettings` the teacher data in ``directory`` was built with (those its processor
+    resolved to; a build not finished yet: the ones asked for; a build from before they were recorded: the
+    processor's own bounds and the template's system prompt)."""
+    manifest = json.loads((Path(directory) / MANIFEST_NAME).read_text())
+    return InputSettings.recorded(manifest.get("inputs") or manifest["settings"].get("inputs"))
+
+
+def check_student_inputs(directory: str | Path, student: InputSettings) -> None:
+    """Refuse a student whose inputs differ from the build's (:func:`lavit.config.check_inputs`)."""
+    check_inputs(built_inputs(directory), student, directory)
 
 
 def read_teacher_data(directory: str | Path, kept_only: bool = True) -> Iterator[dict[str, Any]]:

@@ -10,11 +10,33 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from latent_core.cli import method_app
+from latent_core.cli import BF16_OPTION, method_app
 
 import lavit
 
 app = method_app("lavit", lavit.__doc__)
+
+MIN_PIXELS_OPTION = Annotated[
+    int | None,
+    typer.Option(min=0, help="Least pixels of a resized image (Table A1: 200,704; 0: the processor's own)."),
+]
+MAX_PIXELS_OPTION = Annotated[
+    int | None,
+    typer.Option(min=0, help="Most pixels of a resized image (Table A1: 1,003,520; 0: the processor's own)."),
+]
+SYSTEM_PROMPT_OPTION = Annotated[
+    str | None, typer.Option(help="The system turn (Appendix C.3's by default; '': the chat template's default).")
+]
+"""LaViT's input options (one definition; ``build-lavit-15k`` uses them too): see :class:`InputSettings`."""
+
+
+def input_settings(
+    min_pixels: int | None = None, max_pixels: int | None = None, system_prompt: str | None = None
+) -> dict:
+    """The :class:`InputSettings` fields the command-line options set (``None``: not given; ``0`` and ``''``: the
+    model's own, stored as ``None``)."""
+    given = {"min_pixels": min_pixels, "max_pixels": max_pixels, "system_prompt": system_prompt}
+    return {name: value or None for name, value in given.items() if value is not None}
 
 
 @app.command()
@@ -45,9 +67,15 @@ def train(
     naive: Annotated[
         bool, typer.Option("--naive", help="The control: naive SFT on the same samples (no latents, no teacher).")
     ] = False,
+    min_pixels: MIN_PIXELS_OPTION = None,
+    max_pixels: MAX_PIXELS_OPTION = None,
+    system_prompt: SYSTEM_PROMPT_OPTION = None,
+    bf16: BF16_OPTION = None,
 ) -> None:
     """Train the LaViT student: K latent tokens aligned with the teacher (L_concept, L_traj) under the curriculum
-    gate, the LLM fully fine-tuned with the vision tower frozen; the stage and lavit_train.json go to <out>/student."""
+    gate, the LLM fully fine-tuned with the vision tower frozen; the stage and lavit_train.json go to <out>/student.
+    The pixel bounds and the system prompt (default: the preset's, Table A1 / Appendix C.3) must be those the
+    teacher data was built with (checked)."""
     from lavit.config import LavitConfig
     from lavit.trainer import train_student
 
@@ -56,8 +84,9 @@ def train(
         per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed, deepspeed=deepspeed,
         concept_weight=0.3 if concept else 0.0, traj_weight=0.3 if traj else 0.0, logging_steps=1, report_to=[],
         remove_unused_columns=False, save_strategy="steps", save_steps=100,
-        activation_checkpointing=activation_checkpointing, lora_r=lora_r,
+        activation_checkpointing=activation_checkpointing, lora_r=lora_r, bf16=bf16,
     )  # fmt: skip
+    overrides.update(input_settings(min_pixels, max_pixels, system_prompt))  # else the preset's
     if mode is not None:
         overrides["latent_mode"] = mode
     config = LavitConfig.preset(preset, **overrides)
@@ -92,7 +121,7 @@ def generate(
 
     from lavit.generate import generate_answers, load_student
 
-    model, processor, latent_ids, mode = load_student(stage, method="lavit generate")
+    model, processor, latent_ids, mode, system = load_student(stage, method="lavit generate")
     if mode == "plain":
         raise typer.BadParameter(f"{stage} is not a lavit train stage", param_hint="--stage")
     samples = read_questions(data, limit, images)
@@ -103,7 +132,7 @@ def generate(
             chunk = samples[start : start + batch_size]
             images_, texts = [s["image"] for s in chunk], [s["text"] for s in chunk]
             got = generate_answers(
-                model, processor, images_, texts, latent_ids, mode, max_new_tokens, mask_latents, latents
+                model, processor, images_, texts, latent_ids, mode, max_new_tokens, mask_latents, latents, system
             )  # a naive-SFT stage (no latent ids) answers the same prompt with no latent block
             answers, counts, steps = got.texts, got.token_counts, got.latent_steps
             for sample, answer, count, step in zip(chunk, answers, counts, steps, strict=True):

@@ -63,12 +63,13 @@ def teacher_rows(directory: str | Path, image_root: str | Path | None = None) ->
 class LavitCollator:
     """Rows -> the student's batch (:meth:`lavit.model.LavitStudent.forward`'s arguments)."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, system: str | None = None) -> None:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.system = system  # the system turn (Appendix C.3's prompt; None: the template's)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        batch = answer_batch(self.processor, rows)
+        batch = answer_batch(self.processor, rows, system=self.system)
         if all("traj_target" in row for row in rows):
             batch["traj_targets"] = [row["traj_target"] for row in rows]
             batch["traj_grids"] = [tuple(row["traj_grid"]) for row in rows]

@@ -30,6 +30,7 @@ from latent_core.diagnostics import control_step
 from latent_core.latents import generate_with_latents
 from latent_core.prompts import decode_answers, encode_chats, render_prompts
 
+from lavit.inputs import InputSettings
 from lavit.model import append_tokens
 
 __all__ = ["LavitAnswers", "generate_answers", "load_student"]
@@ -49,10 +50,14 @@ class LavitAnswers:
     sequences: list[list[int]] | None = None
 
 
-def load_student(path: str, method: str = "lavit") -> tuple[Any, Any, list[int] | None, str]:
-    """``(model, processor, latent_ids, mode)`` for a ``lavit train`` stage (on the base its ``latent_stage.json``
-    names), a naive-SFT stage (``latent_ids`` ``None``, mode ``naive``) or any Qwen2.5-VL checkpoint (a base or
-    a teacher: ``None``, ``plain``); eval mode."""
+def load_student(
+    path: str, method: str = "lavit", plain_inputs: InputSettings | None = None
+) -> tuple[Any, Any, list[int] | None, str, str | None]:
+    """``(model, processor, latent_ids, mode, system)`` for a ``lavit train`` stage (on the base its
+    ``latent_stage.json`` names), a naive-SFT stage (``latent_ids`` ``None``, mode ``naive``) or any Qwen2.5-VL
+    checkpoint (a base or a teacher: ``None``, ``plain``); eval mode. A stage is presented as it was trained (the
+    pixel bounds set on its processor and the system prompt ``system`` its ``latent_stage.json`` records); a plain
+    checkpoint with ``plain_inputs`` (default: the paper's, :class:`lavit.config.InputSettings`)."""
     from latent_core.inference import load_trained
     from latent_core.trainer import stage_info
 
@@ -60,15 +65,17 @@ def load_student(path: str, method: str = "lavit") -> tuple[Any, Any, list[int] 
     model, processor = load_trained(path, families=("qwen2_5_vl",), method=method, skip_extra_prefixes=("phi.",))
     info = stage_info(path)
     if info.get("method") != "lavit":
-        return model, processor, None, "plain"
+        system = (plain_inputs or InputSettings()).apply(processor).system_prompt
+        return model, processor, None, "plain", system
+    system = InputSettings.recorded(info.get("inputs")).apply(processor).system_prompt
     mode = info.get("mode", "continuous")
     tokens = info.get("tokens") or []
     if mode == "naive":
-        return model, processor, None, mode
+        return model, processor, None, mode, system
     if not tokens:
         raise ValueError(f"{path} names no latent tokens in latent_stage.json: is it a `lavit train` stage?")
     tokenizer = getattr(processor, "tokenizer", processor)
-    return model, processor, [tokenizer.convert_tokens_to_ids(token) for token in tokens], mode
+    return model, processor, [tokenizer.convert_tokens_to_ids(token) for token in tokens], mode, system
 
 
 @torch.no_grad()
@@ -82,13 +89,14 @@ def generate_answers(
     max_new_tokens: int = 64,
     mask_latents: bool = False,
     latents: str = "real",
+    system: str | None = None,
 ) -> LavitAnswers:
     """Greedy answers of the student ``model`` (the backbone, latent tokens added) to ``questions`` (user texts,
     :func:`latent_core.prompts.question_text`) about ``images``; see the module docstring. No ``latent_ids``: a
-    plain model (a naive-SFT stage, a base, the teacher) answers the same prompt with no latent block."""
-    inputs = dict(
-        encode_chats(processor, render_prompts(processor, questions, [1] * len(questions)), [[i] for i in images])
-    )
+    plain model (a naive-SFT stage, a base, the teacher) answers the same prompt with no latent block. ``system``:
+    the system turn the stage was trained with (:func:`load_student` returns it)."""
+    chats = render_prompts(processor, questions, [1] * len(questions), system=system)
+    inputs = dict(encode_chats(processor, chats, [[i] for i in images]))
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     batch, prompt_len = inputs["input_ids"].shape
     k = len(latent_ids or [])

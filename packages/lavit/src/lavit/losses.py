@@ -7,8 +7,9 @@
   ``A_student^(j)`` is the student's real attention from latent ``j`` over the image keys (mean over heads and layers,
   recorded by :func:`latent_core.record_attention`) renormalised over the image keys, and ``A_traj`` the Top-K target
   renormalised to sum to 1 (:func:`lavit.teacher.trajectory_target`).
-- :func:`resample_trajectory` puts a teacher map on the student's merged patch grid when the grids differ: bilinear
-  resampling of the 2-D map (Appendix C.2), then renormalised.
+- :func:`resample_trajectory` puts a teacher map on the student's merged patch grid when the grids differ: area
+  pooling along an axis that shrinks (the Top-K mass is kept), bilinear along one that grows (Appendix C.2), then
+  renormalised.
 """
 
 from __future__ import annotations
@@ -38,16 +39,33 @@ def concept_loss(projected: Tensor, v_sem: Tensor) -> Tensor:
 
 
 def resample_trajectory(target: Tensor, teacher_grid: tuple[int, int], student_grid: tuple[int, int]) -> Tensor:
-    """A_traj ``[h_T * w_T]`` (row-major) on the student's grid ``[h_S * w_S]``: bilinear resampling of the 2-D map
-    (``align_corners=False``: cell centres map to cell centres), clamped at 0, renormalised to sum to 1. Equal grids
-    return the map unchanged."""
+    """A_traj ``[h_T * w_T]`` (row-major) on the student's grid ``[h_S * w_S]``, one axis at a time: an axis the
+    student has fewer cells on is area-pooled (each teacher cell's mass goes to the student cells it overlaps, in
+    proportion to the overlap: an integer ratio is a block sum, so no Top-K peak is lost between sample points); an
+    axis with as many or more cells is bilinearly interpolated (Appendix C.2; ``align_corners=False``: cell centres
+    map to cell centres). Clamped at 0, renormalised to sum to 1. Equal grids return the map unchanged."""
     if tuple(teacher_grid) == tuple(student_grid):
         return target
-    h_t, w_t = teacher_grid
-    grid = target.float().reshape(1, 1, h_t, w_t)
-    out = F.interpolate(grid, size=tuple(student_grid), mode="bilinear", align_corners=False).flatten().clamp(min=0)
+    (h_t, w_t), (h_s, w_s) = teacher_grid, student_grid
+    grid = target.float().reshape(h_t, w_t)
+    rows, cols = _axis_operator(h_t, h_s, grid.device), _axis_operator(w_t, w_s, grid.device)
+    out = (rows @ grid @ cols.T).flatten().clamp(min=0)
     total = out.sum()
     return out / total if float(total) > 0 else torch.full_like(out, 1.0 / out.numel())
+
+
+def _axis_operator(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """``[n_out, n_in]``: the 1-D map of :func:`resample_trajectory` along one axis of ``n_in`` cells onto
+    ``n_out`` over the same extent: overlap fractions when shrinking (each column sums to 1: mass kept), linear
+    interpolation weights otherwise."""
+    if n_out >= n_in:
+        eye = torch.eye(n_in, device=device)[None]  # [1, n_in (channels), n_in]: the image of each input cell
+        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+    edges_in = torch.arange(n_in + 1, device=device, dtype=torch.float64) / n_in
+    edges_out = torch.arange(n_out + 1, device=device, dtype=torch.float64) / n_out
+    low = torch.maximum(edges_out[:-1, None], edges_in[None, :-1])
+    high = torch.minimum(edges_out[1:, None], edges_in[None, 1:])
+    return ((high - low).clamp(min=0) * n_in).float()
 
 
 def trajectory_loss(target: Tensor, student_rows: Tensor, eps: float = 1e-8) -> Tensor:

@@ -1,10 +1,10 @@
 """LaViT's teacher signals (METHODS.md section 2, LaViT-SFT-15K): one fused, batched teacher pass per batch.
 
-For each (image, question) the teacher (Qwen2.5-VL, any image-token family) answers greedily with its KV cache;
-while it decodes, the attention rows of the chosen query tokens over the image keys are recorded
-(:func:`latent_core.record_attention`: only those rows, never the L x L matrix and never eager attention), and the
-visual features V_sem are read at prefill (:func:`latent_core.capture_hidden_states` at the image positions). From
-the rows:
+For each (image, question) the teacher (a Qwen2.5-VL: its processor's merged patch grid places A_traj and the bbox)
+answers greedily with its KV cache; while it decodes, the attention rows of the chosen query tokens over the image
+keys are recorded (:func:`latent_core.record_attention`: only those rows, never the L x L matrix and never eager
+attention), and the visual features V_sem are read at prefill (:func:`latent_core.capture_hidden_states` at the
+image positions). From the rows:
 
 - **A_traj** (Eq. 2-3): ``S_j`` = mean over the chosen layers, heads and query tokens of the attention to image
   token ``j``; min-max normalised; Top-K sparsified (``k = 8``); the training target is the Top-K part renormalised
@@ -196,7 +196,12 @@ def _end_ids(model: Any, tokenizer: Any) -> set[int]:
 
 @torch.no_grad()
 def teacher_pass(
-    model: Any, processor: Any, images: list[Any], questions: list[str], options: TeacherOptions
+    model: Any,
+    processor: Any,
+    images: list[Any],
+    questions: list[str],
+    options: TeacherOptions,
+    system: str | None = None,
 ) -> list[TeacherOutput]:
     """The fused teacher pass over one batch: answer (greedy, KV cache), attention rows of the query tokens over
     the image keys, and V_sem at prefill, for every sample (see the module docstring).
@@ -207,6 +212,12 @@ def teacher_pass(
         images: one PIL image per sample.
         questions: the user text of each sample (:func:`latent_core.prompts.question_text`).
         options: :class:`TeacherOptions`.
+        system: the system turn before each question (LaViT's Appendix C.3 prompt; ``None``: the template's).
+
+    Raises:
+        ValueError: the model takes its image through cross-attention, or its processor gives no merged patch grid
+            (``image_grid_thw``: A_traj and the bbox live on that 2-D grid; a LLaVA's flat run of image tokens has
+            none).
     """
     from latent_core.attention import record_attention
     from latent_core.capture import capture_hidden_states, select_tokens
@@ -220,8 +231,13 @@ def teacher_pass(
             "reaches its image through cross-attention"
         )
     tokenizer = getattr(processor, "tokenizer", processor)
-    chats = render_prompts(processor, questions, [1] * len(questions))
+    chats = render_prompts(processor, questions, [1] * len(questions), system=system)
     inputs = encode_chats(processor, chats, [[image] for image in images], padding_side="left")
+    if inputs.get("image_grid_thw") is None:
+        raise ValueError(
+            f"the LaViT teacher needs a Qwen2.5-VL processor's merged patch grid (image_grid_thw) to place A_traj and "
+            f"the bbox on the image; {parts.family.name}'s processor gives none"
+        )
     inputs = inputs.to(model.device)
     ids = inputs["input_ids"]
     batch, prompt_len = ids.shape
@@ -256,7 +272,7 @@ def teacher_pass(
         prompt_rows = int(queries[b].sum())
         sample_rows = rows.weights[b][: prompt_rows + fed]  # [n_queries, n_image_tokens]
         scores = sample_rows.float().mean(0) if len(sample_rows) else torch.zeros(int(image[b].sum()))
-        grid = merged_grid(grids[b], merge) if grids is not None else (1, 1, int(image[b].sum()))
+        grid = merged_grid(grids[b], merge)
         results.append(
             TeacherOutput(
                 answer=tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),

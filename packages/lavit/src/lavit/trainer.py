@@ -17,8 +17,9 @@ from typing import Any
 from latent_core.attention import gate_schedule
 
 from lavit.config import LavitConfig, latent_tokens
+from lavit.inputs import InputSettings
 
-__all__ = ["SUPPORTED_FAMILIES", "plot_curves", "train_student"]
+__all__ = ["SUPPORTED_FAMILIES", "plot_curves", "prepare_student", "train_student"]
 
 SUPPORTED_FAMILIES: tuple[str, ...] = ("qwen2_5_vl",)
 """The student families: image tokens in the sequence with M-RoPE (the paper's Qwen2.5-VL)."""
@@ -39,12 +40,10 @@ def train_student(
 
     ``naive``: the paper's control, naive SFT on the same samples (image, question -> answer, text supervision
     only: no latent tokens, no teacher signals, no gate), same optimisation; saved in ``<out>/naive``."""
-    from latent_core.families import model_parts
-    from latent_core.tokens import add_special_tokens
     from latent_core.trainer import LatentTrainer, load_base
 
+    from lavit.build import check_student_inputs
     from lavit.data import LavitCollator, teacher_rows
-    from lavit.model import LavitStudent
 
     rows = teacher_rows(data)
     if not rows:
@@ -52,17 +51,12 @@ def train_student(
     base, processor = load_base(
         model_name, model, processor, bf16=config.bf16, families=SUPPORTED_FAMILIES, method="lavit train"
     )
-    vision = model_parts(base).vision_tower
-    if vision is not None:
-        vision.requires_grad_(False)  # Table A1: vision tower frozen, LLM trained
+    # Table A1's pixel bounds and Appendix C.3's system prompt, as the teacher data was built (else refused)
+    inputs = config.inputs.apply(processor)
+    check_student_inputs(data, inputs)
+    student = prepare_student(config, base, processor, int(rows[0]["vsem_mean"].shape[-1]), naive=naive)
     if naive:
-        if config.lora_r:
-            base = _lora(config, base, [])
-        return _train_naive(config, base, processor, rows, Path(out or config.output_dir) / "naive")
-    ids = add_special_tokens(base, processor, latent_tokens(config.num_latents))
-    if config.lora_r:  # the LoRA option: adapters on the language model, the latent tokens' rows trainable
-        base = _lora(config, base, ids)
-    student = LavitStudent(base, ids, teacher_hidden=int(rows[0]["vsem_mean"].shape[-1]), mode=config.latent_mode)
+        return _train_naive(config, student, processor, rows, Path(out or config.output_dir) / "naive", inputs)
 
     def gate(step: int) -> None:
         student.gamma = gate_schedule(step, config.gate_warmup, config.gate_eps, config.gate)
@@ -74,13 +68,38 @@ def train_student(
         model=student,
         args=config,
         train_dataset=rows,
-        data_collator=LavitCollator(processor),
+        data_collator=LavitCollator(processor, system=inputs.system_prompt),
         processing_class=processor,
         step_schedules=[gate],
-        stage_info={"method": "lavit", "tokens": latent_tokens(config.num_latents), "mode": config.latent_mode},
+        stage_info={
+            "method": "lavit",
+            "tokens": latent_tokens(config.num_latents),
+            "mode": config.latent_mode,
+            "inputs": inputs.as_dict(),
+        },  # fmt: skip
     )
     out = Path(out or config.output_dir) / "student"
     return _train_and_summarise(trainer, out, gamma=gammas, samples=len(rows))
+
+
+def prepare_student(config: LavitConfig, base: Any, processor: Any, teacher_hidden: int, naive: bool = False) -> Any:
+    """The model LaViT trains from a loaded ``base``: vision tower frozen (Table A1), the K latent tokens added,
+    LoRA when ``config.lora_r``, wrapped as :class:`lavit.model.LavitStudent` (phi maps to ``teacher_hidden``).
+    ``naive``: the control's model, the base itself (no latent tokens, no phi). ``apps/cli plan`` runs this too."""
+    from latent_core.families import model_parts
+    from latent_core.tokens import add_special_tokens
+
+    from lavit.model import LavitStudent
+
+    vision = model_parts(base).vision_tower
+    if vision is not None:
+        vision.requires_grad_(False)  # Table A1: vision tower frozen, LLM trained
+    if naive:
+        return _lora(config, base, []) if config.lora_r else base
+    ids = add_special_tokens(base, processor, latent_tokens(config.num_latents))
+    if config.lora_r:  # the LoRA option: adapters on the language model, the latent tokens' rows trainable
+        base = _lora(config, base, ids)
+    return LavitStudent(base, ids, teacher_hidden=teacher_hidden, mode=config.latent_mode)
 
 
 def _lora(config: LavitConfig, base: Any, ids: list[int]) -> Any:
@@ -89,7 +108,9 @@ def _lora(config: LavitConfig, base: Any, ids: list[int]) -> Any:
     return prepare_lora_model(base, new_token_ids=ids, r=config.lora_r, alpha=config.lora_alpha or 2 * config.lora_r)
 
 
-def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict[str, Any]], out: Path) -> dict:
+def _train_naive(
+    config: LavitConfig, base: Any, processor: Any, rows: list[dict[str, Any]], out: Path, inputs: InputSettings
+) -> dict:
     from latent_core.collate import SupervisedCollator
     from latent_core.prompts import question_text
     from latent_core.trainer import LatentTrainer
@@ -102,9 +123,9 @@ def _train_naive(config: LavitConfig, base: Any, processor: Any, rows: list[dict
         model=base,
         args=config,
         train_dataset=samples,
-        data_collator=SupervisedCollator(processor),
+        data_collator=SupervisedCollator(processor, system=inputs.system_prompt),
         processing_class=processor,
-        stage_info={"method": "lavit", "mode": "naive", "tokens": []},
+        stage_info={"method": "lavit", "mode": "naive", "tokens": [], "inputs": inputs.as_dict()},
     )
     return _train_and_summarise(trainer, out, samples=len(rows))
 
