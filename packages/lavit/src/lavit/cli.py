@@ -60,6 +60,9 @@ def train(
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (Table A1: 1000).")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Per-device batch (Table A1: 16).")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (Table A1: 5e-6).")] = 5e-6,
+    warmup_steps: Annotated[
+        float, typer.Option(min=0, help="Warm-up steps; below 1: a ratio of --max-steps (Table A1: 0.03).")
+    ] = 0.03,
     seed: Annotated[int, typer.Option(help="Data order and initialisation seed.")] = 0,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3, zero3_offload or a JSON config.")] = None,
     activation_checkpointing: Annotated[bool, typer.Option(help="Activation checkpointing in the LLM.")] = False,
@@ -81,7 +84,8 @@ def train(
 
     overrides = dict(
         output_dir=str(out), num_latents=num_latents, gate=gate, gate_warmup=gate_warmup, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed, deepspeed=deepspeed,
+        per_device_train_batch_size=batch_size, learning_rate=learning_rate, seed=seed, warmup_steps=warmup_steps,
+        deepspeed=deepspeed,
         concept_weight=0.3 if concept else 0.0, traj_weight=0.3 if traj else 0.0, logging_steps=1, report_to=[],
         remove_unused_columns=False, save_strategy="steps", save_steps=100,
         activation_checkpointing=activation_checkpointing, lora_r=lora_r, bf16=bf16,
