@@ -626,6 +626,29 @@ def bench_gating(as_json: JsonFlag = False, device: DeviceFlag = "auto") -> None
     run(as_json, device=device)
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    as_json: JsonFlag = False,
+    device: DeviceFlag = "auto",
+    scale: Annotated[
+        str, typer.Option(help="real: the published sizes in bf16 (needs CUDA); tiny: the zoo's configs (a dry run).")
+    ] = "real",
+    case: Annotated[
+        list[str] | None,
+        typer.Option(help="Case (repeatable): heima-stage, lavit-student, lare-step, lavit-teacher; default: all."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per case, after one warm-up step.")] = 3,
+) -> None:
+    """One training step of Heima (11B mllama + LoRA), LaViT (Qwen2.5-VL-3B, K=4, gate + recorder) and LaRe (CLIP-L +
+    Qwen2.5-1.5B, T=4), and LaViT's teacher pass (Qwen2.5-VL-7B), random weights at real size: peak memory, step
+    time, tokens/s; one JSON line per case. Exit status 1 when a case failed."""
+    from latent_apps.bench.gpu import run
+
+    summary = run(as_json, device=device, scale=scale, cases=case, steps=steps)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app(prog_name="latent")
 
