@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "InterpreterModel": "model",
     "build_interpreter": "model",
     "load_interpreter": "model",
+    "prepare_interpreter": "trainer",
     "train_interpreter": "trainer",
     "bleu4": "metrics",
     "bert_score_f1": "metrics",

@@ -24,9 +24,9 @@ from torch import nn
 
 from interpreters.config import STAGES, SUPPORTED_FAMILIES, UNIFIED, InterpreterConfig, choose_placeholder
 from interpreters.data import InterpreterCollator, load_captures
-from interpreters.model import build_interpreter
+from interpreters.model import InterpreterModel, build_interpreter
 
-__all__ = ["TRAIN_SUMMARY_NAME", "train_interpreter"]
+__all__ = ["TRAIN_SUMMARY_NAME", "prepare_interpreter", "train_interpreter"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,32 @@ def _load_base(config: InterpreterConfig, model: Any, tokenizer: Any) -> tuple[n
     return base, tokenizer
 
 
+def prepare_interpreter(
+    config: InterpreterConfig, base: nn.Module, tokenizer: Any, hidden_size: int
+) -> tuple[InterpreterModel, str]:
+    """The model an interpreter trains from a loaded ``base``: the placeholder :func:`choose_placeholder` picks (added
+    when new), LoRA r / alpha / dropout of ``config`` (Table A3: 16 / 32 / 0) with ``lm_head`` when it is untied, and
+    the projector ``hidden_size`` -> the LM's width. Returns ``(interpreter, why the placeholder was chosen)``.
+    ``apps/cli plan`` runs this too."""
+    placeholder, origin = choose_placeholder(tokenizer, config.placeholder)
+    if placeholder not in tokenizer.get_vocab():
+        origin += ": new vocabulary, its embedding and lm_head rows are saved as rows"
+    logger.info("placeholder %s (%s)", placeholder, origin)
+    interpreter = build_interpreter(
+        base,
+        tokenizer,
+        hidden_size,
+        placeholder=placeholder,
+        template=config.template,
+        projector=config.projector,
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        include_lm_head=config.lora_include_lm_head and not model_parts(base).lm_head_tied,
+    )
+    return interpreter, origin
+
+
 def _train_one(
     config: InterpreterConfig, capture_dir: Path, stages: list[str], name: str, model: Any, tokenizer: Any
 ) -> Path:
@@ -71,22 +97,8 @@ def _train_one(
     transformers.set_seed(config.seed)
     base, tokenizer = _load_base(config, model, tokenizer)
     hidden_size = int(rows[0]["hidden"].shape[-1])
-    placeholder, origin = choose_placeholder(tokenizer, config.placeholder)
-    if placeholder not in tokenizer.get_vocab():
-        origin += ": new vocabulary, its embedding and lm_head rows are saved as rows"
-    logger.info("placeholder %s (%s)", placeholder, origin)
-    interpreter = build_interpreter(
-        base,
-        tokenizer,
-        hidden_size,
-        placeholder=placeholder,
-        template=config.template,
-        projector=config.projector,
-        r=config.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        include_lm_head=config.lora_include_lm_head and not model_parts(base).lm_head_tied,
-    )
+    interpreter, origin = prepare_interpreter(config, base, tokenizer, hidden_size)
+    placeholder = interpreter.placeholder
     info = {
         "method": "interpreters",
         "tokens": [placeholder],

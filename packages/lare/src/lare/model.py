@@ -33,9 +33,12 @@ __all__ = [
     "LareForTraining",
     "LareModel",
     "RefocusStep",
+    "add_image_token",
     "compose",
+    "compose_config",
     "from_llava",
     "load_lare",
+    "wrap_llava",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -167,6 +170,47 @@ def _add_lare_tokens(vlm: nn.Module, processor: Any, config: LareConfig) -> tupl
     return bot, eot
 
 
+def compose_config(vision_config: Any, text_config: Any, *, feature_layer: int = -2) -> Any:
+    """The ``LlavaConfig`` :func:`compose` builds (LLaVA-1.5 recipe): ``vision_config`` a CLIP vision config (or a full
+    CLIP config: its vision half), ``text_config`` the LLM's config; patch tokens only (``"default"``), features of
+    ``feature_layer``, the two-layer GELU projector, one image token per patch (256 at 224 px), the LLM's tying. The
+    ``<image>`` id is set by :func:`add_image_token`."""
+    from transformers import LlavaConfig
+
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    grid = grid_side((vision_config.image_size // vision_config.patch_size) ** 2)
+    return LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=0,  # set by add_image_token, once <image> has its id
+        vision_feature_select_strategy="default",
+        vision_feature_layer=feature_layer,
+        image_seq_length=grid * grid,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
+def add_image_token(vlm: nn.Module, tokenizer: Any) -> int:
+    """Add LLaVA's ``<image>`` to a composed ``vlm`` and its tokenizer and point ``image_token_index`` at it."""
+    from latent_core.tokens import add_special_tokens
+
+    (image_id,) = add_special_tokens(vlm, tokenizer, [IMAGE_TOKEN])
+    vlm.config.image_token_index = image_id
+    return image_id
+
+
+def wrap_llava(vlm: nn.Module, processor: Any, config: LareConfig) -> LareModel:
+    """The :class:`LareModel` of a llava ``vlm``: ``<bot>`` / ``<eot>`` added (model and processor), a fresh extractor
+    in the model's dtype, eval mode; the window checked against the image grid. :func:`compose`, :func:`from_llava`
+    and ``apps/cli plan`` (on the meta device) all end here."""
+    bot, eot = _add_lare_tokens(vlm, processor, config)
+    extractor = Extractor.for_model(vlm, config).to(vlm.dtype)
+    model = LareModel(vlm, extractor, config, bot, eot).eval()
+    config.window_for(model.grid())
+    return model
+
+
 def compose(
     vision: str, llm: str, config: LareConfig | None = None, *, feature_layer: int = -2, seed: int = 0
 ) -> tuple[LareModel, Any]:
@@ -179,14 +223,7 @@ def compose(
     (LLaVA-1.5: -2).
     """
     from latent_core.hub import load_model, load_pretrained, load_processor
-    from latent_core.tokens import add_special_tokens
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPImageProcessor, CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
 
     config = config or LareConfig()
     tower = load_pretrained(CLIPVisionModel.from_pretrained, vision)
@@ -198,20 +235,9 @@ def compose(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     tokenizer.chat_template = CHAT_TEMPLATE  # prompts render through the tokenizer (latent_core.prompts)
-    text = lm.config
     vision_config = tower.config
-    grid = grid_side((vision_config.image_size // vision_config.patch_size) ** 2)
-    config.window_for(grid)
-    llava_config = LlavaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=0,  # set below, once <image> has its id
-        vision_feature_select_strategy="default",
-        vision_feature_layer=feature_layer,
-        image_seq_length=grid * grid,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
-    )
+    config.window_for(grid_side((vision_config.image_size // vision_config.patch_size) ** 2))
+    llava_config = compose_config(vision_config, lm.config, feature_layer=feature_layer)
     # Built on the meta device, then the pretrained parts themselves are put in place (no random initialisation of a
     # 7B LLM, no second copy of its weights); only the projector is created and initialised here.
     with torch.device("meta"):
@@ -230,8 +256,7 @@ def compose(
     leftover = [name for name, t in [*vlm.named_parameters(), *vlm.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"lare init left tensors uninitialised: {leftover[:5]}")
-    (image_id,) = add_special_tokens(vlm, tokenizer, [IMAGE_TOKEN])
-    vlm.config.image_token_index = image_id
+    add_image_token(vlm, tokenizer)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -243,11 +268,7 @@ def compose(
     )
     vlm.generation_config.eos_token_id = lm.generation_config.eos_token_id  # Qwen2.5-Instruct: <|im_end|> and more
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
-    bot, eot = _add_lare_tokens(vlm, processor, config)
-    extractor = Extractor.for_model(vlm, config).to(lm.dtype)
-    model = LareModel(vlm, extractor, config, bot, eot).eval()
-    config.window_for(model.grid())
-    return model, processor
+    return wrap_llava(vlm, processor, config), processor
 
 
 def from_llava(path: str, config: LareConfig | None = None, seed: int = 0) -> tuple[LareModel, Any]:
@@ -259,10 +280,7 @@ def from_llava(path: str, config: LareConfig | None = None, seed: int = 0) -> tu
     vlm = load_model(path, family="llava")
     processor = load_processor(path)
     torch.manual_seed(seed)
-    bot, eot = _add_lare_tokens(vlm, processor, config)
-    model = LareModel(vlm, Extractor.for_model(vlm, config).to(vlm.dtype), config, bot, eot).eval()
-    config.window_for(model.grid())
-    return model, processor
+    return wrap_llava(vlm, processor, config), processor
 
 
 def load_lare(

@@ -34,6 +34,9 @@ shares the tensor and is initialised once):
 - ``"text"``: the mean of the rows of the tokens of ``init_text`` (the ``lm_head`` rows of those tokens for the
   ``lm_head``), e.g. ``init_text="summary"`` for ``<THINKING_OF_SUMMARY>``.
 
+On the meta device (a model built without weights, e.g. by ``apps/cli plan``) the tables are grown exactly as above
+but no row values are computed or written: there are none to read.
+
 Under DeepSpeed ZeRO-3 the row writes happen inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``
 (rank 0 writes, the context broadcasts and re-partitions on exit) and shapes are read from ``ds_shape``; the resize
 itself is transformers' ZeRO-3 aware code.
@@ -216,8 +219,10 @@ def add_special_tokens(
     filler = [i for i in range(head_rows, new_head_rows) if i not in set(head_init)] if untied_head is not None else []
     if not (emb_init or head_init or filler):
         return ids
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     params = [embeddings.weight] + ([untied_head.weight] if untied_head is not None else [])
+    if any(p.is_meta for p in params):  # built on the meta device (`apps/cli plan`): the rows exist, no values to write
+        return ids
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad(), gathered(params, modifier_rank=0) as writes:
         if writes:
             real = min(n_tokens_before, emb_rows)
