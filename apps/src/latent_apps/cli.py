@@ -559,6 +559,49 @@ def reproduce_lare_command(
     _show_reproduction(out, results)
 
 
+@app.command("plan")
+def plan_command(
+    method: Annotated[str, typer.Option(help="heima | lavit | lare | interpreters.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model alias (or Hub id / path). Default: heima llava-cot-11b, lavit qwen2.5-vl-3b, lare "
+            "clip-vit-l-14+qwen2.5-0.5b (CLIP + LLM composed as llava), interpreters llama-3.1-8b-instruct."
+        ),
+    ] = None,
+    deepspeed: Annotated[str, typer.Option(help="ZeRO stage the memory estimate shards by: zero0..zero3.")] = "zero0",
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the ZeRO shards (and LaRe's global batch) spread over.")] = 1,
+    teacher: Annotated[str, typer.Option(help="lavit: the teacher whose hidden size phi maps to.")] = "qwen2.5-vl-32b",
+    heima_model: Annotated[
+        str, typer.Option(help="interpreters: the Heima model whose hidden states it reads.")
+    ] = "llava-cot-11b",
+    stage: Annotated[int, typer.Option(min=1, max=4, help="lare: the training stage (Appendix A).")] = 4,
+    vae_channels: Annotated[
+        int, typer.Option(min=1, help="lare: latent channels of the KL-f16 VAE of L_img (choice).")
+    ] = 16,
+    batch: Annotated[int | None, typer.Option(min=1, help="Per-device micro-batch (default: the method's).")] = None,
+    text_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Text tokens per sample (default: the method's choice, printed).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the plan as one JSON object, last line.")] = False,
+) -> None:
+    """A training plan at real size without weights: the base from its published config.json on the meta device, the
+    method's own preparation run on it (token surgery with a stand-in tokenizer of the real length, LoRA, extra
+    modules); parameters by part, LoRA targets, frozen parts, and a memory estimate per GPU (weights, gradients,
+    optimizer state by ZeRO stage; activations with and without checkpointing)."""
+    import json
+
+    from latent_apps.plan import build_plan, render
+
+    plan = build_plan(
+        method, model, deepspeed=deepspeed, gpus=gpus, teacher=teacher, heima_model=heima_model, stage=stage,
+        vae_channels=vae_channels, batch=batch, text_tokens=text_tokens,
+    )  # fmt: skip
+    typer.echo(render(plan))
+    if as_json:
+        typer.echo(json.dumps(plan.as_dict()))
+
+
 bench_app = MethodTyper(
     help="Benchmarks: the fast path and its naive baseline side by side in one process; a table, and with --json "
     "one JSON record on the last line.",
