@@ -143,6 +143,21 @@ def test_base_shapes_rewrites_the_bases_data_and_refuses_another(shapes, tmp_pat
         base_shapes(base, other)
 
 
+def test_base_shapes_rewrites_hop_questions_too(tmp_path):
+    """A base trained on data with multi-hop questions gets them back: ``hops`` is one of the recorded arguments."""
+    from latent_apps.base import shapes_args
+
+    made = tmp_path / "made"
+    make_shapes(6, 2, made, test_fraction=0.34, hops=(1, 3))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / MAKE_BASE_NAME).write_text(json.dumps({"shapes_args": shapes_args(made)}))
+    again = base_shapes(base, tmp_path / "again")
+    for name in ("train/llava_cot.jsonl", "test/llava_cot.jsonl", "test/shapes_mc.tsv", "summary.json"):
+        assert (again / name).read_bytes() == (made / name).read_bytes(), name
+    assert "-hop3" in (again / "train" / "llava_cot.jsonl").read_text()
+
+
 def _fresh_questions(tmp_path: Path) -> tuple[Path, list[dict]]:
     """Questions on scenes no base was trained on (another seed), with their staged answers."""
     out = tmp_path / "fresh"

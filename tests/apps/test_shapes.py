@@ -75,7 +75,29 @@ def _solve(question: str, objects: list[dict]) -> tuple[str, set[tuple[int, int]
     if m := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
         a, b = select(m[1].split()), select(m[2].split())
         return ("yes" if len(a) > len(b) else "no"), {(o["row"], o["col"]) for o in a + b}
+    if m := re.fullmatch(r"What colour is the shape (.+) the (\w+(?: \w+)?)\?", question):
+        return _solve_hops(m[1], m[2], objects)
     raise AssertionError(f"unknown question {question!r}")
+
+
+MOVES = {"to the right of": (0, 1), "to the left of": (0, -1), "below": (1, 0), "above": (-1, 0)}
+
+
+def _solve_hops(path: str, anchor: str, objects: list[dict]) -> tuple[str, set[tuple[int, int]]]:
+    """A multi-hop question by hand: the anchor must be the only shape of that name, the moves apply from the
+    anchor outward (the last phrase of the question first), every cell on the way holds a shape, none twice."""
+    words = anchor.split()
+    named = [o for o in objects if o["shape"] == words[-1] and (len(words) == 1 or o["colour"] == words[0])]
+    assert len(named) == 1, (anchor, objects)
+    at = {(o["row"], o["col"]): o for o in objects}
+    cell = (named[0]["row"], named[0]["col"])
+    seen = [cell]
+    for phrase in reversed(path.split(" the shape ")):
+        dr, dc = MOVES[phrase]
+        cell = (cell[0] + dr, cell[1] + dc)
+        assert cell in at and cell not in seen, (path, anchor, objects)
+        seen.append(cell)
+    return at[cell]["colour"], set(seen)
 
 
 def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
@@ -307,3 +329,84 @@ def test_rejects_bad_arguments(tmp_path):
         make_shapes(4, 0, tmp_path, grid=1)
     with pytest.raises(ValueError):
         make_shapes(4, 0, tmp_path, test_fraction=1.5)
+
+
+HOPS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def built_hops(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes") / "hops"
+    make_shapes(N, SEED, out, hops=HOPS)
+    return out
+
+
+def test_hop_questions_leave_the_scenes_and_todays_questions_byte_identical(built, built_hops, tmp_path):
+    a, b = _files(built), _files(built_hops)
+    assert {k: v for k, v in a.items() if k.startswith("images/")} == {
+        k: v for k, v in b.items() if k.startswith("images/")
+    }
+    assert a["scenes.json"] == b["scenes.json"]
+    for split in ("train", "test"):
+        for name in ("llava_cot", "visual_cot", "reasoning"):
+            plain = (built / split / f"{name}.jsonl").read_text().splitlines()
+            with_hops = (built_hops / split / f"{name}.jsonl").read_text().splitlines()
+            assert [line for line in with_hops if "-hop" not in json.loads(line)["id"]] == plain
+    todays = [{k: v for k, v in r.items() if k != "index"} for r in _tsv(built / "test" / "shapes_mc.tsv")]
+    kept = [
+        {k: v for k, v in r.items() if k != "index"}
+        for r in _tsv(built_hops / "test" / "shapes_mc.tsv")
+        if not r["category"].startswith("hop")
+    ]
+    assert kept == todays
+    make_shapes(N, SEED, tmp_path / "again", hops=HOPS)
+    assert _files(tmp_path / "again") == b
+
+
+def test_hop_answers_paths_and_bboxes_recomputed_from_the_scene(built_hops):
+    scenes = json.loads((built_hops / "scenes.json").read_text())
+    summary = json.loads((built_hops / "summary.json").read_text())
+    assert summary["kinds"] == ["count", "exists", "colour", "compare", "hop1", "hop2", "hop3"]
+    seen = {h: 0 for h in HOPS}
+    for split in ("train", "test"):
+        rows = _split(built_hops, split)
+        counts = summary["splits"][split]
+        for h in HOPS:
+            kind = f"hop{h}"
+            assert counts[kind] + summary["hops_skipped"][split][kind] == counts["images"]
+            assert counts[kind] == sum(r["category"] == kind for r in rows["llava_cot"])
+        for vcot, lare in zip(rows["visual_cot"], rows["reasoning"], strict=True):
+            if "-hop" not in vcot["id"]:
+                continue
+            h = int(vcot["id"].rsplit("hop", 1)[1])
+            objects = scenes[vcot["image"]]["objects"]
+            question, options = _parse_prompt(vcot["question"])
+            assert question.count(" the shape ") == h  # "the shape" asked about, then one per further hop
+            answer, cells = _solve(question, objects)
+            assert (options[vcot["answer"]] if options else vcot["answer"]) == answer
+            rs, cs = [r for r, _ in cells], [c for _, c in cells]
+            assert vcot["bbox"] == [min(cs) * CELL, min(rs) * CELL, (max(cs) + 1) * CELL, (max(rs) + 1) * CELL]
+            # one short sentence per hop, each naming the cell reached and what it holds, in solving order
+            steps = re.findall(r"(Right of it|Left of it|Below it|Above it): row (\d) column (\d), (\w+) (\w+)\.", lare[
+                "reasoning"
+            ])  # fmt: skip
+            assert len(steps) == h
+            at = {(o["row"], o["col"]): o for o in objects}
+            for _, r, c, colour, shape in steps:
+                assert (at[int(r) - 1, int(c) - 1]["colour"], at[int(r) - 1, int(c) - 1]["shape"]) == (colour, shape)
+            assert f"So the colour is {answer}." in lare["reasoning"]
+            seen[h] += 1
+    assert all(n >= N // 4 for n in seen.values()), seen
+    assert sum(summary["hops_skipped"]["train"].values()) + sum(summary["hops_skipped"]["test"].values()) > 0
+
+
+def test_hop_counts_out_of_range_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="hops"):
+        make_shapes(4, 0, tmp_path, hops=(0,))
+    from latent_apps.cli import app
+    from typer.testing import CliRunner
+
+    for bad in ("1,x", "9"):
+        result = CliRunner().invoke(app, ["make-shapes", "--n", "4", "--out", str(tmp_path / "c"), "--hops", bad])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "--hops" in result.output

@@ -428,7 +428,7 @@ def shapes_rows(path: Path, images: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
-SHAPES_ARGS: tuple[str, ...] = ("n", "seed", "test_fraction", "grid", "image_size", "tint")
+SHAPES_ARGS: tuple[str, ...] = ("n", "seed", "test_fraction", "grid", "image_size", "tint", "hops")
 
 
 def shapes_args(shapes: Path) -> dict[str, Any]:

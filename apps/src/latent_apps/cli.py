@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from latent_core.cli import MethodTyper, method_app
+from latent_core.cli import MethodTyper, UserError, method_app
 from lavit.cli import MAX_PIXELS_OPTION, MIN_PIXELS_OPTION, SYSTEM_PROMPT_OPTION
 from lavit.inputs import MAX_PIXELS, MIN_PIXELS, SYSTEM_PROMPT
 
@@ -168,15 +168,30 @@ def make_shapes_command(
     tint: Annotated[
         bool, typer.Option("--tint/--no-tint", help="Pale per-cell background tints marking rows and columns.")
     ] = True,
+    hops: Annotated[
+        str,
+        typer.Option(
+            help="Multi-hop questions as well: the hop counts, comma-separated (e.g. 1,2,3); one question of kind "
+            "hop{h} per image and h, everything else unchanged. Empty: none."
+        ),
+    ] = "",
 ) -> None:
-    """Synthetic staged-CoT visual task: grids of coloured shapes with count / exists / colour / compare questions,
-    4-stage LLaVA-CoT answers, bboxes and reasoning texts, in LLaVA-CoT, Visual-CoT, reasoning JSONL and VLMEvalKit
-    TSV formats, with disjoint train/test splits."""
+    """Synthetic staged-CoT visual task: grids of coloured shapes with count / exists / colour / compare questions
+    (and with --hops, multi-hop colour questions), 4-stage LLaVA-CoT answers, bboxes and reasoning texts, in
+    LLaVA-CoT, Visual-CoT, reasoning JSONL and VLMEvalKit TSV formats, with disjoint train/test splits."""
     import json
 
-    from latent_apps.shapes import make_shapes
+    from latent_apps.shapes import MAX_HOPS, make_shapes
 
-    summary = make_shapes(n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint)
+    try:
+        hop_counts = tuple(int(h) for h in hops.replace(" ", "").split(",") if h)
+    except ValueError:
+        raise UserError(f"--hops takes comma-separated hop counts such as 1,2,3, got {hops!r}") from None
+    if any(not 1 <= h <= MAX_HOPS for h in hop_counts):
+        raise UserError(f"--hops: each hop count must be in 1..{MAX_HOPS}, got {hops!r}")
+    summary = make_shapes(
+        n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint, hops=hop_counts
+    )
     typer.echo(json.dumps(summary, indent=2))
 
 

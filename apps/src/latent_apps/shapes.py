@@ -22,9 +22,16 @@ Conventions (documented here and in summary.json):
   digit (counts), ``yes``/``no`` or a colour name. yes/no questions have two options (A, B; the TSV's C and D
   are empty, as VLMEvalKit reads missing options); count and colour questions have four.
 - bbox: pixels ``[x0, y0, x1, y1]`` (x1, y1 exclusive: the cell edge), the union of the whole cells that matter:
-  count / exists: the matching cells; colour: the asked cell; compare: the cells of both compared groups.
+  count / exists: the matching cells; colour: the asked cell; compare: the cells of both compared groups;
+  hop: the cells of the path, anchor to answer.
   When no cell matches (count 0, "no" to exists, nothing to compare) the bbox is the whole grid, since the
   answer follows from inspecting every cell.
+- Multi-hop questions (``hops``, opt-in: ``make-shapes --hops 1,2,3``): per image and per ``h``, one question of
+  kind ``hop{h}`` whose answer needs ``h`` serial look-ups, each a move to a neighbouring shape ("What colour is the
+  shape below the shape to the right of the red triangle?"); the anchor is named so that it is unique in the scene,
+  every cell on the path holds a shape and none is visited twice. The reasoning writes one short sentence per hop
+  ("The red triangle is at row 1 column 2. Right of it: row 1 column 3, blue circle. Below it: ..."). Their own
+  generator leaves everything else byte-identical; scenes without a valid path are counted in ``hops_skipped``.
 - The tiny tokenizer's corpus (``latent_core.testing._CORPUS``) covers almost every word used.
 """
 
@@ -304,6 +311,79 @@ def ask_compare(rng: random.Random, objects: list[Obj], grid: int) -> Question:
 
 ASK = {"count": ask_count, "exists": ask_exists, "colour": ask_colour, "compare": ask_compare}
 
+# Multi-hop questions (opt-in, ``hops``): a move from one cell to its neighbour, as the question words it and as the
+# reasoning states it.
+MOVES: dict[str, tuple[int, int]] = {"right": (0, 1), "left": (0, -1), "below": (1, 0), "above": (-1, 0)}
+MOVE_TEXT = {"right": "to the right of", "left": "to the left of", "below": "below", "above": "above"}
+MOVE_STEP = {"right": "Right of it", "left": "Left of it", "below": "Below it", "above": "Above it"}
+MAX_HOPS = 8
+
+
+def hop_kind(h: int) -> str:
+    """The kind (and category) of an ``h``-hop question: ``hop1``, ``hop2``, ..."""
+    return f"hop{h}"
+
+
+def _anchor_name(o: Obj, objects: list[Obj]) -> str | None:
+    """The shortest name that picks ``o`` out of the scene: ``triangle`` when it is the only triangle, ``red
+    triangle`` when it is the only red triangle, ``None`` when neither is unique."""
+    if sum(x.shape == o.shape for x in objects) == 1:
+        return o.shape
+    if sum(x.shape == o.shape and x.colour == o.colour for x in objects) == 1:
+        return f"{o.colour} {o.shape}"
+    return None
+
+
+def _paths(start: Obj, at: dict[tuple[int, int], Obj], grid: int, h: int) -> list[list[str]]:
+    """Every sequence of ``h`` moves from ``start`` that stays on occupied cells and never revisits one."""
+    out: list[list[str]] = []
+
+    def walk(cell: tuple[int, int], seen: set[tuple[int, int]], moves: list[str]) -> None:
+        if len(moves) == h:
+            out.append(list(moves))
+            return
+        for name, (dr, dc) in MOVES.items():
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if 0 <= nxt[0] < grid and 0 <= nxt[1] < grid and nxt in at and nxt not in seen:
+                walk(nxt, seen | {nxt}, [*moves, name])
+
+    walk((start.row, start.col), {(start.row, start.col)}, [])
+    return out
+
+
+def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int) -> Question | None:
+    """An ``h``-hop question: start at a uniquely named shape, move ``h`` times to a neighbouring shape, ask the
+    last one's colour ("What colour is the shape below the shape to the right of the red triangle?"). Every answer
+    needs ``h`` serial look-ups, each a local step; the reasoning writes one short sentence per hop. The anchor and
+    path are drawn uniformly among all valid ones; ``None`` when the scene has none (counted by the caller)."""
+    at = {(o.row, o.col): o for o in objects}
+    choices = [
+        (o, name, moves)
+        for o in objects
+        if (name := _anchor_name(o, objects)) is not None
+        for moves in _paths(o, at, grid, h)
+    ]
+    if not choices:
+        return None
+    anchor, name, moves = rng.choice(choices)
+    cells, steps = [(anchor.row, anchor.col)], []
+    for move in moves:
+        dr, dc = MOVES[move]
+        cells.append((cells[-1][0] + dr, cells[-1][1] + dc))
+        o = at[cells[-1]]
+        steps.append(f"{MOVE_STEP[move]}: {o.where()}, {o.colour} {o.shape}.")
+    final = at[cells[-1]]
+    path = " the shape ".join(MOVE_TEXT[m] for m in reversed(moves))
+    return Question(
+        kind=hop_kind(h),
+        text=f"What colour is the shape {path} the {name}?",
+        answer=final.colour,
+        options=list(COLOURS),
+        summary=f"I will find the {name}, follow the question from it one shape at a time and answer the question.",
+        reasoning=f"The {name} is at {anchor.where()}. {' '.join(steps)} So the colour is {final.colour}.",
+        cells=cells,
+    )
+
 
 def caption(objects: list[Obj], grid: int = 3) -> str:
     """Every cell in reading order, position first (``"row 1 column 1: red circle."``, ``"..: empty."``)."""
@@ -354,10 +434,15 @@ def make_shapes(
     grid: int = 3,
     image_size: int = 96,
     tint: bool = True,
+    hops: tuple[int, ...] = (),
 ) -> dict:
-    """Generate ``n`` scenes (4 questions each) into ``out``; returns the summary (also ``out/summary.json``).
+    """Generate ``n`` scenes (4 questions each, plus one ``h``-hop question per ``h`` in ``hops``) into ``out``;
+    returns the summary (also ``out/summary.json``).
 
     Deterministic: the same arguments give byte-identical files (one ``random.Random(seed)``, fixed PNG options).
+    Hop questions draw from a second generator (``random.Random(f"shapes-hops-{seed}")``), so adding them leaves
+    the scenes and today's four questions byte-identical; a scene with no valid h-hop path gets no h-hop question
+    and is counted in ``summary["hops_skipped"]``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -365,8 +450,14 @@ def make_shapes(
         raise ValueError(f"grid must be in 2..9 (single-digit rows and columns), got {grid}")
     if image_size < 8 * grid:
         raise ValueError(f"image_size must be at least 8 px per cell ({8 * grid}), got {image_size}")
+    hops = tuple(sorted(set(int(h) for h in hops)))
+    if any(not 1 <= h <= MAX_HOPS for h in hops):
+        raise ValueError(f"hops must be in 1..{MAX_HOPS}, got {list(hops)}")
     out = Path(out)
     rng = random.Random(seed)
+    hop_rng = random.Random(f"shapes-hops-{seed}")
+    kinds = [*KINDS, *(hop_kind(h) for h in hops)]
+    skipped = {s: {hop_kind(h): 0 for h in hops} for s in ("train", "test")}
     n_test = _split_sizes(n, test_fraction)
     order = list(range(n))
     rng.shuffle(order)
@@ -376,7 +467,7 @@ def make_shapes(
     rows: dict[str, dict[str, list]] = {s: {"llava": [], "vcot": [], "lare": []} for s in ("train", "test")}
     tsv_rows: list[list] = []
     scenes: dict[str, dict] = {}
-    counts = {s: {"images": 0, "questions": 0, **{k: 0 for k in KINDS}, "open": 0, "mc": 0} for s in ("train", "test")}
+    counts = {s: {"images": 0, "questions": 0, **{k: 0 for k in kinds}, "open": 0, "mc": 0} for s in ("train", "test")}
     for i in range(n):
         split = "test" if i in test_ids else "train"
         objects = random_scene(rng, grid)
@@ -385,9 +476,20 @@ def make_shapes(
         (out / image).write_bytes(data)
         scenes[image] = {"split": split, "objects": [o.__dict__ for o in objects]}
         counts[split]["images"] += 1
+        questions = []
         for kind in KINDS:
             q = ASK[kind](rng, objects, grid)
             q.mc = rng.random() < P_MC
+            questions.append(q)
+        for h in hops:
+            q = ask_hop(hop_rng, objects, grid, h)
+            if q is None:
+                skipped[split][hop_kind(h)] += 1
+                continue
+            q.mc = hop_rng.random() < P_MC
+            questions.append(q)
+        for q in questions:
+            kind = q.kind
             qid = f"shapes-{i:05d}-{kind}"
             prompt, final = q.prompt(), q.final()
             bbox = cell_bbox(q.cells, grid, image_size)
@@ -435,7 +537,7 @@ def make_shapes(
         "image_size": image_size,
         "tint": tint,
         "cell_px": image_size // grid,
-        "kinds": list(KINDS),
+        "kinds": kinds,
         "colours": list(COLOURS),
         "shapes": list(SHAPES),
         "splits": counts,
@@ -450,6 +552,9 @@ def make_shapes(
             "tsv": "test/shapes_mc.tsv",
         },
     }
+    if hops:  # without them, today's summary byte for byte
+        summary["hops"] = list(hops)
+        summary["hops_skipped"] = skipped
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -462,8 +567,16 @@ def main(
     grid: int = 3,
     image_size: int = 96,
     tint: bool = True,
+    hops: tuple[int, ...] = (),
 ) -> dict:
     """Entry point for the ``make-shapes`` command: same as :func:`make_shapes`, with defaults."""
     return make_shapes(
-        n=n, seed=seed, out=Path(out), test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint
+        n=n,
+        seed=seed,
+        out=Path(out),
+        test_fraction=test_fraction,
+        grid=grid,
+        image_size=image_size,
+        tint=tint,
+        hops=hops,
     )
