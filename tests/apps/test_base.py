@@ -5,6 +5,7 @@ fall to chance with blank images."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,86 @@ def test_base_shapes_rewrites_hop_questions_too(tmp_path):
     for name in ("train/llava_cot.jsonl", "test/llava_cot.jsonl", "test/shapes_mc.tsv", "summary.json"):
         assert (again / name).read_bytes() == (made / name).read_bytes(), name
     assert "-hop3" in (again / "train" / "llava_cot.jsonl").read_text()
+
+
+DIRECT_LINE = "Answer directly, without reasoning."
+
+
+def test_a_mixed_base_trains_each_question_with_its_cot_and_its_direct_answer(shapes):
+    from latent_apps.base import shapes_rows
+
+    path = shapes / "train" / "llava_cot.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = {r["id"]: r for r in shapes_rows(path, mix="cot+direct")}
+    assert len(rows) == 2 * len(records)
+    for record in records:
+        human, gpt = (turn["value"] for turn in record["conversations"])
+        cot, direct = rows[record["id"]], rows[record["id"] + "#direct"]
+        assert cot["prompt"] == human.removeprefix("<image>\n") and cot["answer"] == gpt
+        assert direct["prompt"] == cot["prompt"] + "\n" + DIRECT_LINE
+        assert direct["answer"] == re.search(r"<CONCLUSION>(.+)</CONCLUSION>", gpt)[1]
+        assert direct["image"] == cot["image"] == record["image"]
+    assert len(shapes_rows(path)) == len(records)  # the default: CoT only, as the shipped bases were trained
+    with pytest.raises(ValueError, match="unknown mix"):
+        shapes_rows(path, mix="direct")
+
+
+def test_the_direct_method_asks_with_the_direct_line_and_the_others_do_not():
+    from latent_apps.eval.methods import get_method
+
+    asked = {"prompt": "What colour is the shape at row 1 column 1?"}
+    choice = {"question": "Is there a red circle?", "options": {"A": "yes", "B": "no"}}
+    direct = get_method("direct")
+    assert direct.prompt_text(asked) == asked["prompt"] + "\n" + DIRECT_LINE
+    lines = direct.prompt_text(choice).split("\n")
+    assert lines[0] == choice["question"] and lines[-2:] == [
+        "Please answer with the letter of the correct option.",
+        DIRECT_LINE,
+    ]
+    for name in ("plain", "cot"):
+        assert DIRECT_LINE not in get_method(name).prompt_text(asked) + get_method(name).prompt_text(choice)
+
+
+def test_a_direct_answer_is_read_only_from_an_output_that_ended(tmp_path):
+    """A CoT-only base asked directly starts its chain of thought and is cut at 32 tokens; a letter found in its
+    first words ("... row 1 column 1: no") must not score."""
+    from latent_apps.eval.methods import Generation
+    from latent_apps.eval.runner import _run_batch
+
+    sample = {"id": "q", "question": "Is there a red circle?", "options": {"A": "yes", "B": "no"}, "answer": "A"}
+
+    class Canned:
+        complete_only = True
+
+        def __init__(self, text: str, truncated: bool) -> None:
+            self.text, self.truncated = text, truncated
+
+        def __call__(self, model, processor, batch, max_new_tokens):
+            return [Generation(text=self.text, generated_tokens=32, truncated=self.truncated)]
+
+    for text, truncated, correct in [("<SUMMARY>I will look. A", True, False), ("A", False, True)]:
+        path = tmp_path / "samples.jsonl"
+        with open(path, "w") as f:
+            _run_batch(None, None, Canned(text, truncated), [sample], 32, f)
+        record = json.loads(path.read_text())
+        assert record["correct"] is correct and record["unanswered"] is truncated, record
+
+
+@pytest.mark.slow
+def test_a_mixed_base_is_evaluated_both_ways(shapes, tmp_path):
+    out = tmp_path / "mixed"
+    summary = make_base(
+        "mllama", shapes, out, size="deep", steps=2, batch_size=4, threads=1, eval_samples=2, eval_batch_size=2,
+        show_progress=False, mix="cot+direct",
+    )  # fmt: skip
+    assert summary["mix"] == "cot+direct" and summary["dims"]["layers"] == 8
+    assert summary["train_rows"] == 2 * summary["train_questions"]
+    assert summary["eval"]["method"] == "cot" and summary["eval_direct"]["method"] == "direct"
+    assert summary["eval_direct"]["n"] == 2 and "blank_accuracy" in summary["eval_direct"]
+    samples = (out / "eval" / "direct" / "llava_cot" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2
+    readme = (out / "README.md").read_text()
+    assert "Asked directly" in readme and "its staged-CoT answer, and asked directly" in readme
 
 
 def _fresh_questions(tmp_path: Path) -> tuple[Path, list[dict]]:

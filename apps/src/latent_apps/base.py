@@ -32,7 +32,7 @@ import torch
 from latent_core.cli import default_threads
 from latent_core.families import get_family
 
-__all__ = ["BASE_FAMILIES", "SIZES", "BaseSize", "base_shapes", "build_base", "make_base"]
+__all__ = ["BASE_FAMILIES", "MIXES", "SIZES", "BaseSize", "base_shapes", "build_base", "make_base"]
 
 BASE_FAMILIES: tuple[str, ...] = ("mllama", "qwen2_5_vl", "llava", "llava_next", "causal_lm")
 IMAGE_PX = 84  # processor input side: 3 cells of 28 px = 2x2 patches of 14 px each
@@ -55,8 +55,15 @@ class BaseSize:
 SIZES: dict[str, BaseSize] = {
     "tiny": BaseSize(hidden=64, layers=4, heads=4, vision_hidden=32, vision_layers=2),
     "small": BaseSize(hidden=128, layers=4, heads=4, vision_hidden=64, vision_layers=2),
+    "deep": BaseSize(hidden=64, layers=8, heads=4, vision_hidden=32, vision_layers=2),
 }
-"""``tiny``: the bases every method starts from; ``small``: a larger one (LaViT's teacher)."""
+"""``tiny``: the bases every method starts from; ``small``: a larger one (LaViT's teacher); ``deep``: the tiny
+width at twice the depth (serial depth is what latent steps add; issue 26)."""
+
+MIXES: tuple[str, ...] = ("cot", "cot+direct")
+"""What a base is trained on: ``cot``, the staged answers only; ``cot+direct``, each question twice, once with its
+staged answer and once asked with :func:`latent_core.prompts.direct_prompt` and answered with its conclusion alone,
+so that a direct answer is a trained skill (``latent eval --method direct``)."""
 
 
 def _text_ids(tokenizer: Any) -> dict[str, Any]:
@@ -406,10 +413,17 @@ class _FreezeVision:
         return Freeze()
 
 
-def shapes_rows(path: Path, images: bool = True) -> list[dict[str, Any]]:
+def shapes_rows(path: Path, images: bool = True, mix: str = "cot") -> list[dict[str, Any]]:
     """Training rows ``{"id", "prompt", "answer", "image"}`` of a shapes LLaVA-CoT file (one per question; the
     prompt is the human turn without its ``<image>`` marker, exactly as :mod:`latent_core.prompts` built it).
-    ``images=False`` (a text LM) drops the images."""
+    ``images=False`` (a text LM) drops the images. ``mix="cot+direct"`` (:data:`MIXES`) adds after each question its
+    direct row: id ``<id>#direct``, the prompt through :func:`latent_core.prompts.direct_prompt`, the answer the
+    staged answer's ``<CONCLUSION>``."""
+    from latent_core.prompts import direct_prompt
+    from latent_core.readers import parse_cot_stages
+
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -425,6 +439,12 @@ def shapes_rows(path: Path, images: bool = True) -> list[dict[str, Any]]:
                     "image": record["image"] if images else None,
                 }
             )
+            if mix == "cot+direct":
+                conclusion = parse_cot_stages(gpt).get("conclusion")
+                if not conclusion:
+                    raise ValueError(f"{path}: {record['id']} has no <CONCLUSION> to answer directly with")
+                rows.append({**rows[-1], "id": f"{record['id']}#direct", "prompt": direct_prompt(rows[-1]["prompt"]),
+                             "answer": conclusion})  # fmt: skip
     return rows
 
 
@@ -502,6 +522,7 @@ def make_base(
     resume: bool = True,
     show_progress: bool = True,
     command: str | None = None,
+    mix: str = "cot",
 ) -> dict[str, Any]:
     """Train a base of ``family`` from scratch on ``shapes/train`` and save it to ``out`` (see the module docstring).
 
@@ -522,6 +543,8 @@ def make_base(
             control); ``None``: all of them, 0: none.
         resume: continue from the last checkpoint in ``out/checkpoints`` when there is one.
         command: the command line to record in ``make_base.json``.
+        mix: what the base is trained on (:data:`MIXES`); with ``cot+direct`` the evaluation also asks the direct
+            form (``latent eval --method direct``, with its blank-image control).
 
     Returns:
         The summary written to ``out/make_base.json``.
@@ -539,7 +562,7 @@ def make_base(
     torch.set_num_threads(threads)
     transformers.set_seed(seed)
     model, processor = build_base(family, size, seed)
-    rows = shapes_rows(shapes / "train" / "llava_cot.jsonl", images=family != "causal_lm")
+    rows = shapes_rows(shapes / "train" / "llava_cot.jsonl", images=family != "causal_lm", mix=mix)
     checkpoints = out / "checkpoints"
     args = LatentTrainingArguments(
         output_dir=str(checkpoints),
@@ -570,7 +593,7 @@ def make_base(
     if vision and vision_warmup_steps and checkpoint is None:  # a checkpoint holds the warmed-up tower already
         warmup_losses = warm_up_vision(model, processor, family, shapes, vision_warmup_steps, batch_size,
                                        learning_rate, seed)  # fmt: skip
-    info = {"method": "make-base", "family": family, "size": size, "seed": seed, "shapes": str(shapes)}
+    info = {"method": "make-base", "family": family, "size": size, "seed": seed, "shapes": str(shapes), "mix": mix}
     callbacks = [_FreezeVision(model, vision_freeze_steps).callback()] if vision and vision_freeze_steps else []
     trainer = LatentTrainer(
         model=model,
@@ -599,7 +622,9 @@ def make_base(
         "seed": seed,
         "shapes": str(shapes),
         "shapes_args": shapes_args(shapes),
-        "train_questions": len(rows),
+        "mix": mix,
+        "train_questions": sum("#direct" not in r["id"] for r in rows),
+        "train_rows": len(rows),
         "steps": trainer.state.global_step,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
@@ -617,9 +642,24 @@ def make_base(
     if eval_samples != 0:
         summary["eval"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
                                         show_progress=show_progress)  # fmt: skip
+        if mix == "cot+direct":
+            summary["eval_direct"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
+                                                   show_progress=show_progress, method="direct")  # fmt: skip
     (out / MAKE_BASE_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(base_readme(summary), encoding="utf-8")
     return summary
+
+
+_MIX_TEXT = {
+    "cot": "the full staged-CoT answers",
+    "cot+direct": "each question twice: its staged-CoT answer, and asked directly with its conclusion alone",
+}
+
+
+def _direct() -> str:
+    from latent_core.prompts import DIRECT_INSTRUCTION
+
+    return DIRECT_INSTRUCTION
 
 
 def base_readme(summary: dict[str, Any]) -> str:
@@ -637,6 +677,7 @@ def base_readme(summary: dict[str, Any]) -> str:
         f"- command: `{summary['command']}`",
         f"- shapes data: `make_shapes({', '.join(f'{k}={v!r}' for k, v in summary['shapes_args'].items())})` "
         f"({summary['train_questions']} train questions)",
+        f"- trained on: {_MIX_TEXT[summary.get('mix', 'cot')]}",
         f"- dims: {summary['dims']}; processor input {summary['image_px']} px",
         f"- {summary['steps']} steps of batch {summary['batch_size']}, lr {summary['learning_rate']}, vision warm-up "
         f"{summary['vision_warmup_steps']} steps, vision frozen for {summary['vision_freeze_steps']} steps; "
@@ -644,6 +685,24 @@ def base_readme(summary: dict[str, Any]) -> str:
         f"{summary['transformers']})",
     ]
     ev = summary.get("eval")
+    direct = summary.get("eval_direct")
+    if direct:
+        lines += [
+            "",
+            f"Asked directly ({direct['n']} test questions, `latent eval --method direct`: the prompt + "
+            f"'{_direct()}', the answer alone):",
+            "",
+            "| accuracy | blank images | majority baseline | truncated | unanswered | tokens |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {pct(direct['accuracy'])} | {pct(direct['blank_accuracy'])} | {pct(direct['majority_baseline'])} | "
+            f"{direct['truncated']} | {direct['unanswered']} | {direct['mean_generated_tokens']:.1f} |",
+            "",
+            "Per question kind: "
+            + ", ".join(
+                f"{k} {pct(v)} (blank {pct(direct['blank_accuracy_per_kind'].get(k))})"
+                for k, v in direct["accuracy_per_kind"].items()
+            ),  # fmt: skip
+        ]
     if ev:
         lines += [
             "",
@@ -669,27 +728,35 @@ def evaluate_base(
     shapes: str | Path,
     limit: int | None = None,
     batch_size: int = 50,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     show_progress: bool = False,
+    method: str = "cot",
 ) -> dict[str, Any]:
-    """``latent eval --method cot`` of a base on ``shapes/test/llava_cot.jsonl`` with the blank-image control, into
-    ``model_dir/eval``: accuracy, per question kind, majority baseline, blank-image accuracy, exact captions."""
+    """``latent eval --method cot`` (or ``direct``) of a base on ``shapes/test/llava_cot.jsonl`` with the blank-image
+    control, into ``model_dir/eval`` (``eval/direct``): accuracy, per question kind, majority baseline, blank-image
+    accuracy, exact captions (CoT only). ``max_new_tokens``: default 512 for CoT, the method's own otherwise."""
     from latent_core.readers import parse_cot_stages
 
     from latent_apps.eval.runner import read_samples_jsonl, run_eval
 
     model_dir, shapes = Path(model_dir), Path(shapes)
     bench = shapes / "test" / "llava_cot.jsonl"
-    out = model_dir / "eval"
+    out = model_dir / "eval" if method == "cot" else model_dir / "eval" / method
+    if max_new_tokens is None and method == "cot":
+        max_new_tokens = 512
     summary = run_eval(
-        str(model_dir), "cot", [bench], out, batch_size=batch_size, max_new_tokens=max_new_tokens, resume=False,
+        str(model_dir), method, [bench], out, batch_size=batch_size, max_new_tokens=max_new_tokens, resume=False,
         limit=limit, blank=True, show_progress=show_progress,
     )["benches"][bench.stem]  # fmt: skip
-    gold = {r["id"]: parse_cot_stages(r["conversations"][1]["value"])["caption"] for r in read_samples_jsonl(bench)}
-    records = read_samples_jsonl(out / bench.stem / "samples.jsonl")
-    exact = [parse_cot_stages(r["prediction"]).get("caption") == gold[r["id"]] for r in records]
+    exact: list[bool] = []
+    if method == "cot":
+        gold = {r["id"]: parse_cot_stages(r["conversations"][1]["value"])["caption"]
+                for r in read_samples_jsonl(bench)}  # fmt: skip
+        records = read_samples_jsonl(out / bench.stem / "samples.jsonl")
+        exact = [parse_cot_stages(r["prediction"]).get("caption") == gold[r["id"]] for r in records]
     blank = summary["blank"]
     return {
+        "method": method,
         "n": summary["n"],
         "accuracy": summary["accuracy"],
         "accuracy_per_kind": {k: v["accuracy"] for k, v in summary["accuracy_per_category"].items()},

@@ -208,7 +208,10 @@ def make_base_command(
         typer.Option(help="Output directory (default: data/base/<family>, <family>-small for --size small)."),
     ] = None,
     size: Annotated[
-        str, typer.Option(help="tiny (the shipped bases) or small (a larger one: LaViT's teacher).")
+        str,
+        typer.Option(
+            help="tiny (the shipped bases), small (a larger one: LaViT's teacher) or deep (tiny's width, 8 layers)."
+        ),
     ] = "tiny",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (batches of --batch-size questions).")] = 2500,
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
@@ -219,29 +222,40 @@ def make_base_command(
         int, typer.Option(min=0, help="Test questions evaluated at the end (0: none), with the blank-image control.")
     ] = 400,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = True,
+    mix: Annotated[
+        str,
+        typer.Option(
+            help="cot (staged answers only) or cot+direct (each question also asked directly and answered with its "
+            "conclusion; evaluated with --method direct as well)."
+        ),
+    ] = "cot",
 ) -> None:
     """Train a small VLM of the family's real class from scratch (every weight trainable) on the shapes train split
     with full staged-CoT answers; save it (save_pretrained + processor, loadable by every method CLI) with
     make_base.json and an evaluation on the test split (accuracy, blank images, majority baseline)."""
     import json
 
-    from latent_apps.base import BASE_FAMILIES, SIZES, make_base
+    from latent_apps.base import BASE_FAMILIES, MIXES, SIZES, make_base
 
     if family not in BASE_FAMILIES:
         raise typer.BadParameter(f"choose one of {', '.join(BASE_FAMILIES)}", param_hint="--family")
     if size not in SIZES:
         raise typer.BadParameter(f"choose one of {', '.join(SIZES)}", param_hint="--size")
+    if mix not in MIXES:
+        raise typer.BadParameter(f"choose one of {', '.join(MIXES)}", param_hint="--mix")
     out = out or Path("data/base") / (family if size == "tiny" else f"{family}-{size}")
     command = (
         f"uv run apps/cli make-base --family {family} --shapes {shapes} --out {out} --size {size} --steps {steps} "
         f"--seed {seed} --batch-size {batch_size} --learning-rate {learning_rate}"
+        + (f" --mix {mix}" if mix != "cot" else "")
     )
     summary = make_base(
         family, shapes, out, size=size, steps=steps, seed=seed, batch_size=batch_size,
         learning_rate=learning_rate, threads=threads, eval_samples=eval_samples, resume=resume, command=command,
+        mix=mix,
     )  # fmt: skip
-    shown = {k: summary[k] for k in ("family", "size", "params", "steps", "train_seconds", "train_loss")}
-    typer.echo(json.dumps({**shown, "eval": summary.get("eval")}, indent=2))
+    shown = {k: summary[k] for k in ("family", "size", "mix", "params", "steps", "train_seconds", "train_loss")}
+    typer.echo(json.dumps({**shown, "eval": summary.get("eval"), "eval_direct": summary.get("eval_direct")}, indent=2))
     typer.echo(f"saved to {out}")
 
 

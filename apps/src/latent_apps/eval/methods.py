@@ -242,7 +242,7 @@ class PlainMethod:
         import torch
 
         tokenizer = getattr(processor, "tokenizer", processor)
-        texts = [build_prompt_text(s, self.instruction) for s in samples]
+        texts = [self.prompt_text(s) for s in samples]
         inputs, prompt_len = build_inputs(model, processor, samples, texts)
         inputs = inputs.to(model.device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -257,8 +257,30 @@ class PlainMethod:
             results.append(self._generation(tokenizer, row[:n], text, ended))
         return results
 
+    def prompt_text(self, sample: dict[str, Any]) -> str:
+        """The user text ``sample`` is asked with."""
+        return build_prompt_text(sample, self.instruction)
+
     def _generation(self, tokenizer: Any, kept: torch.Tensor, text: str, ended: bool) -> Generation:
         return Generation(text=text, generated_tokens=len(kept), truncated=not ended)
+
+
+class DirectMethod(PlainMethod):
+    """A base trained on a mixture of CoT and direct answers (``make-base --mix cot+direct``), asked for the final
+    answer alone: the training prompt plus :data:`latent_core.prompts.DIRECT_INSTRUCTION` on its last line
+    (:func:`latent_core.prompts.direct_prompt`), the answer read from the whole (short) output, and only from an
+    output that ended within the budget (``complete_only``: a truncated one, a model that began to reason, is
+    unanswered)."""
+
+    name = "direct"
+    instruction = None
+    default_max_new_tokens = 32
+    complete_only = True
+
+    def prompt_text(self, sample: dict[str, Any]) -> str:
+        from latent_core.prompts import direct_prompt
+
+        return direct_prompt(build_prompt_text(sample, None))
 
 
 class CotMethod(PlainMethod):
@@ -286,6 +308,7 @@ class CotMethod(PlainMethod):
 
 register_method("plain", PlainMethod)
 register_method("cot", CotMethod)
+register_method("direct", DirectMethod)
 
 # Method adapters of the method packages register themselves on import.
 from latent_apps.eval import heima_method, lare_method, lavit_method  # noqa: E402, F401  (their methods)

@@ -358,15 +358,21 @@ def _check_run_config(path: Path, config: dict[str, Any], resume: bool, has_reco
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _record(sample: dict[str, Any], gen: Generation, latency_s: float, staged: bool = False) -> dict[str, Any]:
+def _record(
+    sample: dict[str, Any], gen: Generation, latency_s: float, staged: bool = False, complete_only: bool = False
+) -> dict[str, Any]:
     from latent_core.readers import conclusion_of
 
     options = {str(k): str(v) for k, v in (sample.get("options") or {}).items()}
     gold = sample.get("answer")
     gold = None if gold is None else str(gold).strip()
     kind = infer_kind(gold, options)
-    # A staged output is read only from its closed <CONCLUSION> block; without one it is unanswered.
+    # A staged output is read only from its closed <CONCLUSION> block; without one it is unanswered. A method that
+    # answers directly (``complete_only``) is read only from an output that ended: a truncated one is a model that
+    # began to reason instead, and a letter picked from its first words is no answer.
     scope = gen.text if not staged else conclusion_of(gen.text)
+    if complete_only and gen.truncated:
+        scope = None
     unanswered = scope is None
     extracted = None if unanswered else extract_answer(scope, kind, options or None)
     index = sample.get("index")
@@ -408,9 +414,10 @@ def _run_batch(model, processor, method: EvalMethod, batch, max_new_tokens: int,
     if len(generations) != len(batch):
         raise RuntimeError(f"the method returned {len(generations)} generations for a batch of {len(batch)}")
     staged = bool(getattr(method, "staged", False))
+    complete_only = bool(getattr(method, "complete_only", False))
     for sample, gen in zip(batch, generations, strict=True):
         latency = gen.latency_s if gen.latency_s is not None else wall / len(batch)
-        f.write(json.dumps(_record(sample, gen, latency, staged), ensure_ascii=False) + "\n")
+        f.write(json.dumps(_record(sample, gen, latency, staged, complete_only), ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
 
@@ -696,7 +703,11 @@ def eval_command(
         ),
     ],
     method: Annotated[
-        str, typer.Option(help="Evaluation method: plain, cot (a model trained on staged CoT), heima, lavit, lare.")
+        str,
+        typer.Option(
+            help="Evaluation method: plain, cot (a model trained on staged CoT), direct (a base trained on CoT + "
+            "direct answers, asked for the answer alone), heima, lavit, lare.",
+        ),
     ] = "plain",
     out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
         "runs/eval"
@@ -705,7 +716,9 @@ def eval_command(
     max_new_tokens: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Generation budget per sample (greedy); default: the method's (plain 64, cot 1024, heima 512)."
+            min=1,
+            help="Generation budget per sample (greedy); default: the method's (plain 64, direct 32, cot 1024, "
+            "heima 512).",
         ),
     ] = None,  # fmt: skip
     limit: Annotated[int | None, typer.Option(min=0, help="Only the first N samples of each benchmark.")] = None,

@@ -14,6 +14,9 @@ Training (:class:`latent_core.collate.SupervisedCollator`), generation (``heima.
   and a question without options as ``[<hint>\\n]<question>`` (plus ``instruction`` when given: the ``plain``
   evaluation of an untrained chat model adds :data:`SHORT_INSTRUCTION`). The synthetic shapes task writes its
   multiple-choice questions with this function, so its training data and its VLMEvalKit TSV ask the same thing.
+- :func:`direct_prompt` adds :data:`DIRECT_INSTRUCTION` as the last line: the form in which a base trained on a
+  mixture of CoT and direct answers (``make-base --mix cot+direct``) is asked for the final answer alone, and in
+  which ``latent eval --method direct`` asks it. Without the line the same model writes its chain of thought.
 - :func:`chat_messages` puts the images (first, as in LLaVA-CoT and the chat templates of every family) and the
   text in one user turn, optionally after a system turn (``system``: a method's own system prompt, e.g. LaViT's;
   without it the chat template writes its default, if it has one) and followed by the assistant's answer.
@@ -28,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "DIRECT_INSTRUCTION",
     "MC_INSTRUCTION",
     "OPTIONS_HEADER",
     "SHORT_INSTRUCTION",
     "chat_messages",
     "decode_answers",
+    "direct_prompt",
     "encode_chats",
     "parse_options",
     "question_text",
@@ -42,6 +47,13 @@ __all__ = [
 OPTIONS_HEADER = "Options:"
 MC_INSTRUCTION = "Please answer with the letter of the correct option."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+DIRECT_INSTRUCTION = "Answer directly, without reasoning."
+
+
+def direct_prompt(text: str) -> str:
+    """The user text ``text`` (a :func:`question_text`) asking for the final answer alone: ``text`` and
+    :data:`DIRECT_INSTRUCTION` on a last line of its own (after the options and their instruction, if any)."""
+    return f"{str(text).rstrip()}\n{DIRECT_INSTRUCTION}"
 
 
 def question_text(
