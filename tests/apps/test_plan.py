@@ -44,16 +44,16 @@ def _text(raw: dict, defaults: dict | None = None) -> dict:
     return t
 
 
+def _dims(t: dict) -> tuple[int, int, int, int, int]:
+    """hidden, attention heads, key/value heads, head dim, MLP width of a text config."""
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    return tuple(t[k] for k in keys)
+
+
 def _decoder(t: dict, *, bias: bool, tied: bool, vocab: int | None = None) -> dict[str, int]:
     """A Llama / Qwen2 decoder by hand: per layer q, k, v, o (+ q/k/v biases for Qwen2), gate / up / down, 2 RMSNorms;
     the final norm; the embedding and (untied) lm_head of ``vocab`` rows."""
-    h, n, kv, d, i = (
-        t["hidden_size"],
-        t["num_attention_heads"],
-        t["num_key_value_heads"],
-        t["head_dim"],
-        t["intermediate_size"],
-    )
+    h, n, kv, d, i = _dims(t)
     attn = h * n * d + 2 * h * kv * d + n * d * h + ((n + 2 * kv) * d if bias else 0)
     layers = t["num_hidden_layers"] * (attn + 3 * h * i + 2 * h) + h
     v = vocab or t["vocab_size"]
@@ -71,13 +71,7 @@ def _clip_vision(v: dict) -> int:
 
 def _lora(t: dict, layers: int, modules: str) -> int:
     """r * (in + out) summed over ``modules`` ("attn": q, k, v, o; "mlp": gate, up, down) of ``layers`` layers."""
-    h, n, kv, d, i = (
-        t["hidden_size"],
-        t["num_attention_heads"],
-        t["num_key_value_heads"],
-        t["head_dim"],
-        t["intermediate_size"],
-    )
+    h, n, kv, d, i = _dims(t)
     per = (h + n * d) + 2 * (h + kv * d) + (n * d + h) if modules == "attn" else 3 * (h + i)
     return R * per * layers
 
