@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from latent_core.cli import MethodTyper, UserError, method_app
+from latent_core.cli import BF16_OPTION, MethodTyper, UserError, method_app
 from lavit.cli import MAX_PIXELS_OPTION, MIN_PIXELS_OPTION, SYSTEM_PROMPT_OPTION
 from lavit.inputs import MAX_PIXELS, MIN_PIXELS, SYSTEM_PROMPT
 
@@ -392,13 +392,68 @@ def _register_eval() -> None:
 
     app.command(
         "eval",
-        help="Evaluate a model with a method (plain, cot, heima, lavit, lare) on benchmarks (VLMEvalKit TSV, "
-        "LLaVA-CoT JSONL, BLINK, MMVP or V* folder; repeat --bench): accuracy per category, generated tokens, "
-        "latency; resumable.",
+        help="Evaluate a model with a method (plain, cot, direct, coconut, heima, lavit, lare) on benchmarks "
+        "(VLMEvalKit TSV, LLaVA-CoT JSONL, BLINK, MMVP or V* folder; repeat --bench): accuracy per category, "
+        "generated tokens, latency; resumable.",
     )(eval_command)
 
 
 _register_eval()
+
+
+coconut_app = MethodTyper(
+    help="Coconut (Hao et al. 2024): continuous thoughts replacing CoT steps by a curriculum, from a CoT model; the "
+    "baseline of every latent method. Evaluate a stage with `latent eval --method coconut`.",
+    no_args_is_help=True,
+)
+app.add_typer(coconut_app, name="coconut")
+
+
+@coconut_app.command("train")
+def coconut_train(
+    model: Annotated[str, typer.Option(help="The CoT model the curriculum starts from (alias, Hub id or path).")],
+    data: Annotated[Path, typer.Option(help="LLaVA-CoT JSONL (or JSON list) with staged answers.")],
+    images: Annotated[Path, typer.Option(help="Image root the records' `image` paths are relative to.")],
+    out: Annotated[Path, typer.Option(help="Run directory: stage_1 .. stage_M (each a checkpoint + coconut.json).")],
+    steps_per_stage: Annotated[int, typer.Option(min=1, help="Optimizer steps of each curriculum stage.")] = 300,
+    c_thought: Annotated[int, typer.Option(min=1, help="Continuous thoughts per replaced step (c).")] = 1,
+    max_latent_stage: Annotated[
+        int, typer.Option(min=1, help="Last stage M: it replaces every step by M * c thoughts.")
+    ] = 3,
+    unit: Annotated[
+        str, typer.Option(help="One step: stage (SUMMARY / CAPTION / REASONING) or sentence (of the REASONING).")
+    ] = "stage",
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per device and step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant, reset every stage).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Data-order seed (stage k uses seed + k).")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N rows.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: the usable cores, <= 8).")] = None,
+    bf16: BF16_OPTION = None,
+    deepspeed: Annotated[str | None, typer.Option(help="zero2 | zero3 | zero3_offload or a DeepSpeed JSON.")] = None,
+) -> None:
+    """Train Coconut's stages 1..M (every weight; a fresh optimizer per stage); a finished stage is skipped and a
+    killed one resumes from its checkpoint. Prints the data's skip report and one JSON line per stage."""
+    import json
+
+    import torch
+    from latent_core.coconut import CoconutConfig, read_coconut_rows, train_coconut
+    from latent_core.readers import ReadReport
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = CoconutConfig(c_thought=c_thought, max_latent_stage=max_latent_stage, unit=unit)
+    report = ReadReport(str(data))
+    rows = read_coconut_rows(data, images, config, report)[:limit]
+    typer.echo(str(report))
+    if not rows:
+        raise UserError(f"{data}: no row with staged reasoning to train on")
+    extra = {"deepspeed": deepspeed} if deepspeed else {}
+    result = train_coconut(model, rows, out, config, steps_per_stage, batch_size=batch_size,
+                           learning_rate=learning_rate, seed=seed, bf16=bf16, **extra)  # fmt: skip
+    for stage in result["stages"]:
+        keys = ("stage", "num_latents", "steps", "first_loss", "last_loss", "seconds")
+        typer.echo(json.dumps({k: stage.get(k) for k in keys}))
+    typer.echo(f"final stage: {result['final']}")
 
 
 reproduce_app = MethodTyper(

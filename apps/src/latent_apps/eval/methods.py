@@ -3,7 +3,7 @@
 A *method* is a callable ``method(model, processor, samples, max_new_tokens) -> list[Generation]``, one
 :class:`Generation` per sample, in order. Methods are registered by name with a *factory* (a callable that
 takes keyword options and returns the method), so that ``get_method("heima", batch_size=4)`` can configure
-one. ``plain`` and ``cot`` are registered here; Heima, LaViT and LaRe register theirs.
+one. ``plain``, ``cot`` and ``direct`` are registered here; Coconut, Heima, LaViT and LaRe register theirs.
 
 A method says how it is asked and read (class attributes the runner uses):
 
@@ -311,4 +311,4 @@ register_method("cot", CotMethod)
 register_method("direct", DirectMethod)
 
 # Method adapters of the method packages register themselves on import.
-from latent_apps.eval import heima_method, lare_method, lavit_method  # noqa: E402, F401  (their methods)
+from latent_apps.eval import coconut_method, heima_method, lare_method, lavit_method  # noqa: E402, F401  (their methods)

@@ -398,8 +398,9 @@ def _record(
     }
     if gen.controls:  # the same sample under controls, scored the same way; "changed": another extracted answer
         record["controls"] = {}
-        for name, text in gen.controls.items():
-            other = extract_answer(text, kind, options or None)
+        for name, text in gen.controls.items():  # read like the answer: a staged one from its <CONCLUSION> only
+            other_scope = text if not staged else conclusion_of(text)
+            other = None if other_scope is None else extract_answer(other_scope, kind, options or None)
             record["controls"][name] = {
                 "prediction": text, "extracted": other, "correct": is_correct(other, gold, kind),
                 "changed": other != extracted,
@@ -706,7 +707,7 @@ def eval_command(
         str,
         typer.Option(
             help="Evaluation method: plain, cot (a model trained on staged CoT), direct (a base trained on CoT + "
-            "direct answers, asked for the answer alone), heima, lavit, lare.",
+            "direct answers, asked for the answer alone), coconut, heima, lavit, lare.",
         ),
     ] = "plain",
     out: Annotated[Path, typer.Option(help="Output directory: <out>/<bench>/samples.jsonl, summary.json/.md.")] = Path(
@@ -741,8 +742,9 @@ def eval_command(
         bool,
         typer.Option(
             "--latent-diagnostics",
-            help="--method lavit | lare: also answer with the latents zeroed, shuffled across the batch (and, for "
-            "lavit, masked); the summary's latent_controls gives each one's accuracy and answer-change rate.",
+            help="--method lavit | lare | coconut: also answer with the latents zeroed, shuffled across the batch "
+            "(and, for lavit, masked); the summary's latent_controls gives each one's accuracy and answer-change "
+            "rate.",
         ),
     ] = False,
     halt: Annotated[
@@ -769,8 +771,8 @@ def eval_command(
         raise typer.BadParameter(
             "--mask-latents acts on a LaViT student's latent positions: use it with --method lavit"
         )
-    if latent_diagnostics and method not in ("lavit", "lare"):
-        raise typer.BadParameter("--latent-diagnostics needs a latent method: --method lavit or lare")
+    if latent_diagnostics and method not in ("lavit", "lare", "coconut"):
+        raise typer.BadParameter("--latent-diagnostics needs a latent method: --method lavit, lare or coconut")
     if (halt is not None or threshold is not None) and method != "lare":
         raise typer.BadParameter("--halt / --threshold are LaRe's adaptive halting: use them with --method lare")
     if (threshold is None) != (halt is None or halt == "none"):

@@ -13,6 +13,8 @@ Public API (imported lazily, so that ``import latent_core`` and the CLIs' ``--he
   with :func:`select_tokens`, :func:`select_predictors`, :func:`select_mask`;
 - KV-cached latent loops: :func:`generate_with_latents` (inference) and :func:`forward_with_latents` (training),
   with :func:`distance_halt` for adaptive steps;
+- Coconut (continuous thoughts replacing CoT steps by a curriculum, the baseline of every latent method):
+  :class:`CoconutConfig`, :func:`train_coconut`, :func:`load_coconut`, :func:`generate_coconut`;
 - training: :class:`LatentTrainer`, :class:`LatentTrainingArguments`, :class:`LatentModel`,
   :class:`SupervisedCollator`, :func:`prepare_lora_model`, :func:`export_merged`, :func:`load_stage`,
   :class:`TrainableRows` (new-token rows that train under ZeRO-3 on any device);
@@ -58,6 +60,11 @@ _EXPORTS: dict[str, str] = {
     "select_mask": "capture",
     "select_predictors": "capture",
     "select_tokens": "capture",
+    # coconut.py
+    "CoconutConfig": "coconut",
+    "generate_coconut": "coconut",
+    "load_coconut": "coconut",
+    "train_coconut": "coconut",
     # latents.py
     "HaltFn": "latents",
     "LatentForward": "latents",
