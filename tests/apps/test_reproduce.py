@@ -232,3 +232,42 @@ def test_reduced_lare_reproduction(tmp_path):
         shutil.rmtree(out / "train" / variant / "run" / "stage-3")
     with pytest.raises(UserError, match="other settings"):
         reproduce_lare(dataclasses.replace(run, learning_rate=5e-2), command="test")
+
+
+def test_reduced_coconut_reproduction(tmp_path):
+    """`latent reproduce coconut` end to end from a made mixed base on hop questions (2 seeds): every row's numbers
+    are those of the samples it wrote, the hop 2-3 accuracy is the count-weighted mean of its kinds, the seed
+    summary is the mean of the seeds' rows; a re-run reuses everything; other settings are refused."""
+    import statistics
+
+    from latent_apps.reproduce.coconut import CoconutRun, reproduce_coconut
+    from latent_core.cli import UserError
+
+    shapes = tmp_path / "shapes"
+    make_shapes(8, 2, shapes, test_fraction=0.25, hops=(1, 2, 3))
+    base = tmp_path / "base"
+    make_base("mllama", shapes, base, steps=2, batch_size=4, threads=1, eval_samples=0, show_progress=False,
+              vision_warmup_steps=1, vision_freeze_steps=1, mix="cot+direct")  # fmt: skip
+    out = tmp_path / "run"
+    run = CoconutRun(out=out, base=base, shapes=shapes, steps_per_stage=1, c_thought=1, max_latent_stage=2,
+                     batch_size=4, seeds=(0, 1), eval_samples=6, eval_batch_size=6, cot_max_new_tokens=4,
+                     show_progress=False)  # fmt: skip
+    results = reproduce_coconut(run, command="test")
+    for label, directory in (("CoT (the base)", "cot"), ("direct (the base)", "direct"),
+                             ("Coconut, seed 0", "coconut-seed-0"), ("Coconut, seed 1", "coconut-seed-1")):  # fmt: skip
+        samples = [json.loads(x) for x in (out / "eval" / directory / "llava_cot" / "samples.jsonl").open()]
+        row = results["eval"][label]
+        assert len(samples) == 6 and row["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 6)
+        hard = [s for s in samples if s["category"] in ("hop2", "hop3")]
+        if hard:
+            assert row["hop23_accuracy"] == pytest.approx(sum(s["correct"] for s in hard) / len(hard))
+        if directory.startswith("coconut"):
+            assert {s["latent_steps"] for s in samples} == {2} and all("zero" in s["controls"] for s in samples)
+    seeds = [results["eval"][f"Coconut, seed {s}"]["accuracy"] for s in (0, 1)]
+    assert results["record"]["coconut_accuracy"] == pytest.approx(statistics.fmean(seeds))
+    assert results["coconut"]["accuracy"]["std"] == pytest.approx(statistics.pstdev(seeds))
+    assert (out / "results.md").is_file() and (out / "accuracy_vs_hops.png").stat().st_size > 0
+    again = reproduce_coconut(run, command="test")
+    assert again["eval"] == results["eval"]
+    with pytest.raises(UserError, match="other settings"):
+        reproduce_coconut(dataclasses.replace(run, learning_rate=5e-2), command="test")

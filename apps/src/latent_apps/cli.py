@@ -643,6 +643,52 @@ def reproduce_lare_command(
     _show_reproduction(out, results)
 
 
+@reproduce_app.command("coconut")
+def reproduce_coconut_command(
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")] = Path("runs/reproduce/coconut"),
+    base: Annotated[
+        Path | None, typer.Option(help="A make-base --mix cot+direct base (default: data/base/mllama-mix).")
+    ] = None,
+    shapes: Annotated[
+        Path | None, typer.Option(help="The base's shapes data (default: regenerated into <out>/shapes).")
+    ] = None,
+    steps_per_stage: Annotated[int, typer.Option(min=1, help="Optimizer steps of each curriculum stage.")] = 200,
+    c_thought: Annotated[int, typer.Option(min=1, help="Continuous thoughts per replaced step (c).")] = 2,
+    max_latent_stage: Annotated[int, typer.Option(min=1, help="Last stage M (M * c thoughts).")] = 3,
+    unit: Annotated[str, typer.Option(help="One step: stage or sentence.")] = "stage",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant, reset every stage).")] = 1e-3,
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (one Coconut run each).")] = "0,1,2",
+    eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 400,
+) -> None:
+    """Coconut on the proving ground: from a base trained on CoT and direct answers, one Coconut run per seed,
+    evaluated with the base's CoT and direct answers on the same test questions (per kind and per hop), with the
+    blank-image, zeroed / shuffled-thought and majority controls. Writes results.json, results.md and
+    accuracy_vs_hops.png; prints the table and a JSON line."""
+    from latent_apps.reproduce.coconut import CoconutRun, reproduce_coconut
+
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    except ValueError:
+        seed_list = ()
+    if not seed_list:
+        raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    run = CoconutRun(
+        out=out, base=base, shapes=shapes, steps_per_stage=steps_per_stage, c_thought=c_thought,
+        max_latent_stage=max_latent_stage, unit=unit, batch_size=batch_size, learning_rate=learning_rate,
+        seeds=seed_list, eval_samples=eval_samples,
+    )  # fmt: skip
+    command = (
+        f"uv run apps/cli reproduce coconut --out {out} --steps-per-stage {steps_per_stage} --c-thought {c_thought} "
+        f"--max-latent-stage {max_latent_stage} --unit {unit} --batch-size {batch_size} --learning-rate "
+        f"{learning_rate} --seeds {seeds} --eval-samples {eval_samples}"
+        + (f" --base {base}" if base else "")
+        + (f" --shapes {shapes}" if shapes else "")
+    )
+    results = reproduce_coconut(run, command=command)
+    _show_reproduction(out, results)
+
+
 @app.command("plan")
 def plan_command(
     method: Annotated[str, typer.Option(help="heima | lavit | lare | interpreters.")],

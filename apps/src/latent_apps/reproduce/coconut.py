@@ -1,0 +1,278 @@
+"""`latent reproduce coconut`: Coconut's claim on the proving ground, seed-repeated, against its controls.
+
+The claim (Hao et al. 2024, Section 4, Table 1): continuous thoughts that replace the chain of thought step by step
+(:mod:`latent_core.coconut`) answer multi-hop questions better than answering directly (their "No-CoT"), with far
+fewer generated tokens than the chain of thought, and the thoughts carry the reasoning (replacing them breaks it).
+
+From a base trained on CoT and direct answers (``make-base --mix cot+direct``: a direct answer is a trained skill,
+so "direct" is a fair control) and its own shapes data (with the multi-hop kinds ``hop1..3`` of ``make-shapes
+--hops``), this command runs:
+
+1. the base's shapes data (regenerated from its ``make_base.json``);
+2. for each seed of ``--seeds``: ``latent coconut train`` from the base with the same steps, batch and learning
+   rate (the seed changes the data order);
+3. on the first ``--eval-samples`` test questions (``test/llava_cot.jsonl``, the training prompt): the base asked
+   with its chain of thought (``cot``) and directly (``direct``), each seed's last stage (``coconut``, with its
+   thoughts zeroed and shuffled), each with blank images; the majority baseline.
+
+Outputs in ``--out``: ``results.json``, ``results.md`` (accuracy per kind and over the 2-3 hop questions, seed mean
+and spread, generated tokens, controls) and ``accuracy_vs_hops.png``; every intermediate directory is reused on a
+re-run with the same settings (another setting with the same ``--out`` is refused). The last stdout line is one JSON
+record.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from latent_apps.reproduce.common import BASE_ROOT, check_settings, checkout, eval_row, num, pct, say
+
+__all__ = ["CoconutRun", "reproduce_coconut"]
+
+BASE = BASE_ROOT / "mllama-mix"
+HOPS = ("hop1", "hop2", "hop3")
+KINDS = ("colour", "exists", "count", "compare", *HOPS)
+
+
+@dataclass
+class CoconutRun:
+    """Settings of one reproduction (every one a CLI flag; see the module docstring)."""
+
+    out: Path = Path("runs/reproduce/coconut")
+    base: Path | None = None
+    shapes: Path | None = None
+    steps_per_stage: int = 200
+    c_thought: int = 2
+    max_latent_stage: int = 3
+    unit: str = "stage"
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_samples: int | None = 400
+    eval_batch_size: int = 50
+    cot_max_new_tokens: int = 512
+    show_progress: bool = True
+
+    def resolve(self) -> CoconutRun:
+        self.base = Path(self.base or checkout() / BASE)
+        self.shapes = Path(self.shapes or self.out / "shapes")
+        self.seeds = tuple(self.seeds)
+        if not (self.base / "config.json").is_file():
+            from latent_core.cli import UserError
+
+            raise UserError(f"the base {self.base} is missing: pass --base DIR or train one with `uv run apps/cli "
+                            "make-base --family mllama --size deep --mix cot+direct --shapes DIR` on the data of "
+                            "`make-shapes --hops 1,2,3`")  # fmt: skip
+        return self
+
+
+def _train(run: CoconutRun, shapes: Path) -> dict[int, Path]:
+    """Step 2: one Coconut run per seed (a finished stage is reused, a killed one resumes)."""
+    from latent_core.coconut import COCONUT_NAME, CoconutConfig, read_coconut_rows, train_coconut
+    from latent_core.readers import ReadReport
+
+    config = CoconutConfig(c_thought=run.c_thought, max_latent_stage=run.max_latent_stage, unit=run.unit)
+    rows: list[dict[str, Any]] = []
+    finals = {}
+    for seed in run.seeds:
+        out = run.out / "train" / f"seed-{seed}"
+        settings = {"base": str(run.base), "config": asdict(config), "steps_per_stage": run.steps_per_stage,
+                    "batch_size": run.batch_size, "learning_rate": run.learning_rate, "seed": seed}  # fmt: skip
+        check_settings(out, settings, reuse=True)
+        final = out / f"stage_{config.max_latent_stage}"
+        if not (final / COCONUT_NAME).is_file():
+            if not rows:
+                report = ReadReport("train")
+                rows = read_coconut_rows(shapes / "train" / "llava_cot.jsonl", shapes, config, report)
+                if report.total_skipped:
+                    raise ValueError(f"{shapes}/train/llava_cot.jsonl: {report}")
+            say("coconut", run.show_progress, f"training seed {seed}: stages 1..{config.max_latent_stage}, "
+                f"{run.steps_per_stage} steps each")  # fmt: skip
+            train_coconut(run.base, rows, out, config, run.steps_per_stage, batch_size=run.batch_size,
+                          learning_rate=run.learning_rate, seed=seed, show_progress=False)  # fmt: skip
+        finals[seed] = final
+    return finals
+
+
+def _hop_accuracy(row: dict[str, Any], kinds: tuple[str, ...] = ("hop2", "hop3"), key: str = "accuracy_per_kind"):
+    """Accuracy over the questions of ``kinds`` (weighted by their counts)."""
+    counts, per_kind = row.get("count_per_kind") or {}, row.get(key) or {}
+    total = sum(counts.get(k, 0) for k in kinds)
+    if not total or any(k not in per_kind for k in kinds if counts.get(k)):
+        return None
+    return sum(per_kind[k] * counts.get(k, 0) for k in kinds if counts.get(k)) / total
+
+
+def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[str, dict[str, Any]]:
+    """Step 3: the base's CoT and direct answers, every seed's Coconut, with their controls."""
+    from latent_apps.eval.runner import run_eval
+
+    bench = shapes / "test" / "llava_cot.jsonl"
+    jobs = [("CoT (the base)", str(run.base), "cot", {}, run.cot_max_new_tokens),
+            ("direct (the base)", str(run.base), "direct", {}, 32)]  # fmt: skip
+    jobs += [(f"Coconut, seed {s}", str(d), "coconut", {"diagnostics": True}, 64) for s, d in finals.items()]
+    results = {}
+    for label, model, method, options, tokens in jobs:
+        out = run.out / "eval" / label.split(" (")[0].replace(", ", "-").replace(" ", "-").lower()
+        say("coconut", run.show_progress, f"evaluating {label}")
+        summary = run_eval(
+            model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=tokens,
+            limit=run.eval_samples, method_options=options or None, blank=True, show_progress=run.show_progress,
+        )["benches"][bench.stem]  # fmt: skip
+        row = eval_row(summary)
+        row["count_per_kind"] = {k: v["n"] for k, v in summary["accuracy_per_category"].items()}
+        if summary.get("blank"):
+            row["blank_accuracy_per_kind"] = {
+                k: v["accuracy"] for k, v in (summary["blank"].get("accuracy_per_category") or {}).items()
+            }
+        for key in ("mean_latent_steps", "mean_latent_similarity", "latent_controls"):
+            if summary.get(key) is not None:
+                row[key] = summary[key]
+        row["hop23_accuracy"] = _hop_accuracy(row)
+        results[label] = row
+    return results
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
+
+
+def _coconut_summary(evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Coconut's seeds: mean and spread of each number the table reports."""
+    seeds = [r for label, r in evaluated.items() if label.startswith("Coconut")]
+    out: dict[str, Any] = {
+        "accuracy": _spread([r["accuracy"] for r in seeds]),
+        "hop23_accuracy": _spread([r["hop23_accuracy"] for r in seeds]),
+        "blank_accuracy": _spread([r.get("blank_accuracy") for r in seeds]),
+        "generated_tokens": _spread([r["generated_tokens"] for r in seeds]),
+        "per_kind": {k: _spread([r["accuracy_per_kind"].get(k) for r in seeds]) for k in KINDS},
+    }
+    for control in ("zero", "shuffle"):
+        rows = [r.get("latent_controls", {}).get(control) for r in seeds]
+        out[f"{control}_accuracy"] = _spread([c["accuracy"] for c in rows if c])
+        out[f"{control}_change_rate"] = _spread([c["change_rate"] for c in rows if c])
+    return out
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Coconut on the proving ground (`uv run apps/cli reproduce coconut`)",
+        "",
+        "| model | accuracy | " + " | ".join(KINDS) + " | hop 2-3 | blank images | tokens | truncated |",
+        "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in results["eval"].items():
+        kinds = row["accuracy_per_kind"]
+        lines.append(
+            f"| {name} | {pct(row['accuracy'])} | " + " | ".join(pct(kinds.get(k)) for k in KINDS)
+            + f" | {pct(row['hop23_accuracy'])} | {pct(row.get('blank_accuracy'))} | "
+            f"{num(row['generated_tokens'], '.1f')} | {row['truncated']} |"
+        )  # fmt: skip
+    c = results["coconut"]
+
+    def ms(entry: dict[str, Any]) -> str:
+        return "" if entry["mean"] is None else f"{pct(entry['mean'])} ± {pct(entry['std'])}"
+
+    first = next(iter(results["eval"].values()))
+    lines += [
+        "",
+        f"Coconut over {c['accuracy']['n']} seeds (mean ± population std): accuracy {ms(c['accuracy'])}, "
+        f"hop 2-3 {ms(c['hop23_accuracy'])}; thoughts zeroed {ms(c['zero_accuracy'])} (answers changed "
+        f"{ms(c['zero_change_rate'])}), shuffled {ms(c['shuffle_accuracy'])} (changed {ms(c['shuffle_change_rate'])}); "
+        f"blank images {ms(c['blank_accuracy'])}.",
+        f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions). Tokens: generated "
+        "tokens per answer (Coconut's thoughts are not tokens: it also runs its thoughts and 2 delimiters).",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hops, tokens) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, row in results["eval"].items():
+        kinds = row["accuracy_per_kind"]
+        ys = [100 * kinds[k] if k in kinds else float("nan") for k in HOPS]
+        hops.plot([1, 2, 3], ys, marker="o", label=name)
+        blank = row.get("blank_accuracy_per_kind") or {}
+        if name.startswith("direct"):
+            hops.plot([1, 2, 3], [100 * blank.get(k, float("nan")) for k in HOPS], linestyle=":", color="grey",
+                      label="direct, blank images")  # fmt: skip
+        tokens.scatter(row["generated_tokens"], 100 * row["accuracy"], s=30)
+        tokens.annotate(name, (row["generated_tokens"], 100 * row["accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    majority = next(iter(results["eval"].values()))["majority_baseline"]
+    tokens.axhline(100 * majority, linestyle="--", color="grey", linewidth=1)
+    hops.set_xticks([1, 2, 3])
+    hops.set_xlabel("hops")
+    hops.set_ylabel("test accuracy (%)")
+    hops.set_title("accuracy against hops")
+    hops.legend(fontsize=7)
+    tokens.set_xscale("log")
+    tokens.set_xlabel("generated tokens per answer (log)")
+    tokens.set_title("accuracy against generated tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reproduce_coconut(run: CoconutRun, command: str = "") -> dict[str, Any]:
+    """Run the whole reproduction (module docstring); returns ``results.json``'s content, whose ``record`` is the
+    last stdout line of the command."""
+    from latent_apps.base import base_shapes
+
+    start = time.perf_counter()
+    run.resolve()
+    run.out.mkdir(parents=True, exist_ok=True)
+    shapes = base_shapes(run.base, run.shapes)
+    finals = _train(run, shapes)
+    evaluated = _evaluate(run, shapes, finals)
+    coconut = _coconut_summary(evaluated)
+    cot, direct = evaluated["CoT (the base)"], evaluated["direct (the base)"]
+    record = {
+        "cot_accuracy": cot["accuracy"],
+        "direct_accuracy": direct["accuracy"],
+        "coconut_accuracy": coconut["accuracy"]["mean"],
+        "coconut_accuracy_std": coconut["accuracy"]["std"],
+        "cot_hop23_accuracy": cot["hop23_accuracy"],
+        "direct_hop23_accuracy": direct["hop23_accuracy"],
+        "coconut_hop23_accuracy": coconut["hop23_accuracy"]["mean"],
+        "coconut_hop23_accuracy_std": coconut["hop23_accuracy"]["std"],
+        "coconut_zero_accuracy": coconut["zero_accuracy"]["mean"],
+        "coconut_shuffle_accuracy": coconut["shuffle_accuracy"]["mean"],
+        "cot_tokens": cot["generated_tokens"],
+        "coconut_tokens": coconut["generated_tokens"]["mean"],
+        "cot_blank_accuracy": cot.get("blank_accuracy"),
+        "direct_blank_accuracy": direct.get("blank_accuracy"),
+        "coconut_blank_accuracy": coconut["blank_accuracy"]["mean"],
+        "majority_accuracy": cot["majority_baseline"],
+        "seeds": len(run.seeds),
+        "eval_n": cot["n"],
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    results = {
+        "command": command,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
+        "base": json.loads((run.base / "make_base.json").read_text()).get("command")
+        if (run.base / "make_base.json").is_file()
+        else None,
+        "eval": evaluated,
+        "coconut": coconut,
+        "record": record,
+    }
+    (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (run.out / "results.md").write_text(_markdown(results))
+    _plot(results, run.out / "accuracy_vs_hops.png")
+    return results
