@@ -232,7 +232,7 @@ def test_a_mixed_base_is_evaluated_both_ways(shapes, tmp_path, monkeypatch):
     out = tmp_path / "mixed"
     summary = make_base(
         "mllama", shapes, out, size="deep", steps=8, batch_size=4, threads=1, eval_samples=2, eval_batch_size=2,
-        show_progress=False, mix="cot+direct",
+        show_progress=False, mix="cot+direct", group_by_length=True,
     )  # fmt: skip
     assert summary["mix"] == "cot+direct" and summary["dims"]["layers"] == 8
     # Rows of similar length train together, so a direct row is rarely padded to a staged answer's length: HF's

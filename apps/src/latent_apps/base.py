@@ -523,7 +523,7 @@ def make_base(
     show_progress: bool = True,
     command: str | None = None,
     mix: str = "cot",
-    group_by_length: bool | None = None,
+    group_by_length: bool = False,
 ) -> dict[str, Any]:
     """Train a base of ``family`` from scratch on ``shapes/train`` and save it to ``out`` (see the module docstring).
 
@@ -547,8 +547,12 @@ def make_base(
         mix: what the base is trained on (:data:`MIXES`); with ``cot+direct`` the evaluation also asks the direct
             form (``latent eval --method direct``, with its blank-image control).
         group_by_length: batch rows of similar length together (HF's ``LengthGroupedSampler`` on the characters of
-            prompt + answer), so a direct row is not padded to a staged answer's ~300 tokens; ``None``: on for
-            ``cot+direct``, off for ``cot`` (the shipped bases' data order).
+            prompt + answer), so a direct row is not padded to a staged answer's ~300 tokens (a step ~40% cheaper).
+            Off by default: the sampler sorts mega-batches of 50 batches, so training sees ~25 direct-only batches
+            in a row, then staged ones sorted by question kind, and neither grouped run learned to read the image
+            (llava deep, 3,500 steps, and mllama deep, 5,000 steps, ``--mix cot+direct``: 0% exact captions,
+            blank-image accuracy equal to the real one) where the same mllama recipe in random order read 99.5% of
+            the captions exactly after 1,800 steps.
 
     Returns:
         The summary written to ``out/make_base.json``.
@@ -567,8 +571,6 @@ def make_base(
     transformers.set_seed(seed)
     model, processor = build_base(family, size, seed)
     rows = shapes_rows(shapes / "train" / "llava_cot.jsonl", images=family != "causal_lm", mix=mix)
-    if group_by_length is None:
-        group_by_length = mix != "cot"
     if group_by_length:
         rows = [{**row, "length": len(row["prompt"]) + len(row["answer"])} for row in rows]
     checkpoints = out / "checkpoints"

@@ -229,6 +229,14 @@ def make_base_command(
             "conclusion; evaluated with --method direct as well)."
         ),
     ] = "cot",
+    group_by_length: Annotated[
+        bool,
+        typer.Option(
+            "--group-by-length/--no-group-by-length",
+            help="Batch rows of similar length together (cheaper steps; in our runs the grouped mixed bases never "
+            "learned to read the image: see data/base/README.md).",
+        ),
+    ] = False,
 ) -> None:
     """Train a small VLM of the family's real class from scratch (every weight trainable) on the shapes train split
     with full staged-CoT answers; save it (save_pretrained + processor, loadable by every method CLI) with
@@ -248,11 +256,12 @@ def make_base_command(
         f"uv run apps/cli make-base --family {family} --shapes {shapes} --out {out} --size {size} --steps {steps} "
         f"--seed {seed} --batch-size {batch_size} --learning-rate {learning_rate}"
         + (f" --mix {mix}" if mix != "cot" else "")
+        + (" --group-by-length" if group_by_length else "")
     )
     summary = make_base(
         family, shapes, out, size=size, steps=steps, seed=seed, batch_size=batch_size,
         learning_rate=learning_rate, threads=threads, eval_samples=eval_samples, resume=resume, command=command,
-        mix=mix,
+        mix=mix, group_by_length=group_by_length,
     )  # fmt: skip
     shown = {k: summary[k] for k in ("family", "size", "mix", "params", "steps", "train_seconds", "train_loss")}
     typer.echo(json.dumps({**shown, "eval": summary.get("eval"), "eval_direct": summary.get("eval_direct")}, indent=2))
