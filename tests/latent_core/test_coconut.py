@@ -81,22 +81,28 @@ def _rows(tmp_path, n=2):
     return rows
 
 
-def _naive_loss(model, inputs, n_latents, bot, eot, answer_ids):
-    """Reference: the whole prefix recomputed for every thought (no cache), then the answer teacher-forced in one
-    forward; the mean cross-entropy of the answer tokens."""
+def _naive_thoughts(model, inputs, n_latents, bot, eot):
+    """Reference prefix: the prompt's decoder inputs, ``<bot>``, each thought from a full recompute of the whole
+    prefix (no cache), ``<eot>``; returns ``(parts, embeddings [1, L, d])``."""
     parts = model_parts(model)
     captured = {}
     handle = parts.language_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
     with torch.no_grad():
         model(**inputs)
     handle.remove()
-    seq = captured["inputs_embeds"]
     embed = parts.input_embeddings
-    seq = torch.cat([seq, embed(torch.tensor([[bot]]))], 1)
+    seq = torch.cat([captured["inputs_embeds"], embed(torch.tensor([[bot]]))], 1)
     for _ in range(n_latents):
         hidden = parts.language_model(inputs_embeds=seq, use_cache=False).last_hidden_state[:, -1:]
         seq = torch.cat([seq, hidden], 1)
-    seq = torch.cat([seq, embed(torch.tensor([[eot]])), embed(answer_ids)], 1)
+    return parts, torch.cat([seq, embed(torch.tensor([[eot]]))], 1)
+
+
+def _naive_loss(model, inputs, n_latents, bot, eot, answer_ids):
+    """Reference: the naive prefix, then the answer teacher-forced in one forward; the mean cross-entropy of the
+    answer tokens."""
+    parts, seq = _naive_thoughts(model, inputs, n_latents, bot, eot)
+    seq = torch.cat([seq, parts.input_embeddings(answer_ids)], 1)
     logits = parts.lm_head(parts.language_model(inputs_embeds=seq, use_cache=False).last_hidden_state)
     predicting = logits[:, -answer_ids.shape[1] - 1 : -1]
     return F.cross_entropy(predicting.flatten(0, 1), answer_ids.flatten())
@@ -126,17 +132,9 @@ def test_the_loss_is_the_remaining_answer_after_the_thoughts(tmp_path):
 
 
 def _naive_greedy(model, inputs, n_latents, bot, eot, new_tokens):
-    parts = model_parts(model)
-    captured = {}
-    handle = parts.language_model.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    parts, seq = _naive_thoughts(model, inputs, n_latents, bot, eot)
+    embed = parts.input_embeddings
     with torch.no_grad():
-        model(**inputs)
-        handle.remove()
-        embed = parts.input_embeddings
-        seq = torch.cat([captured["inputs_embeds"], embed(torch.tensor([[bot]]))], 1)
-        for _ in range(n_latents):
-            seq = torch.cat([seq, parts.language_model(inputs_embeds=seq).last_hidden_state[:, -1:]], 1)
-        seq = torch.cat([seq, embed(torch.tensor([[eot]]))], 1)
         tokens = []
         for _ in range(new_tokens):
             token = parts.lm_head(parts.language_model(inputs_embeds=seq).last_hidden_state[:, -1]).argmax(-1)
