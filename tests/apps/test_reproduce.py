@@ -127,7 +127,7 @@ def test_reduced_lavit_reproduction(tmp_path):
     out = tmp_path / "run"
     run = LavitRun(
         out=out, teacher=base, student=base, shapes=shapes, teacher_data=data, steps=2, gate_warmup=1, batch_size=4,
-        num_latents=2, ablations=False, eval_samples=4, eval_batch_size=4, analysis_samples=2,
+        num_latents=2, ablations=(), eval_samples=4, eval_batch_size=4, analysis_samples=2,
         analysis_max_new_tokens=4, show_progress=False,
     )  # fmt: skip
     results = reproduce_lavit(run, command="test")

@@ -481,6 +481,11 @@ def _show_reproduction(out: Path, results: dict) -> None:
     typer.echo(json.dumps(results["record"]))
 
 
+def _ablations(value: str) -> tuple[str, ...]:
+    """``--ablations a,b`` -> ``("a", "b")``; ``none`` (or empty) -> ``()``."""
+    return tuple(a.strip() for a in value.split(",") if a.strip() and a.strip() != "none")
+
+
 @reproduce_app.command("heima")
 def reproduce_heima_command(
     family: Annotated[str, typer.Option(help="Base family (data/base/<family>): mllama, qwen2_5_vl or llava.")] = (
@@ -559,8 +564,8 @@ def reproduce_lavit_command(
     learning_rate: Annotated[float, typer.Option(help="Every student's peak learning rate.")] = 1e-3,
     num_latents: Annotated[int, typer.Option(min=2, help="K latent tokens.")] = 4,
     ablations: Annotated[
-        bool, typer.Option(help="Also train w/o L_traj, w/o L_concept, w/o curriculum, single stage.")
-    ] = True,
+        str, typer.Option(help="Table 3's ablations to train, comma-separated; none: only naive SFT and LaViT.")
+    ] = "no-ltraj,no-lconcept,no-curriculum,single-stage",
     eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 800,
     analysis_samples: Annotated[int, typer.Option(min=1, help="Test questions of the attention analysis.")] = 200,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
@@ -575,14 +580,14 @@ def reproduce_lavit_command(
     run = LavitRun(
         out=out, teacher=teacher, student=student, shapes=shapes, teacher_data=teacher_data,
         build_samples=build_samples, steps=steps, gate_warmup=gate_warmup, batch_size=batch_size,
-        learning_rate=learning_rate, num_latents=num_latents, ablations=ablations, eval_samples=eval_samples,
-        analysis_samples=analysis_samples, seed=seed,
+        learning_rate=learning_rate, num_latents=num_latents, ablations=_ablations(ablations),
+        eval_samples=eval_samples, analysis_samples=analysis_samples, seed=seed,
     )  # fmt: skip
     command = (
         f"uv run apps/cli reproduce lavit --out {out} --build-samples {build_samples} --steps {steps} "
         f"--gate-warmup {gate_warmup} --batch-size {batch_size} --learning-rate {learning_rate} --seed {seed}"
         + (f" --teacher-data {teacher_data}" if teacher_data else "")
-        + ("" if ablations else " --no-ablations")
+        + f" --ablations {ablations}"
     )
     results = reproduce_lavit(run, command=command)
     _show_reproduction(out, results)
@@ -636,7 +641,7 @@ def reproduce_lare_command(
         out=out, base=base, shapes=shapes, stage_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
         num_latents=num_latents, extractor_hidden=extractor_hidden, extractor_heads=extractor_heads,
         img_weight=img_weight, vae_steps=vae_steps, crop_size=crop_size, jobs=jobs, eval_samples=eval_samples,
-        ablations=tuple(a for a in ablations.split(",") if a and a != "none"),
+        ablations=_ablations(ablations),
         halting=tuple(h for h in halting.split(",") if h), probe_samples=probe_samples, seed=seed,
     )  # fmt: skip
     command = (
@@ -695,6 +700,57 @@ def reproduce_coconut_command(
         + (f" --shapes {shapes}" if shapes else "")
     )
     results = reproduce_coconut(run, command=command)
+    _show_reproduction(out, results)
+
+
+@reproduce_app.command("all")
+def reproduce_all_command(
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")] = Path("runs/reproduce/all"),
+    base: Annotated[
+        Path | None, typer.Option(help="Mixed mllama base: CoT, direct, Heima, Coconut (default data/base/mllama-mix).")
+    ] = None,
+    lavit_student: Annotated[
+        Path | None, typer.Option(help="Qwen2.5-VL mixed base (default: data/base/qwen2_5_vl-mix).")
+    ] = None,
+    lavit_teacher: Annotated[
+        Path | None, typer.Option(help="LaViT's teacher (default: data/base/qwen2_5_vl-small-mix).")
+    ] = None,
+    lare_base: Annotated[Path | None, typer.Option(help="llava mixed base (default: data/base/llava-mix).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: heima, coconut, lavit, lare.")] = ",".join(
+        ("heima", "coconut", "lavit", "lare")
+    ),
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (every method runs each).")] = "0,1,2",
+    steps: Annotated[int, typer.Option(min=120, help="Optimizer steps of every trained variant (split per stage).")] = (
+        1200
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per step, every variant.")] = 16,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 400,
+) -> None:
+    """Every method on the proving ground in one table: from mixed CoT + direct bases trained on the same shapes
+    data with multi-hop questions, the base's CoT and direct answers, Heima (progressive, one-shot), Coconut,
+    LaViT (naive SFT, w/o L_traj), LaRe (no-latent, w/o extractor), each seed-repeated with the same step budget,
+    with blank-image, zeroed / shuffled-latent and majority controls and the issue's targets checked. Writes
+    results.json, results.md, accuracy_vs_tokens_hops.png; prints the table and a JSON line."""
+    from latent_apps.reproduce.all import AllRun, reproduce_all
+
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    except ValueError:
+        seed_list = ()
+    if not seed_list:
+        raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    run = AllRun(
+        out=out, base=base, lavit_student=lavit_student, lavit_teacher=lavit_teacher, lare_base=lare_base,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), seeds=seed_list, steps=steps,
+        batch_size=batch_size, eval_samples=eval_samples,
+    )  # fmt: skip
+    command = (
+        f"uv run apps/cli reproduce all --out {out} --methods {methods} --seeds {seeds} --steps {steps} "
+        f"--batch-size {batch_size} --eval-samples {eval_samples}"
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("base", base), ("lavit_student", lavit_student),
+                  ("lavit_teacher", lavit_teacher), ("lare_base", lare_base)) if v)
+    )  # fmt: skip
+    results = reproduce_all(run, command=command)
     _show_reproduction(out, results)
 
 

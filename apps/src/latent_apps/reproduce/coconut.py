@@ -24,18 +24,17 @@ record.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.common import BASE_ROOT, check_settings, checkout, eval_row, num, pct, say
+from latent_apps.reproduce.common import BASE_ROOT, HARD_HOPS, check_settings, checkout, eval_row, num, pct, say, spread
 
 __all__ = ["CoconutRun", "reproduce_coconut"]
 
 BASE = BASE_ROOT / "mllama-mix"
-HOPS = ("hop1", "hop2", "hop3")
+HOPS = ("hop1", *HARD_HOPS)
 KINDS = ("colour", "exists", "count", "compare", *HOPS)
 
 
@@ -99,15 +98,6 @@ def _train(run: CoconutRun, shapes: Path) -> dict[int, Path]:
     return finals
 
 
-def _hop_accuracy(row: dict[str, Any], kinds: tuple[str, ...] = ("hop2", "hop3"), key: str = "accuracy_per_kind"):
-    """Accuracy over the questions of ``kinds`` (weighted by their counts)."""
-    counts, per_kind = row.get("count_per_kind") or {}, row.get(key) or {}
-    total = sum(counts.get(k, 0) for k in kinds)
-    if not total or any(k not in per_kind for k in kinds if counts.get(k)):
-        return None
-    return sum(per_kind[k] * counts.get(k, 0) for k in kinds if counts.get(k)) / total
-
-
 def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[str, dict[str, Any]]:
     """Step 3: the base's CoT and direct answers, every seed's Coconut, with their controls."""
     from latent_apps.eval.runner import run_eval
@@ -124,42 +114,24 @@ def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[st
             model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=tokens,
             limit=run.eval_samples, method_options=options or None, blank=True, show_progress=run.show_progress,
         )["benches"][bench.stem]  # fmt: skip
-        row = eval_row(summary)
-        row["count_per_kind"] = {k: v["n"] for k, v in summary["accuracy_per_category"].items()}
-        if summary.get("blank"):
-            row["blank_accuracy_per_kind"] = {
-                k: v["accuracy"] for k, v in (summary["blank"].get("accuracy_per_category") or {}).items()
-            }
-        for key in ("mean_latent_steps", "mean_latent_similarity", "latent_controls"):
-            if summary.get(key) is not None:
-                row[key] = summary[key]
-        row["hop23_accuracy"] = _hop_accuracy(row)
-        results[label] = row
+        results[label] = eval_row(summary)
     return results
-
-
-def _spread(values: list[float | None]) -> dict[str, Any]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
 
 
 def _coconut_summary(evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Coconut's seeds: mean and spread of each number the table reports."""
     seeds = [r for label, r in evaluated.items() if label.startswith("Coconut")]
     out: dict[str, Any] = {
-        "accuracy": _spread([r["accuracy"] for r in seeds]),
-        "hop23_accuracy": _spread([r["hop23_accuracy"] for r in seeds]),
-        "blank_accuracy": _spread([r.get("blank_accuracy") for r in seeds]),
-        "generated_tokens": _spread([r["generated_tokens"] for r in seeds]),
-        "per_kind": {k: _spread([r["accuracy_per_kind"].get(k) for r in seeds]) for k in KINDS},
+        "accuracy": spread([r["accuracy"] for r in seeds]),
+        "hop23_accuracy": spread([r["hop23_accuracy"] for r in seeds]),
+        "blank_accuracy": spread([r.get("blank_accuracy") for r in seeds]),
+        "generated_tokens": spread([r["generated_tokens"] for r in seeds]),
+        "per_kind": {k: spread([r["accuracy_per_kind"].get(k) for r in seeds]) for k in KINDS},
     }
     for control in ("zero", "shuffle"):
         rows = [r.get("latent_controls", {}).get(control) for r in seeds]
-        out[f"{control}_accuracy"] = _spread([c["accuracy"] for c in rows if c])
-        out[f"{control}_change_rate"] = _spread([c["change_rate"] for c in rows if c])
+        out[f"{control}_accuracy"] = spread([c["accuracy"] for c in rows if c])
+        out[f"{control}_change_rate"] = spread([c["change_rate"] for c in rows if c])
     return out
 
 

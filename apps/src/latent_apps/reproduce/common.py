@@ -1,5 +1,6 @@
 """What the reproductions share: where the shipped bases are, progress lines, the settings check that keeps a
-re-run from mixing results made with other settings, directory slugs, one evaluation row, and number formatting."""
+re-run from mixing results made with other settings, directory slugs, the choice of ablations, one evaluation row
+(with its accuracy over the 2-3 hop questions), the seed mean and spread, and number formatting."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BASE_ROOT", "SETTINGS_NAME", "check_settings", "checkout", "eval_row", "num", "pct", "say", "slug"]
+__all__ = [
+    "BASE_ROOT", "HARD_HOPS", "SETTINGS_NAME", "check_settings", "checkout", "choose_ablations", "eval_row",
+    "kinds_accuracy", "num", "pct", "say", "slug", "spread",
+]  # fmt: skip
 
 BASE_ROOT = Path("data") / "base"
 SETTINGS_NAME = "reproduce_settings.json"
@@ -34,7 +38,7 @@ def check_settings(directory: Path, settings: dict[str, Any], reuse: bool) -> No
     """A step's output is reused only if it was made with the same settings: a re-run with other settings and the
     same ``--out`` is refused (use another ``--out``), never mixed with the old results."""
     path = directory / SETTINGS_NAME
-    if reuse and path.is_file() and json.loads(path.read_text()) != settings:
+    if reuse and path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(settings)):  # tuples
         from latent_core.cli import UserError
 
         raise UserError(f"{directory} was made with other settings ({path}): use another --out")
@@ -47,8 +51,45 @@ def slug(name: str) -> str:
     return name.lower().replace("w/o ", "no-").replace(" ", "-").replace("_", "")
 
 
+def choose_ablations(chosen: Any, known: list[str]) -> tuple[str, ...]:
+    """The ablations a reproduction trains, by slug (:func:`slug`); an unknown one is a one-line error."""
+    chosen = tuple(chosen)
+    unknown = [a for a in chosen if a not in known]
+    if unknown:
+        from latent_core.cli import UserError
+
+        raise UserError(f"unknown ablations {', '.join(unknown)}: choose among {', '.join(known)}")
+    return chosen
+
+
+HARD_HOPS: tuple[str, ...] = ("hop2", "hop3")
+"""The question kinds of the proving ground's target (``make-shapes --hops``): two and three serial hops."""
+
+
+def kinds_accuracy(row: dict[str, Any], kinds: tuple[str, ...] = HARD_HOPS, key: str = "accuracy_per_kind"):
+    """Accuracy over the questions of ``kinds`` (each kind weighted by its count); ``None`` without them."""
+    counts, per_kind = row.get("count_per_kind") or {}, row.get(key) or {}
+    total = sum(counts.get(k, 0) for k in kinds)
+    if not total or any(k not in per_kind for k in kinds if counts.get(k)):
+        return None
+    return sum(per_kind[k] * counts.get(k, 0) for k in kinds if counts.get(k)) / total
+
+
+def spread(values: list[Any]) -> dict[str, Any]:
+    """Mean, population standard deviation, min and max of the seeds' values (``None`` ones left out)."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
+
+
 def eval_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The row of one evaluation summary in the reproductions' tables."""
+    """The row of one evaluation summary in the reproductions' tables: accuracy (per kind, with the kinds' counts,
+    and over the 2-3 hop questions), controls (majority, blank images per kind, the latent controls where the
+    method ran them), tokens, truncated / unanswered counts."""
     row = {
         "n": summary["n"],
         "accuracy": summary["accuracy"],
@@ -61,8 +102,16 @@ def eval_row(summary: dict[str, Any]) -> dict[str, Any]:
         "unanswered": summary["n_unanswered"],
         "latency_s": summary["mean_latency_s"],
     }
+    row["count_per_kind"] = {k: v["n"] for k, v in summary["accuracy_per_category"].items()}
     if summary.get("blank"):
         row["blank_accuracy"] = summary["blank"]["accuracy"]
+        row["blank_accuracy_per_kind"] = {
+            k: v["accuracy"] for k, v in (summary["blank"].get("accuracy_per_category") or {}).items()
+        }
+    for key in ("mean_latent_steps", "mean_latent_similarity", "latent_controls"):
+        if summary.get(key) is not None:
+            row[key] = summary[key]
+    row["hop23_accuracy"] = kinds_accuracy(row)
     return row
 
 

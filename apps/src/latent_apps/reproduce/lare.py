@@ -52,6 +52,7 @@ from latent_apps.reproduce.common import (
     SETTINGS_NAME,
     check_settings,
     checkout,
+    choose_ablations,
     eval_row,
     pct,
     say,
@@ -115,13 +116,7 @@ class LareRun:
         self.halting = tuple(self.halting)
         for spec in self.halting:
             _halting(spec)
-        self.ablations = tuple(self.ablations)
-        known = [slug(n) for n in VARIANTS if n.startswith("w/o ")]
-        unknown = [a for a in self.ablations if a not in known]
-        if unknown:
-            from latent_core.cli import UserError
-
-            raise UserError(f"unknown ablations {', '.join(unknown)}: choose among {', '.join(known)}")
+        self.ablations = choose_ablations(self.ablations, [slug(n) for n in VARIANTS if n.startswith("w/o ")])
         return self
 
     def variants(self) -> list[str]:
@@ -315,9 +310,8 @@ def _evaluate(run: LareRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
         )["benches"][bench.stem]  # fmt: skip
         row = eval_row(summary)
         row["generated_tokens_correct"] = summary.get("mean_generated_tokens_correct")
-        for key in ("mean_latent_steps", "latent_steps_distribution", "mean_latent_similarity", "latent_controls"):
-            if summary.get(key) is not None:
-                row[key] = summary[key]
+        if summary.get("latent_steps_distribution") is not None:
+            row["latent_steps_distribution"] = summary["latent_steps_distribution"]
         results[label] = row
     return results
 

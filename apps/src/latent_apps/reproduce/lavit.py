@@ -40,7 +40,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.common import BASE_ROOT, check_settings, checkout, eval_row, num, pct, say, slug
+from latent_apps.reproduce.common import (
+    BASE_ROOT,
+    check_settings,
+    checkout,
+    choose_ablations,
+    eval_row,
+    num,
+    pct,
+    say,
+    slug,
+)
 
 __all__ = ["LavitRun", "reproduce_lavit"]
 
@@ -53,6 +63,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "single stage": {"gate": "open"},
 }
 """The trained students: the control, the method and its ablations (overrides of :class:`lavit.config.LavitConfig`)."""
+
+_MAIN = ("naive SFT", "LaViT", "LaViT, latents masked")
+"""The rows every run has (the rest of :data:`VARIANTS` are ablations)."""
 
 OWN_INPUTS: dict[str, Any] = {"min_pixels": None, "max_pixels": None, "system_prompt": None}
 """At CPU scale the students and the teacher see the shapes bases' own inputs (84 px images, their processors'
@@ -78,7 +91,9 @@ class LavitRun:
     batch_size: int = 16
     learning_rate: float = 1e-3
     num_latents: int = 4
-    ablations: bool = True
+    ablations: tuple[str, ...] = ("no-ltraj", "no-lconcept", "no-curriculum", "single-stage")
+    """Table 3's ablations to train, by slug (``no-ltraj``, ``no-lconcept``, ``no-curriculum``,
+    ``single-stage``); ``()``: naive SFT and LaViT only."""
     eval_samples: int | None = 800
     eval_batch_size: int = 64
     analysis_samples: int = 200
@@ -94,6 +109,7 @@ class LavitRun:
         self.shapes = Path(self.shapes or self.out / "shapes")
         self.own_build = self.teacher_data is None  # built here (checked against --build-samples), not given
         self.teacher_data = Path(self.teacher_data or self.out / "teacher-data")
+        self.ablations = choose_ablations(self.ablations, [slug(n) for n in VARIANTS if n not in _MAIN])
         return self
 
 
@@ -130,7 +146,7 @@ def _train(run: LavitRun) -> dict[str, dict[str, Any]]:
 
     trained = {}
     for name, overrides in VARIANTS.items():
-        if not run.ablations and name not in ("naive SFT", "LaViT"):
+        if name not in _MAIN and slug(name) not in run.ablations:
             continue
         naive = bool(overrides.get("naive"))
         out = run.out / "train" / slug(name)
@@ -160,9 +176,6 @@ def _train_settings(run: LavitRun, name: str) -> dict[str, Any]:
     return {"variant": name, **{k: str(getattr(run, k)) for k in keys}}
 
 
-_MAIN = ("naive SFT", "LaViT", "LaViT, latents masked")
-
-
 def _key(name: str) -> str:
     """A variant's name as a record key: ``w/o L_traj`` -> ``no_ltraj``."""
     return slug(name).replace("-", "_")
@@ -188,8 +201,6 @@ def _evaluate(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) -
             method_options=options, blank=blank, show_progress=run.show_progress,
         )["benches"][bench.stem]  # fmt: skip
         results[label] = eval_row(summary)
-        if summary.get("latent_controls"):
-            results[label]["latent_controls"] = summary["latent_controls"]
     return results
 
 
@@ -225,6 +236,7 @@ def _analyze(run: LavitRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
 
 def _markdown(results: dict[str, Any]) -> str:
     build = results["teacher_data"]["counts"]
+    kinds = list(next(iter(results["eval"].values()))["accuracy_per_kind"])
     lines = [
         "# LaViT at CPU scale (`uv run apps/cli reproduce lavit`)",
         "",
@@ -232,14 +244,13 @@ def _markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in build["rejected"].items())
         + ".",
         "",
-        "| model | accuracy | colour | exists | count | compare | blank images | truncated |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | accuracy | " + " | ".join(kinds) + " | blank images | truncated |",
+        "| --- | ---: | " + " | ".join("---:" for _ in kinds) + " | ---: | ---: |",
     ]
     for name, row in results["eval"].items():
-        kinds = row["accuracy_per_kind"]
         lines.append(
             f"| {name} | {pct(row['accuracy'])} | "
-            + " | ".join(pct(kinds.get(k)) for k in ("colour", "exists", "count", "compare"))
+            + " | ".join(pct(row["accuracy_per_kind"].get(k)) for k in kinds)
             + f" | {pct(row.get('blank_accuracy'))} | {row['truncated']} |"
         )
     first = next(iter(results["eval"].values()))

@@ -1,0 +1,429 @@
+"""`latent reproduce all`: every method on the proving ground, from the same data and budget, in one table.
+
+The proving ground (issue 26): the shapes task with multi-hop colour questions (``make-shapes --hops 1,2,3``: the
+answer needs h = 1, 2, 3 serial local steps) and bases trained on chain-of-thought *and* direct answers
+(``make-base --mix cot+direct``), so a direct answer is a trained skill and the fair floor of every latent method.
+Each paper keeps its own model family, all trained on the same shapes data (checked: the bases' ``make_base.json``
+must name the same ``make-shapes`` arguments):
+
+- ``--base`` (mllama): the CoT and direct-answer rows, Heima (``reproduce heima``: progressive and one-shot, with
+  its interpreters) and Coconut (``reproduce coconut``);
+- ``--lavit-student`` / ``--lavit-teacher`` (Qwen2.5-VL): LaViT, its naive-SFT control and w/o L_traj
+  (``reproduce lavit``);
+- ``--lare-base`` (llava): LaRe, its no-latent control and w/o extractor (``reproduce lare``).
+
+Every method's own reproduction runs once per seed of ``--seeds`` (Coconut's runs every seed itself) in
+``<out>/<method>/seed-<s>``, so their resume and settings checks hold as they are; every trained variant gets the
+same budget of ``--steps`` optimizer steps at ``--batch-size`` questions, split over its stages:
+
+- Heima: ``steps // 4`` for each of stages 0..3 (the one-shot ablation: those of stages 1..3, from the base), then
+  the recovering stage's own 150 steps for both;
+- Coconut: ``steps // 3`` for each of its 3 curriculum stages (c = 2 thoughts per replaced stage);
+- LaViT: ``steps`` for every student, T_w = 0.4 ``steps`` (Table A1's 400 of 1000); the teacher data are built
+  once (the first seed's run) and reused;
+- LaRe: stages I / II / III of ``steps // 120``, ``steps // 6`` and the rest (the no-latent control skips II).
+
+Each evaluates on the first ``--eval-samples`` questions of the same test split (each reproduction's own format of
+them, with its training prompt). The table gives, per row, the seed mean ± population spread of the accuracy, of
+today's four kinds (colour, exists, count, compare), of the 2-3 hop questions, and of the controls (blank images,
+latents zeroed / shuffled), generated tokens, and the majority baseline; ``targets`` checks the issue's targets on
+those numbers. Outputs in ``--out``: ``results.json``, ``results.md``, ``accuracy_vs_tokens_hops.png``; the last
+stdout line is one JSON record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from latent_apps.reproduce.common import (
+    BASE_ROOT,
+    HARD_HOPS,
+    check_settings,
+    checkout,
+    eval_row,
+    kinds_accuracy,
+    pct,
+    say,
+    spread,
+)
+
+__all__ = ["METHODS", "ROWS", "AllRun", "combine", "reproduce_all"]
+
+METHODS: tuple[str, ...] = ("heima", "coconut", "lavit", "lare")
+TODAY: tuple[str, ...] = ("colour", "exists", "count", "compare")
+"""The question kinds of the task before the hop questions (the target "direct >= 75% on today's kinds")."""
+HOPS: tuple[str, ...] = ("hop1", *HARD_HOPS)
+
+ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("CoT (the base)", "base", "cot", "cot"),
+    ("direct (the base)", "base", "direct", "direct"),
+    ("Heima, progressive", "heima", "recover", "heima"),
+    ("Heima, one-shot", "heima", "one-shot-recover", "heima_oneshot"),
+    ("Coconut", "coconut", "Coconut, seed {seed}", "coconut"),
+    ("LaViT", "lavit", "LaViT", "lavit"),
+    ("LaViT: naive SFT", "lavit", "naive SFT", "lavit_naive"),
+    ("LaViT w/o L_traj", "lavit", "w/o L_traj", "lavit_no_ltraj"),
+    ("LaRe", "lare", "LaRe", "lare"),
+    ("LaRe: no-latent SFT", "lare", "no-latent SFT", "lare_sft"),
+    ("LaRe w/o extractor", "lare", "w/o extractor", "lare_no_extractor"),
+)
+"""The table's rows: (name, the method whose run holds it, its label in that run's ``results["eval"]``, its key
+in the JSON record)."""
+
+DEFAULT_BASES = {"base": "mllama-mix", "lavit_student": "qwen2_5_vl-mix", "lavit_teacher": "qwen2_5_vl-small-mix",
+                 "lare_base": "llava-mix"}  # fmt: skip
+FAMILY = {"base": "mllama", "lavit_student": "qwen2_5_vl", "lavit_teacher": "qwen2_5_vl", "lare_base": "llava"}
+NEEDS = {"base": ("heima", "coconut"), "lavit_student": ("lavit",), "lavit_teacher": ("lavit",),
+         "lare_base": ("lare",)}  # fmt: skip
+"""Which base each method starts from; the CoT / direct rows always come from ``base``."""
+
+
+@dataclass
+class AllRun:
+    """Settings of the whole comparison (every one a CLI flag; see the module docstring)."""
+
+    out: Path = Path("runs/reproduce/all")
+    base: Path | None = None
+    lavit_student: Path | None = None
+    lavit_teacher: Path | None = None
+    lare_base: Path | None = None
+    interpreter_base: Path | None = None
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 1200
+    batch_size: int = 16
+    eval_samples: int = 400
+    eval_batch_size: int = 50
+    cot_max_new_tokens: int = 512
+    show_progress: bool = True
+
+    def resolve(self) -> AllRun:
+        """Defaults filled in; unknown methods, missing bases and bases trained on other data refused in one line,
+        before anything runs."""
+        from latent_core.cli import UserError
+
+        self.methods, self.seeds = tuple(self.methods), tuple(self.seeds)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            given = ", ".join(unknown) or "(none given)"
+            raise UserError(f"unknown methods {given}: choose among {', '.join(METHODS)}")
+        if not self.seeds:
+            raise UserError("no seeds: pass --seeds 0,1,2")
+        if self.steps < 120:
+            raise UserError(f"--steps {self.steps}: at least 120 (LaRe's stage I gets steps // 120)")
+        root = checkout() / BASE_ROOT
+        args = {}
+        for key, default in DEFAULT_BASES.items():
+            setattr(self, key, Path(getattr(self, key) or root / default))
+            if key != "base" and not any(m in self.methods for m in NEEDS[key]):
+                continue
+            path = getattr(self, key)
+            info = path / "make_base.json"
+            if not info.is_file():
+                raise UserError(
+                    f"the {key.replace('_', ' ')} {path} is missing (needed by {', '.join(NEEDS[key])}): pass "
+                    f"--{key.replace('_', '-')} DIR, train one with `uv run apps/cli make-base --family "
+                    f"{FAMILY[key]} --mix cot+direct --shapes DIR` on the data of `make-shapes --hops 1,2,3`, or "
+                    "leave its methods out of --methods"
+                )  # fmt: skip
+            args[key] = json.loads(info.read_text())["shapes_args"]
+        first = args["base"]
+        other = {k: v for k, v in args.items() if v != first}
+        if other:
+            raise UserError(
+                f"the bases were trained on other shapes data than --base ({first}): "
+                + "; ".join(f"{k} {v}" for k, v in other.items())
+                + " - one table needs one test split: train every base on the same make-shapes output"
+            )
+        return self
+
+    def split(self) -> dict[str, Any]:
+        """The per-method step counts of the budget (module docstring)."""
+        s1, s2 = self.steps // 120, self.steps // 6
+        return {"heima_stage": self.steps // 4, "coconut_stage": self.steps // 3, "lavit": self.steps,
+                "lavit_gate_warmup": 2 * self.steps // 5, "lare": (s1, s2, self.steps - s1 - s2)}  # fmt: skip
+
+
+def _base_rows(run: AllRun, shapes: Path) -> dict[str, dict[str, Any]]:
+    """The base's CoT and direct answers (seed-free: greedy decoding of one model)."""
+    from latent_apps.eval.runner import run_eval
+
+    bench = shapes / "test" / "llava_cot.jsonl"
+    rows = {}
+    for method, tokens in (("cot", run.cot_max_new_tokens), ("direct", 32)):
+        say("all", run.show_progress, f"evaluating the base ({method})")
+        summary = run_eval(
+            str(run.base), method, [bench], run.out / "base" / method, batch_size=run.eval_batch_size,
+            max_new_tokens=tokens, limit=run.eval_samples, blank=True, show_progress=run.show_progress,
+        )["benches"][bench.stem]  # fmt: skip
+        rows[method] = eval_row(summary)
+    return rows
+
+
+def _run_methods(run: AllRun, shapes: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every chosen method's reproduction, once per seed: ``{method: {seed: results}}``."""
+    split = run.split()
+    done: dict[str, dict[int, dict[str, Any]]] = {}
+    common = {"eval_samples": run.eval_samples, "eval_batch_size": run.eval_batch_size,
+              "show_progress": run.show_progress}  # fmt: skip
+    if "heima" in run.methods:
+        from latent_apps.reproduce.heima import HeimaRun, reproduce_heima
+
+        done["heima"] = {}
+        for seed in run.seeds:
+            say("all", run.show_progress, f"heima, seed {seed}")
+            sub = HeimaRun(
+                family="mllama", out=run.out / "heima" / f"seed-{seed}", base=run.base, shapes=shapes,
+                interpreter_base=run.interpreter_base, stage_steps=split["heima_stage"], batch_size=run.batch_size,
+                max_new_tokens=run.cot_max_new_tokens, seed=seed, **common,
+            )  # fmt: skip
+            done["heima"][seed] = reproduce_heima(sub, command=f"reproduce all (heima, seed {seed})")
+    if "coconut" in run.methods:
+        from latent_apps.reproduce.coconut import CoconutRun, reproduce_coconut
+
+        say("all", run.show_progress, f"coconut, seeds {', '.join(map(str, run.seeds))}")
+        sub = CoconutRun(
+            out=run.out / "coconut", base=run.base, shapes=shapes, steps_per_stage=split["coconut_stage"],
+            batch_size=run.batch_size, seeds=run.seeds, cot_max_new_tokens=run.cot_max_new_tokens, **common,
+        )  # fmt: skip
+        results = reproduce_coconut(sub, command="reproduce all (coconut)")
+        done["coconut"] = {seed: results for seed in run.seeds}
+    if "lavit" in run.methods:
+        from latent_apps.reproduce.lavit import LavitRun, reproduce_lavit
+
+        done["lavit"] = {}
+        built = None
+        for seed in run.seeds:
+            say("all", run.show_progress, f"lavit, seed {seed}")
+            sub = LavitRun(
+                out=run.out / "lavit" / f"seed-{seed}", teacher=run.lavit_teacher, student=run.lavit_student,
+                shapes=shapes, teacher_data=built, steps=split["lavit"], gate_warmup=split["lavit_gate_warmup"],
+                batch_size=run.batch_size, ablations=("no-ltraj",), seed=seed, **common,
+            )  # fmt: skip
+            done["lavit"][seed] = reproduce_lavit(sub, command=f"reproduce all (lavit, seed {seed})")
+            built = built or sub.teacher_data
+    if "lare" in run.methods:
+        from latent_apps.reproduce.lare import LareRun, reproduce_lare
+
+        done["lare"] = {}
+        for seed in run.seeds:
+            say("all", run.show_progress, f"lare, seed {seed}")
+            sub = LareRun(
+                out=run.out / "lare" / f"seed-{seed}", base=run.lare_base, shapes=shapes, stage_steps=split["lare"],
+                batch_size=run.batch_size, ablations=("no-extractor",), halting=(), seed=seed,
+                cot_max_new_tokens=run.cot_max_new_tokens, **common,
+            )  # fmt: skip
+            done["lare"][seed] = reproduce_lare(sub, command=f"reproduce all (lare, seed {seed})")
+    return done
+
+
+def combine(base: dict[str, dict[str, Any]], runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The table: for each row of :data:`ROWS` that ran, the seed mean and spread of every number it reports.
+
+    ``base``: the base's ``cot`` and ``direct`` rows (:func:`eval_row`); ``runs``: ``{method: {seed: results}}``
+    of the methods' reproductions (each ``results["eval"]`` a dict of :func:`eval_row` rows)."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, method, label, key in ROWS:
+        if method == "base":
+            seeds = {None: base[label]} if label in base else {}
+        else:
+            seeds = {s: r["eval"].get(label.format(seed=s)) for s, r in runs.get(method, {}).items()}
+            seeds = {s: row for s, row in seeds.items() if row is not None}
+        if not seeds:
+            continue
+        rows = list(seeds.values())
+
+        def control(row: dict[str, Any], kind: str) -> float | None:
+            return ((row.get("latent_controls") or {}).get(kind) or {}).get("accuracy")
+
+        entry = {
+            "method": method,
+            "key": key,
+            "seeds": [s for s in seeds if s is not None],
+            "n": rows[0]["n"],
+            "accuracy": spread([r["accuracy"] for r in rows]),
+            "today_accuracy": spread([kinds_accuracy(r, TODAY) for r in rows]),
+            "hop23_accuracy": spread([kinds_accuracy(r) for r in rows]),
+            "per_kind": {k: spread([r["accuracy_per_kind"].get(k) for r in rows]) for k in (*TODAY, *HOPS)},
+            "blank_accuracy": spread([r.get("blank_accuracy") for r in rows]),
+            "blank_hop23_accuracy": spread([kinds_accuracy(r, key="blank_accuracy_per_kind") for r in rows]),
+            "zero_accuracy": spread([control(r, "zero") for r in rows]),
+            "shuffle_accuracy": spread([control(r, "shuffle") for r in rows]),
+            "generated_tokens": spread([r["generated_tokens"] for r in rows]),
+            "truncated": sum(r["truncated"] for r in rows),
+            "unanswered": sum(r["unanswered"] for r in rows),
+            "majority_baseline": rows[0]["majority_baseline"],
+        }
+        if name == "Heima, progressive":
+            entry["caption_rougeL_gap_shuffled"] = spread(
+                [runs["heima"][s]["record"].get("caption_rougeL_gap_shuffled") for s in seeds]
+            )
+        table[name] = entry
+    return table
+
+
+def _mean(table: dict[str, Any], row: str, key: str) -> float | None:
+    return table.get(row, {}).get(key, {}).get("mean")
+
+
+def _std(table: dict[str, Any], row: str, key: str) -> float | None:
+    return table.get(row, {}).get(key, {}).get("std")
+
+
+def targets(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets on the table's numbers: each with its numbers and ``met`` (``None``: its rows did not
+    run). Seed spreads are population standard deviations; "beats by more than the spread" compares the gap of
+    the means with the larger of the two spreads."""
+    out: list[dict[str, Any]] = []
+
+    def add(key: str, target: str, met: bool | None, **numbers: Any) -> None:
+        out.append({"id": key, "target": target, "met": met, **numbers})
+
+    direct, cot = _mean(table, "direct (the base)", "today_accuracy"), _mean(table, "CoT (the base)", "today_accuracy")
+    add("bases", "direct answer >= 75% on today's kinds; CoT >= 95%", None if direct is None or cot is None
+        else direct >= 0.75 and cot >= 0.95, direct=direct, cot=cot)  # fmt: skip
+
+    floor = {"Coconut": "direct (the base)", "LaViT": "LaViT: naive SFT", "LaRe": "LaRe: no-latent SFT"}
+    for method, control in floor.items():
+        mean, std = _mean(table, method, "hop23_accuracy"), _std(table, method, "hop23_accuracy")
+        base = _mean(table, control, "hop23_accuracy")
+        if mean is None or base is None:
+            continue
+        gap = mean - base
+        drops = [mean - v for v in (_mean(table, method, "zero_accuracy"), _mean(table, method, "shuffle_accuracy"))
+                 if v is not None]  # fmt: skip
+        met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10
+        add(f"{method.lower()}_hops", f"{method} beats its direct answer ({control}) on 2-3 hops by >= 10 points, "
+            "spread < gap; zeroed / shuffled latents drop it >= 10 points", met, hop23=mean, hop23_std=std,
+            direct_hop23=base, gap=gap, latent_drops=drops)  # fmt: skip
+
+    heima, tokens = table.get("Heima, progressive"), _mean(table, "Heima, progressive", "generated_tokens")
+    if heima and "CoT (the base)" in table:
+        solved = [k for k in TODAY if (table["direct (the base)"]["per_kind"][k]["mean"] or 0) >= 0.75]
+        base_kinds = table["CoT (the base)"]["per_kind"]
+        gaps = {k: (base_kinds[k]["mean"] or 0) - (heima["per_kind"][k]["mean"] or 0) for k in solved}
+        ratio = tokens / table["CoT (the base)"]["generated_tokens"]["mean"] if tokens is not None else None
+        rouge = heima.get("caption_rougeL_gap_shuffled", {}).get("mean")
+        met = bool(solved) and max(gaps.values()) <= 0.05 and ratio is not None and ratio <= 0.25
+        met = met and rouge is not None and rouge >= 0.05
+        add("heima", "Heima within 5 points of CoT on the kinds direct answers solve (>= 75%), <= 0.25x tokens; "
+            "caption interpreter >= 5 ROUGE-L over shuffled", met, kinds=solved, cot_minus_heima=gaps,
+            token_ratio=ratio, caption_rougeL_gap=rouge)  # fmt: skip
+
+    for method, controls in (("LaViT", ("LaViT: naive SFT",)), ("LaRe", ("LaRe: no-latent SFT", "LaRe w/o extractor"))):
+        if method not in table or not all(c in table for c in controls):
+            continue
+        mean, std = _mean(table, method, "accuracy"), _std(table, method, "accuracy")
+        gaps = {c: mean - _mean(table, c, "accuracy") for c in controls}
+        noise = {c: max(std, _std(table, c, "accuracy")) for c in controls}
+        add(f"{method.lower()}_controls", f"{method} > {', '.join(controls)} by more than the seed spread",
+            all(gaps[c] > noise[c] for c in controls), gaps=gaps, spreads=noise)  # fmt: skip
+    return out
+
+
+def _ms(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return ""
+    return pct(entry["mean"]) + (f" ± {100 * entry['std']:.1f}" if entry["n"] > 1 else "")
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    table = results["table"]
+    lines = [
+        "# Every method on the proving ground (`uv run apps/cli reproduce all`)",
+        "",
+        "Seed mean ± population spread (points) over the seeds of each row; blank = every image blanked; zeroed /"
+        " shuffled = the method's latents replaced at inference.",
+        "",
+        "| model | seeds | accuracy | today's kinds | hop 1 | hop 2 | hop 3 | hop 2-3 | blank | blank, hop 2-3 | "
+        "zeroed | shuffled | tokens | truncated |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, e in table.items():
+        tokens = e["generated_tokens"]["mean"]
+        lines.append(
+            f"| {name} | {len(e['seeds']) or '-'} | {_ms(e['accuracy'])} | {_ms(e['today_accuracy'])} | "
+            + " | ".join(_ms(e["per_kind"][k]) for k in HOPS)
+            + f" | {_ms(e['hop23_accuracy'])} | {_ms(e['blank_accuracy'])} | {_ms(e['blank_hop23_accuracy'])} | "
+            f"{_ms(e['zero_accuracy'])} | {_ms(e['shuffle_accuracy'])} | "
+            f"{'' if tokens is None else f'{tokens:.1f}'} | {e['truncated']} |"
+        )  # fmt: skip
+    first = next(iter(table.values()))
+    lines += ["", f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions).", "",
+              "| target | met | numbers |", "| --- | --- | --- |"]  # fmt: skip
+    for t in results["targets"]:
+        numbers = {k: v for k, v in t.items() if k not in ("id", "target", "met")}
+        met = {True: "yes", False: "no", None: "not run"}[t["met"]]
+        lines.append(f"| {t['target']} | {met} | `{json.dumps(numbers, default=_round)}` |")
+    lines += ["", f"Command: `{results['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else str(value)
+
+
+def _plot(table: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tokens, hops) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, e in table.items():
+        x, y = e["generated_tokens"]["mean"], e["accuracy"]["mean"]
+        tokens.errorbar(x, 100 * y, yerr=100 * (e["accuracy"]["std"] or 0), fmt="o", capsize=3)
+        tokens.annotate(name, (x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ys = [e["per_kind"][k]["mean"] for k in HOPS]
+        hops.errorbar([1, 2, 3], [float("nan") if v is None else 100 * v for v in ys], marker="o", capsize=3,
+                      yerr=[100 * (e["per_kind"][k]["std"] or 0) for k in HOPS], label=name)  # fmt: skip
+    majority = 100 * next(iter(table.values()))["majority_baseline"]
+    for ax in (tokens, hops):
+        ax.axhline(majority, linestyle="--", color="grey", linewidth=1)
+        ax.set_ylabel("test accuracy (%)")
+    tokens.set_xscale("log")
+    tokens.set_xlabel("generated tokens per answer (log)")
+    tokens.set_title("accuracy against generated tokens")
+    hops.set_xticks([1, 2, 3])
+    hops.set_xlabel("hops")
+    hops.set_title("accuracy against hops")
+    hops.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
+    """Run the comparison (module docstring); returns ``results.json``'s content, whose ``record`` is the last
+    stdout line of the command."""
+    from latent_apps.base import base_shapes
+
+    start = time.perf_counter()
+    run.resolve()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items() if k != "show_progress"}
+    check_settings(run.out, {k: v for k, v in settings.items() if k != "methods"}, reuse=True)
+    shapes = base_shapes(run.base, run.out / "shapes")
+    base = _base_rows(run, shapes)
+    runs = _run_methods(run, shapes)
+    table = combine(base, runs)
+    checks = targets(table)
+    record = {
+        **{f"{e['key']}_{k}": e[k]["mean"] for e in table.values() for k in ("accuracy", "hop23_accuracy")},
+        **{f"{e['key']}_accuracy_std": e["accuracy"]["std"] for e in table.values()},
+        "majority_accuracy": base["cot"]["majority_baseline"],
+        "targets_met": sum(t["met"] is True for t in checks),
+        "targets_checked": sum(t["met"] is not None for t in checks),
+        "seeds": len(run.seeds),
+        "eval_n": base["cot"]["n"],
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    results = {"command": command, "settings": {**settings, "split": run.split()}, "table": table, "targets": checks,
+               "record": record}  # fmt: skip
+    (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (run.out / "results.md").write_text(_markdown(results))
+    _plot(table, run.out / "accuracy_vs_tokens_hops.png")
+    return results
