@@ -82,6 +82,11 @@ def test_reduced_reproduction_writes_every_file(bases, tmp_path):
     assert again["eval"] == results["eval"]
     assert not results["resumed"] and again["resumed"] and "resumed" in (out / "results.md").read_text()
     assert again["record"]["wall_s"] < results["record"]["wall_s"]
+    # other settings with the same --out are refused, never mixed with the finished stages
+    from latent_core.cli import UserError
+
+    with pytest.raises(UserError, match="other settings"):
+        reproduce_heima(dataclasses.replace(run, stage_steps=3), command="test")
 
 
 def test_direct_rows_keep_only_the_conclusion():

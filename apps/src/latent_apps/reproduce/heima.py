@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.common import BASE_ROOT, checkout, eval_row, say
+from latent_apps.reproduce.common import BASE_ROOT, check_settings, checkout, eval_row, say
 
 __all__ = ["HeimaRun", "direct_rows", "reproduce_heima"]
 
@@ -416,7 +416,9 @@ def reproduce_heima(run: HeimaRun, command: str | None = None) -> dict[str, Any]
         )
     torch.set_num_threads(run.threads or default_threads())
     resumed = (run.out / "results.json").is_file() or (run.out / "heima").is_dir()
-    run.out.mkdir(parents=True, exist_ok=True)
+    kept = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(run).items()
+            if k not in ("show_progress", "threads", "notes")}  # fmt: skip
+    check_settings(run.out, kept, reuse=True)  # a finished stage is reused only with the same settings
     shapes = _shapes_for(run)
     prepared = _prepare(run, shapes)
     trained = _train_stages(run, prepared["train"])
