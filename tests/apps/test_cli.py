@@ -78,6 +78,24 @@ def test_demo_runs_every_family_and_the_shipped_models(tmp_path):
     assert lare["train"]["2"]["terms"] == ["align", "text"]
     assert len(lare["answers"]) == 4 and all(2 <= a["latent_steps"] <= 4 for a in lare["answers"])
     assert "LaRe demo: decoding with adaptive halting" in result.output
+    # The proving ground from its shipped artefacts: the mixed base's CoT reads the image (blank images fall far
+    # below) inside the budget, its direct answer and the shipped Coconut generate a fraction of CoT's tokens,
+    # Coconut's 6 thoughts (c = 2, 3 stages) are used by the zeroed / shuffled controls; the shipped table's rows
+    # carry the seed spread of reproduce all and its targets are printed met or not.
+    ground = summary["proving_ground"]
+    cot, direct = ground["rows"]["CoT (the base)"], ground["rows"]["direct (the base)"]
+    coconut = ground["rows"]["Coconut, seed 0"]
+    assert ground["n"] == cot["n"] == direct["n"] == coconut["n"] == 24
+    assert cot["truncated"] == direct["truncated"] == coconut["truncated"] == 0
+    assert cot["accuracy"] >= cot["blank_accuracy"] + 0.3
+    assert direct["generated_tokens"] < 5 and coconut["generated_tokens"] < cot["generated_tokens"] / 4
+    assert coconut["mean_latent_steps"] == 6
+    assert set(coconut["latent_controls"]) >= {"zero", "shuffle"}
+    table = ground["table"]
+    assert {"CoT (the base)", "direct (the base)"} <= set(table)
+    assert any(len(row["seeds"]) == 3 for row in table.values())
+    assert "proving ground, shipped" in result.output and "made by: uv run apps/cli reproduce all" in result.output
+    assert result.output.count("target ") == len(ground["targets"])
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

@@ -125,3 +125,36 @@ def test_bad_input_is_one_line(shapes, tmp_path):
     )
     assert result.exit_code == 2 and "latent coconut train" in result.output
     assert "Traceback" not in result.output
+
+
+def test_latent_controls_per_category_by_hand(shapes, tmp_path):
+    """A control's accuracy per question kind, so that a reproduction compares it with the model on the same
+    questions: here the zeroed control keeps only the colour questions right, and its per-kind accuracy is counted
+    by hand from the samples written."""
+    from latent_apps.eval.methods import Generation
+    from latent_apps.eval.runner import run_eval
+    from latent_core.testing import tiny_model
+
+    class Staged:
+        staged = True
+        default_max_new_tokens = 4
+
+        def __call__(self, model, processor, samples, max_new_tokens):
+            return [
+                Generation(
+                    text=f"<CONCLUSION>{s['answer']}</CONCLUSION>",
+                    generated_tokens=3,
+                    controls={"zero": f"<CONCLUSION>{s['answer'] if s['category'] == 'colour' else 'zz'}</CONCLUSION>"},
+                )  # fmt: skip
+                for s in samples
+            ]
+
+    model, processor = tiny_model("llava")
+    summary = run_eval(model, Staged(), [shapes / "test" / "llava_cot.jsonl"], tmp_path, processor=processor,
+                       limit=8, batch_size=4, show_progress=False)  # fmt: skip
+    zero = summary["benches"]["llava_cot"]["latent_controls"]["zero"]
+    rows = [json.loads(x) for x in (tmp_path / "llava_cot" / "samples.jsonl").open()]
+    kinds = {r["category"] for r in rows}
+    assert "colour" in kinds and len(kinds) > 1
+    assert zero["accuracy_per_category"] == {k: float(k == "colour") for k in sorted(kinds)}
+    assert zero["accuracy"] == pytest.approx(sum(r["category"] == "colour" for r in rows) / len(rows))

@@ -39,10 +39,16 @@ def demo(
     lare: Annotated[
         bool, typer.Option(help="Also run LaRe's pipeline briefly: stages I-II on the llava base, halting decode.")
     ] = True,
+    proving_ground: Annotated[
+        bool, typer.Option(help="Also the proving ground: the shipped mixed base and Coconut on multi-hop questions.")
+    ] = True,
 ) -> None:
     """Build every tiny model family, save and load it back, and run processor -> forward -> greedy generate on
     the demo image and question; then the shipped base (CoT) against the shipped Heima (from `reproduce heima`) on
-    shapes test questions, with the blank-image and majority controls. Prints tables and writes summary.json."""
+    shapes test questions, with the blank-image and majority controls; LaViT's and LaRe's pipelines in brief; and
+    the proving ground (`reproduce all`): the shipped mixed base's CoT and direct answers and the shipped Coconut on
+    multi-hop test questions (blank images, zeroed / shuffled thoughts), then the headline of the shipped table with
+    its targets. Prints tables and writes summary.json."""
     from latent_core.testing import TINY_FAMILIES
     from rich.console import Console
     from rich.progress import track
@@ -150,11 +156,61 @@ def demo(
             "the claim, against CoT, the no-latent control and Table 3's ablations: uv run apps/cli reproduce lare "
             "(README)"
         )
+    if proving_ground:
+        from latent_apps.demo import PROVING_GROUND, run_proving_ground
+
+        extra["proving_ground"] = g = run_proving_ground(work, n=questions_n)
+        _print_proving_ground(console, g, PROVING_GROUND)
     scratch.cleanup()
     seconds = time.perf_counter() - start
     path = write_summary(records, out, seconds, extra)
-    shown = "".join(f" + {name}" for name in ("heima", "lavit", "lare") if name in extra)
+    shown = "".join(f" + {name}" for name in ("heima", "lavit", "lare", "proving_ground") if name in extra)
     console.print(f"{len(records)} families{shown} in {seconds:.1f} s; summary: {path}")
+
+
+def _print_proving_ground(console, g: dict, ground: Path) -> None:
+    """The demo's proving-ground section: the live rows on the first questions, then the shipped table's headline."""
+    from rich.table import Table
+
+    def p(value) -> str:
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    def control(row: dict, kind: str):
+        return ((row.get("latent_controls") or {}).get(kind) or {}).get("accuracy")
+
+    table = Table(
+        title=f"proving ground, now: first {g['n']} multi-hop shapes test questions, shipped mixed base and Coconut; "
+        "blank = images blanked, zeroed / shuffled = Coconut's thoughts replaced"
+    )
+    for column in ("model", "accuracy", "hop 2-3", "blank", "zeroed", "shuffled", "majority", "gen tok", "truncated"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, r in g["rows"].items():
+        table.add_row(label, p(r["accuracy"]), p(r["hop23_accuracy"]), p(r.get("blank_accuracy")),
+                      p(control(r, "zero")), p(control(r, "shuffle")), p(r["majority_baseline"]),
+                      f"{r['generated_tokens']:.1f}", str(r["truncated"]))  # fmt: skip
+    console.print(table)
+
+    def ms(entry: dict) -> str:
+        if entry.get("mean") is None:
+            return ""
+        return p(entry["mean"]) + (f" ± {100 * entry['std']:.1f}" if entry["n"] > 1 else "")
+
+    first = next(iter(g["table"].values()))
+    table = Table(
+        title=f"proving ground, shipped ({ground}/results.md): {first['n']} test questions, seed mean ± spread; "
+        f"majority {p(first['majority_baseline'])}"
+    )
+    for column in ("model", "seeds", "accuracy", "today's kinds", "hop 2-3", "blank", "zeroed", "shuffled", "tok"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, e in g["table"].items():
+        table.add_row(name, str(len(e["seeds"]) or "-"), ms(e["accuracy"]), ms(e["today_accuracy"]),
+                      ms(e["hop23_accuracy"]), ms(e["blank_accuracy"]), ms(e["zero_accuracy"]),
+                      ms(e["shuffle_accuracy"]), f"{e['generated_tokens']['mean']:.1f}")  # fmt: skip
+    console.print(table)
+    for t in g["targets"]:
+        met = {True: "met", False: "NOT met", None: "not run"}[t["met"]]
+        console.print(f"target {met}: {t['target']}")
+    console.print(f"made by: {g['command']}")
 
 
 @app.command("make-shapes")

@@ -8,6 +8,10 @@ greedy ``generate``, and report parameters, tokens and milliseconds.
 Then the evidence that the methods work (:func:`run_shipped`): the shipped base trained from scratch with CoT
 answers (``data/base/mllama``) and the shipped Heima made from it by ``reproduce heima``
 (``data/reproduced/heima-mllama``) answer the same shapes test questions, each also with blank images.
+
+The proving ground (:func:`run_proving_ground`, issue 26): the mixed CoT + direct base (``data/base/mllama-mix``)
+and the Coconut made from it by ``reproduce all`` (``data/reproduced/proving-ground``) on the multi-hop shapes test
+questions, with the controls, and the headline of the shipped table.
 """
 
 from __future__ import annotations
@@ -168,6 +172,42 @@ def run_shipped(work: Path, family: str = SHIPPED_FAMILY, n: int = 48, batch_siz
         )["benches"][bench.stem]  # fmt: skip
         rows[label] = eval_row(summary)
     return {"family": family, "n": n, "rows": rows, "seconds": round(time.perf_counter() - start, 2)}
+
+
+PROVING_GROUND = Path("data") / "reproduced" / "proving-ground"
+"""``reproduce all``'s shipped output: ``results.json`` / ``.md``, its plot, and ``coconut/`` (seed 0's Coconut)."""
+
+
+def run_proving_ground(work: Path, n: int = 48, batch_size: int = 48) -> dict:
+    """The proving ground (multi-hop questions, a base trained on CoT and direct answers) from shipped artefacts:
+    the mixed base (``data/base/mllama-mix``) asked with its chain of thought and directly, and seed 0's Coconut
+    of ``reproduce all`` (``data/reproduced/proving-ground/coconut``), on the first ``n`` questions of the base's
+    own test split, with blank images and Coconut's thoughts zeroed / shuffled; then the headline of the shipped
+    table (every row's seed mean and spread over the full evaluation) and its targets."""
+    from latent_apps.base import base_shapes
+    from latent_apps.eval.runner import run_eval
+    from latent_apps.reproduce.common import eval_row
+
+    root = find_demo_data().parents[2]
+    ground, base = root / PROVING_GROUND, root / "data" / "base" / "mllama-mix"
+    for path in (base / "config.json", ground / "coconut" / "config.json", ground / "results.json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"the shipped proving-ground artefact {path} is missing: run from a full checkout")
+    start = time.perf_counter()
+    shapes = base_shapes(base, work / "shapes-hops")
+    bench = shapes / "test" / "llava_cot.jsonl"
+    rows = {}
+    jobs = (("CoT (the base)", base, "cot", None, 512), ("direct (the base)", base, "direct", None, 32),
+            ("Coconut, seed 0", ground / "coconut", "coconut", {"diagnostics": True}, 64))  # fmt: skip
+    for label, model, method, options, tokens in jobs:
+        summary = run_eval(
+            str(model), method, [bench], work / "eval" / method, batch_size=batch_size, max_new_tokens=tokens,
+            limit=n, method_options=options, blank=True, show_progress=False,
+        )["benches"][bench.stem]  # fmt: skip
+        rows[label] = eval_row(summary)
+    shipped = json.loads((ground / "results.json").read_text())
+    return {"n": n, "rows": rows, "table": shipped["table"], "targets": shipped["targets"],
+            "command": shipped["command"], "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
 def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20, n: int = 4) -> dict:

@@ -287,17 +287,24 @@ def _latent_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _control_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``latent_controls``: per control (zeroed / shuffled / masked latents) its accuracy and the rate at which the
-    extracted answer changed, over the records that carry it; empty when none does."""
+    """``latent_controls``: per control (zeroed / shuffled / masked latents) its accuracy (overall and per category,
+    so that a control is compared with the model on the same questions) and the rate at which the extracted answer
+    changed, over the records that carry it; empty when none does."""
     names = sorted({name for r in records for name in r.get("controls") or {}})
     if not names:
         return {}
     out = {}
     for name in names:
-        rows = [r["controls"][name] for r in records if name in (r.get("controls") or {})]
+        carrying = [r for r in records if name in (r.get("controls") or {})]
+        rows = [r["controls"][name] for r in carrying]
+        categories: dict[str, list[bool]] = {}
+        for r, c in zip(carrying, rows, strict=True):
+            if r.get("category") is not None:
+                categories.setdefault(str(r["category"]), []).append(bool(c["correct"]))
         out[name] = {
             "n": len(rows),
             "accuracy": sum(bool(c["correct"]) for c in rows) / len(rows),
+            "accuracy_per_category": {cat: sum(v) / len(v) for cat, v in sorted(categories.items())},
             "change_rate": sum(bool(c["changed"]) for c in rows) / len(rows),
         }
     return {"latent_controls": out}
