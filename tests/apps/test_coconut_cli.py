@@ -72,9 +72,9 @@ def test_training_prompt_is_the_evaluation_prompt(run, shapes):
         assert torch.equal(evaluated["input_ids"], train["input_ids"])
 
 
-def test_a_staged_control_is_read_from_its_conclusion_only(shapes, tmp_path):
-    """A control output cut in its caption ("row 1 column 2 ..." names option-like text) is unanswered, not read from
-    its caption (before: the controls were read from the whole text)."""
+def _eval_with_zero_control(shapes, out, zero, limit):
+    """``run_eval`` of a staged fake method that answers every sample right and whose zeroed control writes
+    ``zero(sample)``: the bench summary and the samples written."""
     from latent_apps.eval.methods import Generation
     from latent_apps.eval.runner import run_eval
     from latent_core.testing import tiny_model
@@ -84,19 +84,19 @@ def test_a_staged_control_is_read_from_its_conclusion_only(shapes, tmp_path):
         default_max_new_tokens = 4
 
         def __call__(self, model, processor, samples, max_new_tokens):
-            return [
-                Generation(
-                    text=f"<CONCLUSION>{s['answer']}</CONCLUSION>",
-                    generated_tokens=3,
-                    controls={"zero": f"<CAPTION>{s['answer']} is row 1 column 2"},
-                )  # fmt: skip
-                for s in samples
-            ]
+            return [Generation(text=f"<CONCLUSION>{s['answer']}</CONCLUSION>", generated_tokens=3,
+                               controls={"zero": zero(s)}) for s in samples]  # fmt: skip
 
     model, processor = tiny_model("llava")
-    summary = run_eval(model, Staged(), [shapes / "test" / "llava_cot.jsonl"], tmp_path, processor=processor,
-                       limit=4, batch_size=2, show_progress=False)  # fmt: skip
-    bench = summary["benches"]["llava_cot"]
+    summary = run_eval(model, Staged(), [shapes / "test" / "llava_cot.jsonl"], out, processor=processor,
+                       limit=limit, batch_size=4, show_progress=False)  # fmt: skip
+    return summary["benches"]["llava_cot"], [json.loads(x) for x in (out / "llava_cot" / "samples.jsonl").open()]
+
+
+def test_a_staged_control_is_read_from_its_conclusion_only(shapes, tmp_path):
+    """A control output cut in its caption ("row 1 column 2 ..." names option-like text) is unanswered, not read from
+    its caption (before: the controls were read from the whole text)."""
+    bench, _ = _eval_with_zero_control(shapes, tmp_path, lambda s: f"<CAPTION>{s['answer']} is row 1 column 2", 4)
     assert bench["accuracy"] == 1.0
     assert bench["latent_controls"]["zero"]["accuracy"] == 0.0
 
@@ -131,29 +131,10 @@ def test_latent_controls_per_category_by_hand(shapes, tmp_path):
     """A control's accuracy per question kind, so that a reproduction compares it with the model on the same
     questions: here the zeroed control keeps only the colour questions right, and its per-kind accuracy is counted
     by hand from the samples written."""
-    from latent_apps.eval.methods import Generation
-    from latent_apps.eval.runner import run_eval
-    from latent_core.testing import tiny_model
-
-    class Staged:
-        staged = True
-        default_max_new_tokens = 4
-
-        def __call__(self, model, processor, samples, max_new_tokens):
-            return [
-                Generation(
-                    text=f"<CONCLUSION>{s['answer']}</CONCLUSION>",
-                    generated_tokens=3,
-                    controls={"zero": f"<CONCLUSION>{s['answer'] if s['category'] == 'colour' else 'zz'}</CONCLUSION>"},
-                )  # fmt: skip
-                for s in samples
-            ]
-
-    model, processor = tiny_model("llava")
-    summary = run_eval(model, Staged(), [shapes / "test" / "llava_cot.jsonl"], tmp_path, processor=processor,
-                       limit=8, batch_size=4, show_progress=False)  # fmt: skip
-    zero = summary["benches"]["llava_cot"]["latent_controls"]["zero"]
-    rows = [json.loads(x) for x in (tmp_path / "llava_cot" / "samples.jsonl").open()]
+    bench, rows = _eval_with_zero_control(
+        shapes, tmp_path, lambda s: f"<CONCLUSION>{s['answer'] if s['category'] == 'colour' else 'zz'}</CONCLUSION>", 8
+    )
+    zero = bench["latent_controls"]["zero"]
     kinds = {r["category"] for r in rows}
     assert "colour" in kinds and len(kinds) > 1
     assert zero["accuracy_per_category"] == {k: float(k == "colour") for k in sorted(kinds)}
