@@ -181,6 +181,66 @@ def test_a_mixed_base_trains_each_question_with_its_cot_and_its_direct_answer(sh
         shapes_rows(path, mix="direct")
 
 
+PARTIAL_LINE = "Answer with short reasoning."
+
+
+def _row_totals(objects: list[dict], targets: list[tuple[str | None, str | None]], grid: int = 3) -> str:
+    """The running counts at each row's end, from the scene itself (the reference of a partial answer)."""
+    parts, counts = [], [0] * len(targets)
+    for r in range(grid):
+        for i, (colour, shape) in enumerate(targets):
+            counts[i] += sum(o["row"] == r and colour in (None, o["colour"]) and shape in (None, o["shape"])
+                             for o in objects)  # fmt: skip
+        parts.append(f"row {r + 1}: {' '.join(map(str, counts))}.")
+    return " ".join(parts)
+
+
+def _targets(reasoning: str) -> list[tuple[str | None, str | None]]:
+    """The (colour, shape) groups a count / exists / compare reasoning names ("Target: any circle.",
+    "Targets: red and blue.", "Targets: circle and square.")."""
+    from latent_apps.shapes import COLOURS
+
+    one = re.match(r"Target: (\w+) (\w+)\.", reasoning)
+    if one:
+        colour, shape = one.groups()
+        return [(None if colour == "any" else colour, None if shape == "shape" else shape)]
+    a, b = re.match(r"Targets: (\w+) and (\w+)\.", reasoning).groups()
+    return [(x, None) if x in COLOURS else (None, x) for x in (a, b)]
+
+
+def test_a_partial_mix_adds_short_reasoning_with_one_running_count_per_row(tmp_path):
+    """``cot+direct+partial``: a third row per question, asked with the partial line and answered with the
+    reasoning alone (no summary, no caption); a counting scan becomes the running counts at each row's end, which
+    are checked against the scene's objects, not against the scan they were cut from."""
+    from latent_apps.base import shapes_rows
+
+    made = tmp_path / "made"
+    make_shapes(12, 3, made, test_fraction=0.25, hops=(2,))
+    path = made / "train" / "llava_cot.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    scenes = json.loads((made / "scenes.json").read_text())
+    rows = {r["id"]: r for r in shapes_rows(path, mix="cot+direct+partial")}
+    assert len(rows) == 3 * len(records) and f"{records[0]['id']}#direct" in rows
+    kinds = set()
+    for record in records:
+        gpt = record["conversations"][1]["value"]
+        cot, partial = rows[record["id"]], rows[record["id"] + "#partial"]
+        assert partial["prompt"] == cot["prompt"] + "\n" + PARTIAL_LINE and partial["image"] == cot["image"]
+        reasoning = re.search(r"<REASONING>(.+)</REASONING>", gpt)[1]
+        short = re.fullmatch(r"<REASONING>(.+)</REASONING>\n\n<CONCLUSION>(.+)</CONCLUSION>", partial["answer"])
+        assert short and short[2] == re.search(r"<CONCLUSION>(.+)</CONCLUSION>", gpt)[1], partial["answer"]
+        kind = record["category"]
+        kinds.add(kind)
+        if kind in ("count", "exists", "compare"):
+            totals = _row_totals(scenes[record["image"]]["objects"], _targets(reasoning))
+            head, tail = reasoning.split(" row 1 column 1: ")[0], reasoning[reasoning.index(" So ") :]
+            assert short[1] == f"{head} {totals}{tail}", (short[1], totals)
+            assert "column" not in short[1]
+        else:  # colour and hops: the reasoning as it is, one short sentence per look-up
+            assert short[1] == reasoning
+    assert kinds == {"count", "exists", "colour", "compare", "hop2"}
+
+
 def test_the_direct_method_asks_with_the_direct_line_and_the_others_do_not():
     from latent_apps.eval.methods import get_method
 
@@ -195,6 +255,9 @@ def test_the_direct_method_asks_with_the_direct_line_and_the_others_do_not():
     ]
     for name in ("plain", "cot"):
         assert DIRECT_LINE not in get_method(name).prompt_text(asked) + get_method(name).prompt_text(choice)
+    partial = get_method("partial")
+    assert partial.prompt_text(asked) == asked["prompt"] + "\n" + PARTIAL_LINE and partial.staged
+    assert partial.prompt_text(choice).split("\n")[-1] == PARTIAL_LINE
 
 
 def test_a_direct_answer_is_read_only_from_an_output_that_ended(tmp_path):
@@ -232,22 +295,25 @@ def test_a_mixed_base_is_evaluated_both_ways(shapes, tmp_path, monkeypatch):
     out = tmp_path / "mixed"
     summary = make_base(
         "mllama", shapes, out, size="deep", steps=8, batch_size=4, threads=1, eval_samples=2, eval_batch_size=2,
-        show_progress=False, mix="cot+direct", group_by_length=True,
+        show_progress=False, mix="cot+direct+partial", group_by_length=True,
     )  # fmt: skip
-    assert summary["mix"] == "cot+direct" and summary["dims"]["layers"] == 8
+    assert summary["mix"] == "cot+direct+partial" and summary["dims"]["layers"] == 8
     # Rows of similar length train together, so a direct row is rarely padded to a staged answer's length: HF's
     # sampler sorts mega-batches of 2 batches here (8 of the 32 rows), so at most one batch in two mixes the kinds;
     # random batches of 4 mix them 7 times in 8 on average.
     assert len(batches) >= 8 and summary["group_by_length"]
     mixed = sum(len({"#direct" in i for i in batch}) > 1 for batch in batches[:8])
     assert mixed <= 4, batches
-    assert summary["train_rows"] == 2 * summary["train_questions"]
+    assert summary["train_rows"] == 3 * summary["train_questions"]
     assert summary["eval"]["method"] == "cot" and summary["eval_direct"]["method"] == "direct"
-    assert summary["eval_direct"]["n"] == 2 and "blank_accuracy" in summary["eval_direct"]
-    samples = (out / "eval" / "direct" / "llava_cot" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 2
+    assert summary["eval_partial"]["method"] == "partial"
+    for form in ("direct", "partial"):
+        assert summary[f"eval_{form}"]["n"] == 2 and "blank_accuracy" in summary[f"eval_{form}"]
+        samples = (out / "eval" / form / "llava_cot" / "samples.jsonl").read_text().splitlines()
+        assert len(samples) == 2
     readme = (out / "README.md").read_text()
-    assert "Asked directly" in readme and "its staged-CoT answer, and asked directly" in readme
+    assert "Asked directly" in readme and "its staged-CoT answer, asked directly" in readme
+    assert "Asked for short reasoning (2 test questions, `latent eval --method partial`" in readme
 
 
 def _fresh_questions(tmp_path: Path) -> tuple[Path, list[dict]]:

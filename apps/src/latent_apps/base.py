@@ -60,10 +60,14 @@ SIZES: dict[str, BaseSize] = {
 """``tiny``: the bases every method starts from; ``small``: a larger one (LaViT's teacher); ``deep``: the tiny
 width at twice the depth (serial depth is what latent steps add; issue 26)."""
 
-MIXES: tuple[str, ...] = ("cot", "cot+direct")
+MIXES: tuple[str, ...] = ("cot", "cot+direct", "cot+direct+partial")
 """What a base is trained on: ``cot``, the staged answers only; ``cot+direct``, each question twice, once with its
 staged answer and once asked with :func:`latent_core.prompts.direct_prompt` and answered with its conclusion alone,
-so that a direct answer is a trained skill (``latent eval --method direct``)."""
+so that a direct answer is a trained skill (``latent eval --method direct``); ``cot+direct+partial``, a third time
+asked with :func:`latent_core.prompts.partial_prompt` and answered with its short partial answer
+(:func:`latent_apps.shapes.partial_answer`: the reasoning alone, a counting scan cut to one running count per row;
+issue 26 item 1), so the aggregating kinds are also trained at an intermediate grain (``latent eval --method
+partial``)."""
 
 
 def _text_ids(tokenizer: Any) -> dict[str, Any]:
@@ -418,9 +422,12 @@ def shapes_rows(path: Path, images: bool = True, mix: str = "cot") -> list[dict[
     prompt is the human turn without its ``<image>`` marker, exactly as :mod:`latent_core.prompts` built it).
     ``images=False`` (a text LM) drops the images. ``mix="cot+direct"`` (:data:`MIXES`) adds after each question its
     direct row: id ``<id>#direct``, the prompt through :func:`latent_core.prompts.direct_prompt`, the answer the
-    staged answer's ``<CONCLUSION>``."""
-    from latent_core.prompts import direct_prompt
+    staged answer's ``<CONCLUSION>``; ``"cot+direct+partial"`` then its partial row: id ``<id>#partial``, the prompt
+    through :func:`latent_core.prompts.partial_prompt`, the answer :func:`latent_apps.shapes.partial_answer`."""
+    from latent_core.prompts import direct_prompt, partial_prompt
     from latent_core.readers import parse_cot_stages
+
+    from latent_apps.shapes import partial_answer
 
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
@@ -439,12 +446,20 @@ def shapes_rows(path: Path, images: bool = True, mix: str = "cot") -> list[dict[
                     "image": record["image"] if images else None,
                 }
             )
-            if mix == "cot+direct":
+            cot = rows[-1]
+            if "direct" in mix:
                 conclusion = parse_cot_stages(gpt).get("conclusion")
                 if not conclusion:
                     raise ValueError(f"{path}: {record['id']} has no <CONCLUSION> to answer directly with")
-                rows.append({**rows[-1], "id": f"{record['id']}#direct", "prompt": direct_prompt(rows[-1]["prompt"]),
+                rows.append({**cot, "id": f"{record['id']}#direct", "prompt": direct_prompt(cot["prompt"]),
                              "answer": conclusion})  # fmt: skip
+            if "partial" in mix:
+                try:
+                    partial = partial_answer(gpt)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {record['id']}: {e}") from None
+                rows.append({**cot, "id": f"{record['id']}#partial", "prompt": partial_prompt(cot["prompt"]),
+                             "answer": partial})  # fmt: skip
     return rows
 
 
@@ -545,7 +560,8 @@ def make_base(
         resume: continue from the last checkpoint in ``out/checkpoints`` when there is one.
         command: the command line to record in ``make_base.json``.
         mix: what the base is trained on (:data:`MIXES`); with ``cot+direct`` the evaluation also asks the direct
-            form (``latent eval --method direct``, with its blank-image control).
+            form (``latent eval --method direct``, with its blank-image control), with ``cot+direct+partial`` the
+            partial form as well (``--method partial``).
         group_by_length: batch rows of similar length together (HF's ``LengthGroupedSampler`` on the characters of
             prompt + answer), so a direct row is not padded to a staged answer's ~300 tokens (a step ~40% cheaper).
             Off by default: the sampler sorts mega-batches of 50 batches, so training sees ~25 direct-only batches
@@ -636,7 +652,7 @@ def make_base(
         "shapes_args": shapes_args(shapes),
         "mix": mix,
         "group_by_length": group_by_length,
-        "train_questions": sum("#direct" not in r["id"] for r in rows),
+        "train_questions": sum("#" not in r["id"] for r in rows),
         "train_rows": len(rows),
         "steps": trainer.state.global_step,
         "batch_size": batch_size,
@@ -655,9 +671,10 @@ def make_base(
     if eval_samples != 0:
         summary["eval"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
                                         show_progress=show_progress)  # fmt: skip
-        if mix == "cot+direct":
-            summary["eval_direct"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
-                                                   show_progress=show_progress, method="direct")  # fmt: skip
+        for form in ("direct", "partial"):
+            if form in mix:
+                summary[f"eval_{form}"] = evaluate_base(out, shapes, limit=eval_samples, batch_size=eval_batch_size,
+                                                        show_progress=show_progress, method=form)  # fmt: skip
     (out / MAKE_BASE_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(base_readme(summary), encoding="utf-8")
     return summary
@@ -666,13 +683,23 @@ def make_base(
 _MIX_TEXT = {
     "cot": "the full staged-CoT answers",
     "cot+direct": "each question twice: its staged-CoT answer, and asked directly with its conclusion alone",
+    "cot+direct+partial": "each question three times: its staged-CoT answer, asked directly with its conclusion "
+    "alone, and asked for short reasoning with its short partial answer (the reasoning alone, a counting scan cut to "
+    "one running count per row)",
 }
 
 
-def _direct() -> str:
-    from latent_core.prompts import DIRECT_INSTRUCTION
+def _forms() -> dict[str, tuple[str, str]]:
+    """The other forms a mixed base is asked in: ``{form: (heading, its instruction line)}``."""
+    from latent_core.prompts import DIRECT_INSTRUCTION, PARTIAL_INSTRUCTION
 
-    return DIRECT_INSTRUCTION
+    return {
+        "direct": ("Asked directly", f"the prompt + '{DIRECT_INSTRUCTION}', the answer alone"),
+        "partial": (
+            "Asked for short reasoning",
+            f"the prompt + '{PARTIAL_INSTRUCTION}', the answer read from `<CONCLUSION>`",
+        ),  # fmt: skip
+    }
 
 
 def base_readme(summary: dict[str, Any]) -> str:
@@ -698,22 +725,23 @@ def base_readme(summary: dict[str, Any]) -> str:
         f"{summary['transformers']})",
     ]
     ev = summary.get("eval")
-    direct = summary.get("eval_direct")
-    if direct:
+    for form, (heading, how) in _forms().items():
+        other = summary.get(f"eval_{form}")
+        if not other:
+            continue
         lines += [
             "",
-            f"Asked directly ({direct['n']} test questions, `latent eval --method direct`: the prompt + "
-            f"'{_direct()}', the answer alone):",
+            f"{heading} ({other['n']} test questions, `latent eval --method {form}`: {how}):",
             "",
             "| accuracy | blank images | majority baseline | truncated | unanswered | tokens |",
             "|---:|---:|---:|---:|---:|---:|",
-            f"| {pct(direct['accuracy'])} | {pct(direct['blank_accuracy'])} | {pct(direct['majority_baseline'])} | "
-            f"{direct['truncated']} | {direct['unanswered']} | {direct['mean_generated_tokens']:.1f} |",
+            f"| {pct(other['accuracy'])} | {pct(other['blank_accuracy'])} | {pct(other['majority_baseline'])} | "
+            f"{other['truncated']} | {other['unanswered']} | {other['mean_generated_tokens']:.1f} |",
             "",
             "Per question kind: "
             + ", ".join(
-                f"{k} {pct(v)} (blank {pct(direct['blank_accuracy_per_kind'].get(k))})"
-                for k, v in direct["accuracy_per_kind"].items()
+                f"{k} {pct(v)} (blank {pct(other['blank_accuracy_per_kind'].get(k))})"
+                for k, v in other["accuracy_per_kind"].items()
             ),  # fmt: skip
         ]
     if ev:
@@ -745,9 +773,10 @@ def evaluate_base(
     show_progress: bool = False,
     method: str = "cot",
 ) -> dict[str, Any]:
-    """``latent eval --method cot`` (or ``direct``) of a base on ``shapes/test/llava_cot.jsonl`` with the blank-image
-    control, into ``model_dir/eval`` (``eval/direct``): accuracy, per question kind, majority baseline, blank-image
-    accuracy, exact captions (CoT only). ``max_new_tokens``: default 512 for CoT, the method's own otherwise."""
+    """``latent eval --method cot`` (or ``direct``, ``partial``) of a base on ``shapes/test/llava_cot.jsonl`` with
+    the blank-image control, into ``model_dir/eval`` (``eval/<method>``): accuracy, per question kind, majority
+    baseline, blank-image accuracy, exact captions (CoT only). ``max_new_tokens``: default 512 for CoT, the
+    method's own otherwise."""
     from latent_core.readers import parse_cot_stages
 
     from latent_apps.eval.runner import read_samples_jsonl, run_eval

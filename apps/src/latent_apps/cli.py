@@ -281,8 +281,9 @@ def make_base_command(
     mix: Annotated[
         str,
         typer.Option(
-            help="cot (staged answers only) or cot+direct (each question also asked directly and answered with its "
-            "conclusion; evaluated with --method direct as well)."
+            help="cot (staged answers only), cot+direct (each question also asked directly and answered with its "
+            "conclusion; evaluated with --method direct as well) or cot+direct+partial (also asked for short "
+            "reasoning: the reasoning alone, a counting scan cut to one running count per row; --method partial)."
         ),
     ] = "cot",
     group_by_length: Annotated[

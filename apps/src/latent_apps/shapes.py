@@ -42,6 +42,7 @@ import csv
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,39 @@ def _scan(
             verdicts = " ".join("yes" if hit else "no" for hit in hits)
             parts.append(f"row {r + 1} column {c + 1}: {what} vs {target}, {verdicts}, {' '.join(map(str, counts))}.")
     return " ".join(parts), counts
+
+
+_SCAN_ENTRY = re.compile(r"row (\d+) column (\d+): [^.,]+ vs [^,]+, (?:yes|no)(?: (?:yes|no))*, (\d+(?: \d+)*)\.")
+"""One entry of a :func:`_scan` (row, column, the running counts after it)."""
+
+
+def short_reasoning(reasoning: str) -> str:
+    """The reasoning of a short partial answer (``make-base --mix cot+direct+partial``): ``reasoning`` with a
+    cell-by-cell :func:`_scan` cut to one entry per row, the running counts at the row's end (``"row 1: 1. row 2:
+    1. row 3: 3."``; two groups ``"row 1: 1 0."``), the rest unchanged: each row's entry aggregates three cells
+    without writing them, so the base learns part of an aggregation inside a forward pass. A reasoning without a
+    scan (colour, hops) is returned as it is: its steps are already short and one per look-up."""
+    entries = list(_SCAN_ENTRY.finditer(reasoning))
+    if not entries:
+        return reasoning
+    last = max(int(m.group(2)) for m in entries)
+    rows = " ".join(f"row {m.group(1)}: {m.group(3)}." for m in entries if int(m.group(2)) == last)
+    return reasoning[: entries[0].start()] + rows + reasoning[entries[-1].end() :]
+
+
+def partial_answer(staged: str) -> str:
+    """The short partial answer of a staged answer (:func:`staged_answer`): its ``<REASONING>`` through
+    :func:`short_reasoning` and its ``<CONCLUSION>``; no summary and no caption, so the image is read without
+    being written down. Raises ``ValueError`` when ``staged`` lacks either block."""
+    from latent_core.readers import parse_cot_stages
+
+    stages = parse_cot_stages(staged)
+    if not stages.get("reasoning") or not stages.get("conclusion"):
+        raise ValueError("a partial answer needs a <REASONING> and a <CONCLUSION> block")
+    return (
+        f"<REASONING>{short_reasoning(stages['reasoning'])}</REASONING>\n\n"
+        f"<CONCLUSION>{stages['conclusion']}</CONCLUSION>"
+    )
 
 
 def _count_options(rng: random.Random, answer: int, grid: int) -> list[str]:

@@ -3,7 +3,7 @@
 A *method* is a callable ``method(model, processor, samples, max_new_tokens) -> list[Generation]``, one
 :class:`Generation` per sample, in order. Methods are registered by name with a *factory* (a callable that
 takes keyword options and returns the method), so that ``get_method("heima", batch_size=4)`` can configure
-one. ``plain``, ``cot`` and ``direct`` are registered here; Coconut, Heima, LaViT and LaRe register theirs.
+one. ``plain``, ``cot``, ``direct`` and ``partial`` are registered here; Coconut, Heima, LaViT and LaRe register theirs.
 
 A method says how it is asked and read (class attributes the runner uses):
 
@@ -306,9 +306,24 @@ class CotMethod(PlainMethod):
         )
 
 
+class PartialMethod(CotMethod):
+    """A base trained with short partial answers (``make-base --mix cot+direct+partial``) asked for one: the training
+    prompt plus :data:`latent_core.prompts.PARTIAL_INSTRUCTION` on its last line
+    (:func:`latent_core.prompts.partial_prompt`); the answer read from ``<CONCLUSION>`` as with ``cot``."""
+
+    name = "partial"
+    default_max_new_tokens = 160
+
+    def prompt_text(self, sample: dict[str, Any]) -> str:
+        from latent_core.prompts import partial_prompt
+
+        return partial_prompt(build_prompt_text(sample, None))
+
+
 register_method("plain", PlainMethod)
 register_method("cot", CotMethod)
 register_method("direct", DirectMethod)
+register_method("partial", PartialMethod)
 
 # Method adapters of the method packages register themselves on import.
 from latent_apps.eval import coconut_method, heima_method, lare_method, lavit_method  # noqa: E402, F401  (their methods)

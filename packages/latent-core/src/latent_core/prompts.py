@@ -17,6 +17,9 @@ Training (:class:`latent_core.collate.SupervisedCollator`), generation (``heima.
 - :func:`direct_prompt` adds :data:`DIRECT_INSTRUCTION` as the last line: the form in which a base trained on a
   mixture of CoT and direct answers (``make-base --mix cot+direct``) is asked for the final answer alone, and in
   which ``latent eval --method direct`` asks it. Without the line the same model writes its chain of thought.
+- :func:`partial_prompt` adds :data:`PARTIAL_INSTRUCTION` the same way: the form in which a base trained with short
+  partial answers (``make-base --mix cot+direct+partial``: the reasoning alone, an aggregating scan cut to one
+  running count per row) is asked for them, and in which ``latent eval --method partial`` asks it.
 - :func:`chat_messages` puts the images (first, as in LLaVA-CoT and the chat templates of every family) and the
   text in one user turn, optionally after a system turn (``system``: a method's own system prompt, e.g. LaViT's;
   without it the chat template writes its default, if it has one) and followed by the assistant's answer.
@@ -32,12 +35,14 @@ from typing import Any
 
 __all__ = [
     "DIRECT_INSTRUCTION",
+    "PARTIAL_INSTRUCTION",
     "MC_INSTRUCTION",
     "OPTIONS_HEADER",
     "SHORT_INSTRUCTION",
     "chat_messages",
     "decode_answers",
     "direct_prompt",
+    "partial_prompt",
     "encode_chats",
     "parse_options",
     "question_text",
@@ -48,12 +53,19 @@ OPTIONS_HEADER = "Options:"
 MC_INSTRUCTION = "Please answer with the letter of the correct option."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 DIRECT_INSTRUCTION = "Answer directly, without reasoning."
+PARTIAL_INSTRUCTION = "Answer with short reasoning."
 
 
 def direct_prompt(text: str) -> str:
     """The user text ``text`` (a :func:`question_text`) asking for the final answer alone: ``text`` and
     :data:`DIRECT_INSTRUCTION` on a last line of its own (after the options and their instruction, if any)."""
     return f"{str(text).rstrip()}\n{DIRECT_INSTRUCTION}"
+
+
+def partial_prompt(text: str) -> str:
+    """The user text ``text`` asking for a short partial answer: ``text`` and :data:`PARTIAL_INSTRUCTION` on a last
+    line of its own, as :func:`direct_prompt` does."""
+    return f"{str(text).rstrip()}\n{PARTIAL_INSTRUCTION}"
 
 
 def question_text(
