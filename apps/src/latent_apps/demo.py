@@ -185,8 +185,7 @@ def run_proving_ground(work: Path, n: int = 48, batch_size: int = 48) -> dict:
     own test split, with blank images and Coconut's thoughts zeroed / shuffled; then the headline of the shipped
     table (every row's seed mean and spread over the full evaluation) and its targets."""
     from latent_apps.base import base_shapes
-    from latent_apps.eval.runner import run_eval
-    from latent_apps.reproduce.common import eval_row
+    from latent_apps.reproduce.common import EvalJob, eval_rows
 
     root = find_demo_data().parents[2]
     ground, base = root / PROVING_GROUND, root / "data" / "base" / "mllama-mix"
@@ -195,16 +194,11 @@ def run_proving_ground(work: Path, n: int = 48, batch_size: int = 48) -> dict:
             raise FileNotFoundError(f"the shipped proving-ground artefact {path} is missing: run from a full checkout")
     start = time.perf_counter()
     shapes = base_shapes(base, work / "shapes-hops")
-    bench = shapes / "test" / "llava_cot.jsonl"
-    rows = {}
-    jobs = (("CoT (the base)", base, "cot", None, 512), ("direct (the base)", base, "direct", None, 32),
-            ("Coconut, seed 0", ground / "coconut", "coconut", {"diagnostics": True}, 64))  # fmt: skip
-    for label, model, method, options, tokens in jobs:
-        summary = run_eval(
-            str(model), method, [bench], work / "eval" / method, batch_size=batch_size, max_new_tokens=tokens,
-            limit=n, method_options=options, blank=True, show_progress=False,
-        )["benches"][bench.stem]  # fmt: skip
-        rows[label] = eval_row(summary)
+    jobs = [EvalJob("CoT (the base)", base, "cot", None, 512, work / "eval" / "cot"),
+            EvalJob("direct (the base)", base, "direct", None, 32, work / "eval" / "direct"),
+            EvalJob("Coconut, seed 0", ground / "coconut", "coconut", {"diagnostics": True}, 64,
+                    work / "eval" / "coconut")]  # fmt: skip
+    rows = eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", n, batch_size)
     shipped = json.loads((ground / "results.json").read_text())
     return {"n": n, "rows": rows, "table": shipped["table"], "targets": shipped["targets"],
             "command": shipped["command"], "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip

@@ -43,9 +43,10 @@ from typing import Any
 from latent_apps.reproduce.common import (
     BASE_ROOT,
     HARD_HOPS,
+    EvalJob,
     check_settings,
     checkout,
-    eval_row,
+    eval_rows,
     kinds_accuracy,
     pct,
     say,
@@ -151,18 +152,10 @@ class AllRun:
 
 def _base_rows(run: AllRun, shapes: Path) -> dict[str, dict[str, Any]]:
     """The base's CoT and direct answers (seed-free: greedy decoding of one model)."""
-    from latent_apps.eval.runner import run_eval
-
-    bench = shapes / "test" / "llava_cot.jsonl"
-    rows = {}
-    for method, tokens in (("cot", run.cot_max_new_tokens), ("direct", 32)):
-        say("all", run.show_progress, f"evaluating the base ({method})")
-        summary = run_eval(
-            str(run.base), method, [bench], run.out / "base" / method, batch_size=run.eval_batch_size,
-            max_new_tokens=tokens, limit=run.eval_samples, blank=True, show_progress=run.show_progress,
-        )["benches"][bench.stem]  # fmt: skip
-        rows[method] = eval_row(summary)
-    return rows
+    jobs = [EvalJob(method, run.base, method, None, tokens, run.out / "base" / method)
+            for method, tokens in (("cot", run.cot_max_new_tokens), ("direct", 32))]  # fmt: skip
+    return eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", run.eval_samples, run.eval_batch_size,
+                     run.show_progress, tag="all")  # fmt: skip
 
 
 def _run_methods(run: AllRun, shapes: Path) -> dict[str, dict[int, dict[str, Any]]]:

@@ -29,7 +29,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from latent_apps.reproduce.common import BASE_ROOT, HARD_HOPS, check_settings, checkout, eval_row, num, pct, say, spread
+from latent_apps.reproduce.common import (
+    BASE_ROOT,
+    HARD_HOPS,
+    EvalJob,
+    check_settings,
+    checkout,
+    eval_rows,
+    num,
+    pct,
+    say,
+    spread,
+)
 
 __all__ = ["CoconutRun", "reproduce_coconut"]
 
@@ -100,22 +111,16 @@ def _train(run: CoconutRun, shapes: Path) -> dict[int, Path]:
 
 def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[str, dict[str, Any]]:
     """Step 3: the base's CoT and direct answers, every seed's Coconut, with their controls."""
-    from latent_apps.eval.runner import run_eval
 
-    bench = shapes / "test" / "llava_cot.jsonl"
-    jobs = [("CoT (the base)", str(run.base), "cot", {}, run.cot_max_new_tokens),
-            ("direct (the base)", str(run.base), "direct", {}, 32)]  # fmt: skip
-    jobs += [(f"Coconut, seed {s}", str(d), "coconut", {"diagnostics": True}, 64) for s, d in finals.items()]
-    results = {}
-    for label, model, method, options, tokens in jobs:
+    def job(label: str, model: str | Path, method: str, options: dict | None, tokens: int) -> EvalJob:
         out = run.out / "eval" / label.split(" (")[0].replace(", ", "-").replace(" ", "-").lower()
-        say("coconut", run.show_progress, f"evaluating {label}")
-        summary = run_eval(
-            model, method, [bench], out, batch_size=run.eval_batch_size, max_new_tokens=tokens,
-            limit=run.eval_samples, method_options=options or None, blank=True, show_progress=run.show_progress,
-        )["benches"][bench.stem]  # fmt: skip
-        results[label] = eval_row(summary)
-    return results
+        return EvalJob(label, model, method, options, tokens, out)
+
+    jobs = [job("CoT (the base)", run.base, "cot", None, run.cot_max_new_tokens),
+            job("direct (the base)", run.base, "direct", None, 32)]  # fmt: skip
+    jobs += [job(f"Coconut, seed {s}", d, "coconut", {"diagnostics": True}, 64) for s, d in finals.items()]
+    return eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", run.eval_samples, run.eval_batch_size,
+                     run.show_progress, tag="coconut")  # fmt: skip
 
 
 def _coconut_summary(evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:

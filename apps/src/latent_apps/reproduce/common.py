@@ -1,16 +1,18 @@
 """What the reproductions share: where the shipped bases are, progress lines, the settings check that keeps a
 re-run from mixing results made with other settings, directory slugs, the choice of ablations, one evaluation row
-(with its accuracy over the 2-3 hop questions), the seed mean and spread, and number formatting."""
+(with its accuracy over the 2-3 hop questions) and the loop that evaluates a list of models into such rows, the seed
+mean and spread, and number formatting."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
-    "BASE_ROOT", "HARD_HOPS", "SETTINGS_NAME", "check_settings", "checkout", "choose_ablations", "eval_row",
-    "kinds_accuracy", "num", "pct", "say", "slug", "spread",
+    "BASE_ROOT", "HARD_HOPS", "SETTINGS_NAME", "EvalJob", "check_settings", "checkout", "choose_ablations",
+    "eval_row", "eval_rows", "kinds_accuracy", "num", "pct", "say", "slug", "spread",
 ]  # fmt: skip
 
 BASE_ROOT = Path("data") / "base"
@@ -113,6 +115,42 @@ def eval_row(summary: dict[str, Any]) -> dict[str, Any]:
             row[key] = summary[key]
     row["hop23_accuracy"] = kinds_accuracy(row)
     return row
+
+
+class EvalJob(NamedTuple):
+    """One model to evaluate: its row label, checkpoint, ``latent eval`` method and options, generation budget and
+    output directory."""
+
+    label: str
+    model: str | Path
+    method: str
+    options: dict[str, Any] | None
+    max_new_tokens: int
+    out: Path
+
+
+def eval_rows(
+    jobs: Sequence[EvalJob],
+    bench: Path,
+    limit: int | None,
+    batch_size: int,
+    show_progress: bool = False,
+    tag: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{label: eval_row}`` of every job: ``latent eval`` of its model on ``bench`` with the blank-image control
+    (resumable per job: :func:`latent_apps.eval.runner.run_eval`), a progress line under ``tag`` when given."""
+    from latent_apps.eval.runner import run_eval
+
+    rows = {}
+    for job in jobs:
+        if tag:
+            say(tag, show_progress, f"evaluating {job.label}")
+        summary = run_eval(
+            str(job.model), job.method, [bench], job.out, batch_size=batch_size, max_new_tokens=job.max_new_tokens,
+            limit=limit, method_options=job.options or None, blank=True, show_progress=show_progress,
+        )["benches"][bench.stem]  # fmt: skip
+        rows[job.label] = eval_row(summary)
+    return rows
 
 
 def pct(value: Any) -> str:
