@@ -118,3 +118,6 @@ def main(base: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from latent_core.testing import exit_distributed
+
+    exit_distributed()

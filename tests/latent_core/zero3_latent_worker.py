@@ -109,3 +109,6 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from latent_core.testing import exit_distributed
+
+    exit_distributed()

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-__all__ = ["TINY_FAMILIES", "save_tiny_model", "tiny_model", "tiny_tokenizer", "tiny_image"]
+__all__ = ["TINY_FAMILIES", "exit_distributed", "save_tiny_model", "tiny_model", "tiny_tokenizer", "tiny_image"]
 
 TINY_FAMILIES: tuple[str, ...] = ("mllama", "llava_next", "qwen2_5_vl", "llava", "causal_lm")
 
@@ -412,3 +412,18 @@ _BUILDERS = {
     "causal_lm": _build_causal_lm,
     "qwen2_5_vl": _build_qwen2_5_vl,
 }
+
+
+def exit_distributed(code: int = 0) -> None:
+    """End a multi-process test worker (``torch.distributed.run``) once its results are written: a barrier, the
+    process group destroyed, then ``os._exit`` without the interpreter's teardown, where gloo's threads
+    intermittently abort a finished worker ("terminate called without an active exception", exit -6) and fail a
+    run whose results are complete. The tests check those results, not the teardown."""
+    import sys
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
