@@ -276,3 +276,21 @@ def test_reduced_coconut_reproduction(tmp_path):
     assert again["eval"] == results["eval"]
     with pytest.raises(UserError, match="other settings"):
         reproduce_coconut(dataclasses.replace(run, learning_rate=5e-2), command="test")
+
+    # --kinds: trained and evaluated on those question kinds only; --eval-stages: the first seed's stage 1 too
+    test = [json.loads(x) for x in (shapes / "test" / "llava_cot.jsonl").open()]
+    want = sorted(r["id"] for r in test if r["category"] in ("count", "colour"))
+    some = dataclasses.replace(run, out=tmp_path / "kinds", seeds=(0,), kinds=("count", "colour"), eval_stages=(1,),
+                               eval_samples=len(test))  # fmt: skip
+    results = reproduce_coconut(some, command="test")
+    assert set(results["eval"]) == {"CoT (the base)", "direct (the base)", "Coconut, seed 0", "Coconut stage 1, seed 0"}
+    for directory, steps in (("coconut-seed-0", 2), ("coconut-stage-1-seed-0", 1)):
+        samples = [json.loads(x) for x in (some.out / "eval" / directory / "llava_cot" / "samples.jsonl").open()]
+        assert sorted(s["id"] for s in samples) == want and {s["latent_steps"] for s in samples} == {steps}
+    assert results["coconut"]["accuracy"]["n"] == 1  # the stage row is not a seed
+    settings = json.loads((some.out / "train" / "seed-0" / "reproduce_settings.json").read_text())
+    assert settings["kinds"] == ["count", "colour"]
+    with pytest.raises(UserError, match="hop7"):
+        reproduce_coconut(dataclasses.replace(some, kinds=("hop7",)), command="test")
+    with pytest.raises(UserError, match="eval-stages 2"):
+        reproduce_coconut(dataclasses.replace(some, eval_stages=(2,)), command="test")

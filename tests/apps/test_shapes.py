@@ -410,3 +410,28 @@ def test_hop_counts_out_of_range_are_refused(tmp_path):
         result = CliRunner().invoke(app, ["make-shapes", "--n", "4", "--out", str(tmp_path / "c"), "--hops", bad])
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1 and "--hops" in result.output
+
+
+def test_select_kinds_keeps_exactly_those_questions_and_their_images(built_hops, tmp_path):
+    """`select_kinds`: every question of the chosen kinds and no other, in the source's order (the ids of the
+    visual-CoT file, a separate format, as the reference), the kept counts those make_shapes counted, each image
+    resolving through the new folder to the same bytes; an unknown kind is refused."""
+    from latent_apps.eval.runner import _read_llava_cot_bench
+    from latent_apps.shapes import select_kinds
+
+    out = select_kinds(built_hops, ("count", "hop2"), tmp_path / "sel")
+    counts = json.loads((built_hops / "summary.json").read_text())["splits"]
+    for split in ("train", "test"):
+        kept = [json.loads(x) for x in (out / split / "llava_cot.jsonl").open()]
+        want = [
+            r["id"] for r in _split(built_hops, split)["visual_cot"] if r["id"].rsplit("-", 1)[1] in ("count", "hop2")
+        ]
+        assert [r["id"] for r in kept] == want and want
+        assert len(want) == counts[split]["count"] + counts[split]["hop2"]
+        for row in kept[:3]:
+            assert (out / row["image"]).read_bytes() == (built_hops / row["image"]).read_bytes()
+    samples, report = _read_llava_cot_bench(out / "test" / "llava_cot.jsonl")
+    assert {s["category"] for s in samples} == {"count", "hop2"} and report.total_skipped == 0
+    assert select_kinds(built_hops, ("count", "hop2"), tmp_path / "sel") == out  # a re-run rewrites it in place
+    with pytest.raises(ValueError, match="hop7"):
+        select_kinds(built_hops, ("hop7",), tmp_path / "bad")

@@ -730,6 +730,12 @@ def reproduce_coconut_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (constant, reset every stage).")] = 1e-3,
     seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (one Coconut run each).")] = "0,1,2",
+    kinds: Annotated[
+        str, typer.Option(help="Train and evaluate on these question kinds only, comma-separated (default: all).")
+    ] = "",
+    eval_stages: Annotated[
+        str, typer.Option(help="Also evaluate the first seed's curriculum stages k (comma-separated, < M).")
+    ] = "",
     eval_samples: Annotated[int, typer.Option(min=1, help="Test questions evaluated per model.")] = 400,
 ) -> None:
     """Coconut on the proving ground: from a base trained on CoT and direct answers, one Coconut run per seed,
@@ -740,14 +746,17 @@ def reproduce_coconut_command(
 
     try:
         seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        stage_list = tuple(int(x) for x in eval_stages.split(",") if x.strip())
     except ValueError:
-        seed_list = ()
+        raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r} / {eval_stages!r}",
+                                 param_hint="--seeds / --eval-stages") from None  # fmt: skip
     if not seed_list:
         raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
     run = CoconutRun(
         out=out, base=base, shapes=shapes, steps_per_stage=steps_per_stage, c_thought=c_thought,
         max_latent_stage=max_latent_stage, unit=unit, batch_size=batch_size, learning_rate=learning_rate,
-        seeds=seed_list, eval_samples=eval_samples,
+        seeds=seed_list, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), eval_stages=stage_list,
+        eval_samples=eval_samples,
     )  # fmt: skip
     command = (
         f"uv run apps/cli reproduce coconut --out {out} --steps-per-stage {steps_per_stage} --c-thought {c_thought} "
@@ -755,6 +764,8 @@ def reproduce_coconut_command(
         f"{learning_rate} --seeds {seeds} --eval-samples {eval_samples}"
         + (f" --base {base}" if base else "")
         + (f" --shapes {shapes}" if shapes else "")
+        + (f" --kinds {kinds}" if kinds else "")
+        + (f" --eval-stages {eval_stages}" if eval_stages else "")
     )
     results = reproduce_coconut(run, command=command)
     _show_reproduction(out, results)

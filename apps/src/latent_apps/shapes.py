@@ -49,7 +49,7 @@ from pathlib import Path
 from latent_core.prompts import question_text
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "SHAPES", "KINDS", "make_shapes", "main", "draw_scene", "cell_bbox"]
+__all__ = ["COLOURS", "SHAPES", "KINDS", "make_shapes", "select_kinds", "main", "draw_scene", "cell_bbox"]
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -591,6 +591,36 @@ def make_shapes(
         summary["hops_skipped"] = skipped
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def select_kinds(shapes: Path, kinds: tuple[str, ...], out: Path) -> Path:
+    """The questions of ``kinds`` only, of a :func:`make_shapes` output ``shapes``, as a shapes folder ``out``:
+    ``{train,test}/llava_cot.jsonl`` filtered by ``category`` (order kept), ``images`` a link to ``shapes/images``,
+    ``summary.json`` naming the source and the kinds with the kept counts. Rewritten on every call (cheap and
+    deterministic), so a re-run with the same arguments gives the same files.
+
+    Raises:
+        ValueError: a kind that ``shapes`` does not have.
+    """
+    shapes, out = Path(shapes), Path(out)
+    have = json.loads((shapes / "summary.json").read_text(encoding="utf-8"))["kinds"]
+    unknown = [k for k in kinds if k not in have]
+    if unknown or not kinds:
+        raise ValueError(f"unknown question kinds {', '.join(unknown) or '(none given)'}: {shapes} has "
+                         f"{', '.join(have)}")  # fmt: skip
+    counts = {}
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (shapes / split / "llava_cot.jsonl").open(encoding="utf-8")]
+        kept = [r for r in rows if r.get("category") in kinds]
+        _write_jsonl(out / split / "llava_cot.jsonl", kept)
+        counts[split] = {k: sum(r["category"] == k for r in kept) for k in kinds}
+    link = out / "images"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to((shapes / "images").resolve(), target_is_directory=True)
+    summary = {"dataset": "shapes", "selected_from": str(shapes), "kinds": list(kinds), "splits": counts}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def main(

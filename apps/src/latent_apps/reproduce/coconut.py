@@ -13,7 +13,14 @@ so "direct" is a fair control) and its own shapes data (with the multi-hop kinds
    rate (the seed changes the data order);
 3. on the first ``--eval-samples`` test questions (``test/llava_cot.jsonl``, the training prompt): the base asked
    with its chain of thought (``cot``) and directly (``direct``), each seed's last stage (``coconut``, with its
-   thoughts zeroed and shuffled), each with blank images; the majority baseline.
+   thoughts zeroed and shuffled), each with blank images; the majority baseline. ``--eval-stages k,..`` also
+   evaluates the first seed's intermediate stages k (k * c thoughts, then the steps left in text): where along the
+   curriculum the accuracy goes.
+
+``--kinds`` trains and evaluates on those question kinds only (:func:`latent_apps.shapes.select_kinds`, in
+``<out>/shapes-kinds``): e.g. the kinds that aggregate over the scene (``count,exists,compare``), where the base's
+direct answer sits at the answer prior and its chain of thought does not, with ``--unit sentence`` (one step per
+scanned cell) and M the number of steps.
 
 Outputs in ``--out``: ``results.json``, ``results.md`` (accuracy per kind and over the 2-3 hop questions, seed mean
 and spread, generated tokens, controls) and ``accuracy_vs_hops.png``; every intermediate directory is reused on a
@@ -63,6 +70,8 @@ class CoconutRun:
     batch_size: int = 32
     learning_rate: float = 1e-3
     seeds: tuple[int, ...] = (0, 1, 2)
+    kinds: tuple[str, ...] = ()
+    eval_stages: tuple[int, ...] = ()
     eval_samples: int | None = 400
     eval_batch_size: int = 50
     cot_max_new_tokens: int = 512
@@ -71,10 +80,17 @@ class CoconutRun:
     def resolve(self) -> CoconutRun:
         self.base = Path(self.base or checkout() / BASE)
         self.shapes = Path(self.shapes or self.out / "shapes")
-        self.seeds = tuple(self.seeds)
-        if not (self.base / "config.json").is_file():
-            from latent_core.cli import UserError
+        self.seeds, self.kinds, self.eval_stages = tuple(self.seeds), tuple(self.kinds), tuple(self.eval_stages)
+        from latent_core.cli import UserError
 
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise UserError(f"unknown question kinds {', '.join(unknown)}: choose among {', '.join(KINDS)}")
+        late = [k for k in self.eval_stages if not 1 <= k < self.max_latent_stage]
+        if late:
+            raise UserError(f"--eval-stages {', '.join(map(str, late))}: stages 1..{self.max_latent_stage - 1} "
+                            f"(stage {self.max_latent_stage} is always evaluated)")  # fmt: skip
+        if not (self.base / "config.json").is_file():
             raise UserError(f"the base {self.base} is missing: pass --base DIR or train one with `uv run apps/cli "
                             "make-base --family mllama --size deep --mix cot+direct --shapes DIR` on the data of "
                             "`make-shapes --hops 1,2,3`")  # fmt: skip
@@ -93,6 +109,8 @@ def _train(run: CoconutRun, shapes: Path) -> dict[int, Path]:
         out = run.out / "train" / f"seed-{seed}"
         settings = {"base": str(run.base), "config": asdict(config), "steps_per_stage": run.steps_per_stage,
                     "batch_size": run.batch_size, "learning_rate": run.learning_rate, "seed": seed}  # fmt: skip
+        if run.kinds:  # without them, the settings of earlier runs byte for byte
+            settings["kinds"] = list(run.kinds)
         check_settings(out, settings, reuse=True)
         final = out / f"stage_{config.max_latent_stage}"
         if not (final / COCONUT_NAME).is_file():
@@ -119,13 +137,16 @@ def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[st
     jobs = [job("CoT (the base)", run.base, "cot", None, run.cot_max_new_tokens),
             job("direct (the base)", run.base, "direct", None, 32)]  # fmt: skip
     jobs += [job(f"Coconut, seed {s}", d, "coconut", {"diagnostics": True}, 64) for s, d in finals.items()]
+    first = next(iter(finals))
+    jobs += [job(f"Coconut stage {k}, seed {first}", finals[first].parent / f"stage_{k}", "coconut",
+                 {"diagnostics": True}, run.cot_max_new_tokens) for k in run.eval_stages]  # fmt: skip
     return eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", run.eval_samples, run.eval_batch_size,
                      run.show_progress, tag="coconut")  # fmt: skip
 
 
 def _coconut_summary(evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Coconut's seeds: mean and spread of each number the table reports."""
-    seeds = [r for label, r in evaluated.items() if label.startswith("Coconut")]
+    seeds = [r for label, r in evaluated.items() if label.startswith("Coconut, seed")]
     out: dict[str, Any] = {
         "accuracy": spread([r["accuracy"] for r in seeds]),
         "hop23_accuracy": spread([r["hop23_accuracy"] for r in seeds]),
@@ -214,6 +235,10 @@ def reproduce_coconut(run: CoconutRun, command: str = "") -> dict[str, Any]:
     run.resolve()
     run.out.mkdir(parents=True, exist_ok=True)
     shapes = base_shapes(run.base, run.shapes)
+    if run.kinds:
+        from latent_apps.shapes import select_kinds
+
+        shapes = select_kinds(shapes, run.kinds, run.out / "shapes-kinds")
     finals = _train(run, shapes)
     evaluated = _evaluate(run, shapes, finals)
     coconut = _coconut_summary(evaluated)
@@ -236,6 +261,7 @@ def reproduce_coconut(run: CoconutRun, command: str = "") -> dict[str, Any]:
         "coconut_blank_accuracy": coconut["blank_accuracy"]["mean"],
         "majority_accuracy": cot["majority_baseline"],
         "seeds": len(run.seeds),
+        "kinds": list(run.kinds) or None,
         "eval_n": cot["n"],
         "wall_s": round(time.perf_counter() - start, 1),
     }
