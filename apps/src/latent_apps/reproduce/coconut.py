@@ -194,33 +194,58 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against hops (when the questions have hop kinds), against generated tokens, and along the first
+    seed's curriculum (when ``--eval-stages`` evaluated some: stage 0 is the base's CoT, stage M the final row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (hops, tokens) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, row in results["eval"].items():
-        kinds = row["accuracy_per_kind"]
-        ys = [100 * kinds[k] if k in kinds else float("nan") for k in HOPS]
-        hops.plot([1, 2, 3], ys, marker="o", label=name)
-        blank = row.get("blank_accuracy_per_kind") or {}
-        if name.startswith("direct"):
-            hops.plot([1, 2, 3], [100 * blank.get(k, float("nan")) for k in HOPS], linestyle=":", color="grey",
-                      label="direct, blank images")  # fmt: skip
+    rows = results["eval"]
+    stages = {int(name.split()[2].rstrip(",")): row for name, row in rows.items() if name.startswith("Coconut stage")}
+    with_hops = any(k in row["accuracy_per_kind"] for row in rows.values() for k in HOPS)
+    panels = 1 + with_hops + bool(stages)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    hops = axes.pop(0) if with_hops else None
+    tokens = axes.pop(0)
+    for name, row in rows.items():
+        if hops is not None:
+            kinds = row["accuracy_per_kind"]
+            hops.plot([1, 2, 3], [100 * kinds[k] if k in kinds else float("nan") for k in HOPS], marker="o",
+                      label=name)  # fmt: skip
+            blank = row.get("blank_accuracy_per_kind") or {}
+            if name.startswith("direct"):
+                hops.plot([1, 2, 3], [100 * blank.get(k, float("nan")) for k in HOPS], linestyle=":", color="grey",
+                          label="direct, blank images")  # fmt: skip
         tokens.scatter(row["generated_tokens"], 100 * row["accuracy"], s=30)
         tokens.annotate(name, (row["generated_tokens"], 100 * row["accuracy"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-    majority = next(iter(results["eval"].values()))["majority_baseline"]
-    tokens.axhline(100 * majority, linestyle="--", color="grey", linewidth=1)
-    hops.set_xticks([1, 2, 3])
-    hops.set_xlabel("hops")
-    hops.set_ylabel("test accuracy (%)")
-    hops.set_title("accuracy against hops")
-    hops.legend(fontsize=7)
+    majority = 100 * rows["CoT (the base)"]["majority_baseline"]
+    tokens.axhline(majority, linestyle="--", color="grey", linewidth=1)
     tokens.set_xscale("log")
     tokens.set_xlabel("generated tokens per answer (log)")
+    tokens.set_ylabel("test accuracy (%)")
     tokens.set_title("accuracy against generated tokens")
+    if hops is not None:
+        hops.set_xticks([1, 2, 3])
+        hops.set_xlabel("hops")
+        hops.set_ylabel("test accuracy (%)")
+        hops.set_title("accuracy against hops")
+        hops.legend(fontsize=7)
+    if stages:
+        curve_axis = axes.pop(0)
+        first = next(name for name in rows if name.startswith("Coconut, seed"))
+        curve = {0: rows["CoT (the base)"], **stages, int(results["settings"]["max_latent_stage"]): rows[first]}
+        xs = sorted(curve)
+        curve_axis.plot(xs, [100 * curve[k]["accuracy"] for k in xs], marker="o", label=f"{first}, stage k")
+        curve_axis.axhline(100 * rows["direct (the base)"]["accuracy"], linestyle="--", color="tab:orange",
+                           label="direct (the base)")  # fmt: skip
+        curve_axis.axhline(majority, linestyle=":", color="grey", label="majority")
+        curve_axis.set_xlabel("curriculum stage k (0 = the CoT base)")
+        curve_axis.set_ylabel("test accuracy (%)")
+        curve_axis.set_title("accuracy along the curriculum")
+        curve_axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
