@@ -288,9 +288,40 @@ def test_reduced_coconut_reproduction(tmp_path):
         samples = [json.loads(x) for x in (some.out / "eval" / directory / "llava_cot" / "samples.jsonl").open()]
         assert sorted(s["id"] for s in samples) == want and {s["latent_steps"] for s in samples} == {steps}
     assert results["coconut"]["accuracy"]["n"] == 1  # the stage row is not a seed
+    assert "carried_count" in results["eval"]["Coconut stage 1, seed 0"]
     settings = json.loads((some.out / "train" / "seed-0" / "reproduce_settings.json").read_text())
     assert settings["kinds"] == ["count", "colour"]
     with pytest.raises(UserError, match="hop7"):
         reproduce_coconut(dataclasses.replace(some, kinds=("hop7",)), command="test")
     with pytest.raises(UserError, match="eval-stages 2"):
         reproduce_coconut(dataclasses.replace(some, eval_stages=(2,)), command="test")
+
+
+def test_carried_counts_against_a_hand_count():
+    """`carried_counts` on hand-written stage outputs: the first running count after the thoughts is checked against
+    the gold scan at that cell, the majority is that cell's most common gold value, a wrong later verdict and an
+    output without cells are counted, colour questions are left out."""
+    from latent_apps.reproduce.coconut import carried_counts
+
+    def scan(*cells: tuple[int, str, int]) -> str:
+        return " ".join(f"row 1 column {c}: red circle vs red circle, {v}, {t}." for c, v, t in cells)
+
+    staged = {
+        "a": scan((1, "yes", 1), (2, "no", 1), (3, "yes", 2)),
+        "b": scan((1, "no", 0), (2, "no", 0), (3, "no", 0)),
+        "c": scan((1, "no", 0), (2, "no", 0), (3, "yes", 1)),
+        "d": scan((1, "yes", 1)),
+        "e": "row 1 column 1: x",
+    }
+    samples = [
+        {"id": "a", "category": "count", "prediction": scan((2, "no", 1), (3, "yes", 2))},  # carried 1: right
+        {"id": "b", "category": "exists", "prediction": scan((2, "no", 1), (3, "no", 1))},  # carried 1, gold 0
+        {"id": "c", "category": "count", "prediction": scan((2, "no", 0), (3, "no", 0))},  # right, verdict wrong
+        {"id": "d", "category": "count", "prediction": "So the count is 1."},  # no cell written
+        {"id": "e", "category": "colour", "prediction": scan((2, "no", 5))},  # not a counting scan: left out
+    ]
+    got = carried_counts(samples, staged)
+    # column 2's gold running counts: 1, 0, 0 -> the most common value (0) is right for 2 of 3
+    assert got == {"n": 3, "right": pytest.approx(2 / 3), "majority": pytest.approx(2 / 3),
+                   "verdicts_right": pytest.approx(2 / 3), "no_cell": 1}  # fmt: skip
+    assert carried_counts(samples[4:], staged) is None

@@ -31,6 +31,7 @@ record.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,8 +141,50 @@ def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[st
     first = next(iter(finals))
     jobs += [job(f"Coconut stage {k}, seed {first}", finals[first].parent / f"stage_{k}", "coconut",
                  {"diagnostics": True}, run.cot_max_new_tokens) for k in run.eval_stages]  # fmt: skip
-    return eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", run.eval_samples, run.eval_batch_size,
-                     run.show_progress, tag="coconut")  # fmt: skip
+    test = shapes / "test" / "llava_cot.jsonl"
+    rows = eval_rows(jobs, test, run.eval_samples, run.eval_batch_size, run.show_progress, tag="coconut")
+    staged = {r["id"]: r["conversations"][1]["value"] for r in map(json.loads, test.open(encoding="utf-8"))}
+    for j in jobs[2 + len(finals) :]:
+        samples = [json.loads(x) for x in (j.out / test.stem / "samples.jsonl").open(encoding="utf-8")]
+        rows[j.label]["carried_count"] = carried_counts(samples, staged)
+    return rows
+
+
+_CELL = re.compile(r"(row \d+ column \d+): [^,]*, (yes|no), (\d+)\.")
+"""One scanned cell of a one-target counting scan (count, exists): its cell, verdict and running count."""
+
+
+def carried_counts(samples: list[dict[str, Any]], staged: dict[str, str]) -> dict[str, Any] | None:
+    """What an intermediate stage's thoughts hand on, on its count / exists questions: the first scanned cell
+    written after the thoughts carries the running count of the cells they replaced. Returns, over the questions
+    whose output writes a cell: how often that first running count equals the gold one at that cell (``right``),
+    how often always writing that cell's most common gold value would be (``majority``: what carrying nothing
+    gives), how often every written verdict is right (``verdicts_right``), and the questions that wrote no cell
+    (``no_cell``); ``None`` without such questions. ``staged``: the gold staged answer of each sample id."""
+    from collections import Counter
+
+    right = verdicts = no_cell = 0
+    gold_values: Counter = Counter()
+    for sample in samples:
+        if sample["category"] not in ("count", "exists"):
+            continue
+        gold = {cell: (verdict, total) for cell, verdict, total in _CELL.findall(staged[sample["id"]])}
+        written = _CELL.findall(sample["prediction"])
+        if not written or written[0][0] not in gold:
+            no_cell += 1
+            continue
+        cell, _, total = written[0]
+        gold_values[(cell, gold[cell][1])] += 1
+        right += total == gold[cell][1]
+        verdicts += all(gold.get(c, ("",))[0] == v for c, v, _ in written)
+    n = sum(gold_values.values())
+    if not n:
+        return None
+    best: dict[str, int] = {}
+    for (cell, _), count in gold_values.items():
+        best[cell] = max(best.get(cell, 0), count)
+    return {"n": n, "right": right / n, "majority": sum(best.values()) / n, "verdicts_right": verdicts / n,
+            "no_cell": no_cell}  # fmt: skip
 
 
 def _coconut_summary(evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -190,6 +233,17 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions). Tokens: generated "
         "tokens per answer (Coconut's thoughts are not tokens: it also runs its thoughts and 2 delimiters).",
     ]  # fmt: skip
+    carried = [(name, row["carried_count"]) for name, row in results["eval"].items() if row.get("carried_count")]
+    if carried:
+        lines += [
+            "",
+            "What the thoughts hand on (count / exists questions of each intermediate stage; "
+            "`carried_counts`): the running count written at the first cell after the thoughts.",
+            "",
+        ]
+        lines += [f"- {name}: right {pct(c['right'])} (its cell's most common value: {pct(c['majority'])}); every "
+                  f"written verdict right {pct(c['verdicts_right'])}; {c['n']} questions, {c['no_cell']} wrote no cell"
+                  for name, c in carried]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
