@@ -49,7 +49,9 @@ from pathlib import Path
 from latent_core.prompts import question_text
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "SHAPES", "KINDS", "make_shapes", "select_kinds", "main", "draw_scene", "cell_bbox"]
+__all__ = [
+    "COLOURS", "SHAPES", "KINDS", "make_shapes", "scan_entries", "select_kinds", "main", "draw_scene", "cell_bbox",
+]  # fmt: skip
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -206,8 +208,14 @@ def _scan(
     return " ".join(parts), counts
 
 
-_SCAN_ENTRY = re.compile(r"row (\d+) column (\d+): [^.,]+ vs [^,]+, (?:yes|no)(?: (?:yes|no))*, (\d+(?: \d+)*)\.")
-"""One entry of a :func:`_scan` (row, column, the running counts after it)."""
+_SCAN_ENTRY = re.compile(r"row (\d+) column (\d+): [^.,]+ vs [^,]+, ((?:yes|no)(?: (?:yes|no))*), (\d+(?: \d+)*)\.")
+"""One entry of a :func:`_scan` (row, column, the verdicts, the running counts after it)."""
+
+
+def scan_entries(text: str) -> list[tuple[str, str, str]]:
+    """The entries of a :func:`_scan` written in ``text``, in order: ``("row r column c", verdicts, running
+    counts)`` each (``("row 1 column 2", "yes", "1")``; two groups ``("row 1 column 2", "yes no", "1 0")``)."""
+    return [(f"row {m.group(1)} column {m.group(2)}", m.group(3), m.group(4)) for m in _SCAN_ENTRY.finditer(text)]
 
 
 def short_reasoning(reasoning: str) -> str:
@@ -220,7 +228,7 @@ def short_reasoning(reasoning: str) -> str:
     if not entries:
         return reasoning
     last = max(int(m.group(2)) for m in entries)
-    rows = " ".join(f"row {m.group(1)}: {m.group(3)}." for m in entries if int(m.group(2)) == last)
+    rows = " ".join(f"row {m.group(1)}: {m.group(4)}." for m in entries if int(m.group(2)) == last)
     return reasoning[: entries[0].start()] + rows + reasoning[entries[-1].end() :]
 
 

@@ -31,7 +31,6 @@ record.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,19 +138,15 @@ def _evaluate(run: CoconutRun, shapes: Path, finals: dict[int, Path]) -> dict[st
             job("direct (the base)", run.base, "direct", None, 32)]  # fmt: skip
     jobs += [job(f"Coconut, seed {s}", d, "coconut", {"diagnostics": True}, 64) for s, d in finals.items()]
     first = next(iter(finals))
-    jobs += [job(f"Coconut stage {k}, seed {first}", finals[first].parent / f"stage_{k}", "coconut",
-                 {"diagnostics": True}, run.cot_max_new_tokens) for k in run.eval_stages]  # fmt: skip
+    stages = [job(f"Coconut stage {k}, seed {first}", finals[first].parent / f"stage_{k}", "coconut",
+                  {"diagnostics": True}, run.cot_max_new_tokens) for k in run.eval_stages]  # fmt: skip
     test = shapes / "test" / "llava_cot.jsonl"
-    rows = eval_rows(jobs, test, run.eval_samples, run.eval_batch_size, run.show_progress, tag="coconut")
+    rows = eval_rows(jobs + stages, test, run.eval_samples, run.eval_batch_size, run.show_progress, tag="coconut")
     staged = {r["id"]: r["conversations"][1]["value"] for r in map(json.loads, test.open(encoding="utf-8"))}
-    for j in jobs[2 + len(finals) :]:
+    for j in stages:
         samples = [json.loads(x) for x in (j.out / test.stem / "samples.jsonl").open(encoding="utf-8")]
         rows[j.label]["carried_count"] = carried_counts(samples, staged)
     return rows
-
-
-_CELL = re.compile(r"(row \d+ column \d+): [^,]*, (yes|no), (\d+)\.")
-"""One scanned cell of a one-target counting scan (count, exists): its cell, verdict and running count."""
 
 
 def carried_counts(samples: list[dict[str, Any]], staged: dict[str, str]) -> dict[str, Any] | None:
@@ -163,13 +158,15 @@ def carried_counts(samples: list[dict[str, Any]], staged: dict[str, str]) -> dic
     (``no_cell``); ``None`` without such questions. ``staged``: the gold staged answer of each sample id."""
     from collections import Counter
 
+    from latent_apps.shapes import scan_entries
+
     right = verdicts = no_cell = 0
     gold_values: Counter = Counter()
     for sample in samples:
         if sample["category"] not in ("count", "exists"):
             continue
-        gold = {cell: (verdict, total) for cell, verdict, total in _CELL.findall(staged[sample["id"]])}
-        written = _CELL.findall(sample["prediction"])
+        gold = {cell: (verdict, total) for cell, verdict, total in scan_entries(staged[sample["id"]])}
+        written = scan_entries(sample["prediction"])
         if not written or written[0][0] not in gold:
             no_cell += 1
             continue
