@@ -159,6 +159,27 @@ def test_base_shapes_rewrites_hop_questions_too(tmp_path):
     assert "-hop3" in (again / "train" / "llava_cot.jsonl").read_text()
 
 
+def test_base_shapes_reads_arguments_recorded_before_anchor_needed_as_any_anchor(tmp_path):
+    """A base recorded before ``anchor_needed`` existed (no such key) gets its old hop questions back: drawn among
+    every path, not the anchor-needed default; the folder it wrote is then reused, and a folder of the new
+    default's questions is refused."""
+    made = tmp_path / "made"
+    make_shapes(8, 2, made, test_fraction=0.25, hops=(2, 3), anchor_needed=False)
+    base = tmp_path / "base"
+    base.mkdir()
+    recorded = {"n": 8, "seed": 2, "test_fraction": 0.25, "hops": [2, 3]}  # as make_base.json had it
+    (base / MAKE_BASE_NAME).write_text(json.dumps({"shapes_args": recorded}))
+    again = base_shapes(base, tmp_path / "again")
+    for name in ("train/llava_cot.jsonl", "test/llava_cot.jsonl", "test/shapes_mc.tsv"):
+        assert (again / name).read_bytes() == (made / name).read_bytes(), name
+    assert base_shapes(base, made) == made
+    new = tmp_path / "new"
+    make_shapes(8, 2, new, test_fraction=0.25, hops=(2, 3))
+    assert (new / "train" / "llava_cot.jsonl").read_bytes() != (made / "train" / "llava_cot.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="another shapes data set"):
+        base_shapes(base, new)
+
+
 DIRECT_LINE = "Answer directly, without reasoning."
 
 

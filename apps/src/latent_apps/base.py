@@ -463,7 +463,10 @@ def shapes_rows(path: Path, images: bool = True, mix: str = "cot") -> list[dict[
     return rows
 
 
-SHAPES_ARGS: tuple[str, ...] = ("n", "seed", "test_fraction", "grid", "image_size", "tint", "hops")
+SHAPES_ARGS: tuple[str, ...] = ("n", "seed", "test_fraction", "grid", "image_size", "tint", "hops", "anchor_needed")
+LEGACY_SHAPES_ARGS: dict[str, Any] = {"anchor_needed": False}
+"""The value of a ``make_shapes`` argument that recorded arguments from before it was added do not name (hop
+questions were drawn among every path then): what reproduces those data sets."""
 
 
 def shapes_args(shapes: Path) -> dict[str, Any]:
@@ -490,10 +493,10 @@ def base_shapes(base: Path, out: Path) -> Path:
             f"{base} is not a base made by make-base (no {MAKE_BASE_NAME}): pass a make-base output directory, or "
             "train one with `uv run apps/cli make-base --family FAMILY`"
         )
-    args = json.loads(info.read_text(encoding="utf-8"))["shapes_args"]
+    args = {**LEGACY_SHAPES_ARGS, **json.loads(info.read_text(encoding="utf-8"))["shapes_args"]}
     summary = out / "summary.json"
     if summary.is_file():
-        have = json.loads(summary.read_text(encoding="utf-8"))
+        have = {**LEGACY_SHAPES_ARGS, **json.loads(summary.read_text(encoding="utf-8"))}
         if all(have.get(k) == v for k, v in args.items()):
             return out
     if (out / "train").exists():

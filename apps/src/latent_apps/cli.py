@@ -231,6 +231,15 @@ def make_shapes_command(
             "hop{h} per image and h, everything else unchanged. Empty: none."
         ),
     ] = "",
+    anchor_needed: Annotated[
+        bool,
+        typer.Option(
+            "--anchor-needed/--any-anchor",
+            help="Hop questions only where the answer needs the anchor: following the moves from any other shape "
+            "would reach another colour too (--any-anchor: every path, as data sets before it; their answers "
+            "mostly follow from the moves alone). summary.json's hop_shortcut gives that shortcut's accuracy.",
+        ),
+    ] = True,
 ) -> None:
     """Synthetic staged-CoT visual task: grids of coloured shapes with count / exists / colour / compare questions
     (and with --hops, multi-hop colour questions), 4-stage LLaVA-CoT answers, bboxes and reasoning texts, in
@@ -246,8 +255,9 @@ def make_shapes_command(
     if any(not 1 <= h <= MAX_HOPS for h in hop_counts):
         raise UserError(f"--hops: each hop count must be in 1..{MAX_HOPS}, got {hops!r}")
     summary = make_shapes(
-        n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint, hops=hop_counts
-    )
+        n, seed, out, test_fraction=test_fraction, grid=grid, image_size=image_size, tint=tint, hops=hop_counts,
+        anchor_needed=anchor_needed,
+    )  # fmt: skip
     typer.echo(json.dumps(summary, indent=2))
 
 

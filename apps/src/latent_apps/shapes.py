@@ -32,6 +32,9 @@ Conventions (documented here and in summary.json):
   every cell on the path holds a shape and none is visited twice. The reasoning writes one short sentence per hop
   ("The red triangle is at row 1 column 2. Right of it: row 1 column 3, blue circle. Below it: ..."). Their own
   generator leaves everything else byte-identical; scenes without a valid path are counted in ``hops_skipped``.
+  By default (``anchor_needed``) a path is drawn only where the moves alone leave the answer open (followed from
+  some other shape they reach another colour: :func:`hop_shortcut`); ``summary["hop_shortcut"]`` is the accuracy
+  of answering from the moves alone, the floor to read hop results against (about 50% by construction).
 - The tiny tokenizer's corpus (``latent_core.testing._CORPUS``) covers almost every word used.
 """
 
@@ -91,6 +94,7 @@ class Question:
     reasoning: str
     cells: list[tuple[int, int]] = field(default_factory=list)  # relevant (row, col); empty = whole grid
     mc: bool = False
+    shortcut: str | None = None  # hop questions: the answer of a reader who skips the anchor (hop_shortcut)
 
     @property
     def letter(self) -> str:
@@ -393,17 +397,56 @@ def _paths(start: Obj, at: dict[tuple[int, int], Obj], grid: int, h: int) -> lis
     return out
 
 
-def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int) -> Question | None:
+def hop_shortcut(objects: list[Obj], moves: list[str]) -> dict[str, int]:
+    """What a reader who never finds the anchor knows: the colours reached by following ``moves`` from *every*
+    occupied cell (each cell on the way occupied, none twice), with how many start cells reach each.
+
+    On a small grid the moves alone pin the answer down: "below the shape below the shape to the right of X" can
+    start only in the top two rows of the first two columns, and with the occupied-path rule often only one colour
+    is reachable. On a 3x3 grid with uniformly drawn paths the most common reachable colour is the answer for 67%
+    (hop1), 88% (hop2) and 95% (hop3) of the questions, so deeper questions were *easier* without any look-up;
+    ``anchor_needed`` keeps only questions whose reachable colours include another than the answer."""
+    at = {(o.row, o.col): o for o in objects}
+    reached: dict[str, int] = {}
+    for start in at:
+        cell, seen = start, {start}
+        for move in moves:
+            dr, dc = MOVES[move]
+            cell = (cell[0] + dr, cell[1] + dc)
+            if cell not in at or cell in seen:
+                break
+            seen.add(cell)
+        else:
+            reached[at[cell].colour] = reached.get(at[cell].colour, 0) + 1
+    return reached
+
+
+def shortcut_answer(reached: dict[str, int]) -> str:
+    """The shortcut's guess: the colour most start cells reach (ties: the first in :data:`COLOURS`)."""
+    return max(COLOURS, key=lambda c: (reached.get(c, 0), -COLOURS.index(c)))
+
+
+def _end(anchor: Obj, moves: list[str], at: dict[tuple[int, int], Obj]) -> Obj:
+    cell = (anchor.row, anchor.col)
+    for move in moves:
+        cell = (cell[0] + MOVES[move][0], cell[1] + MOVES[move][1])
+    return at[cell]
+
+
+def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int, anchor_needed: bool = True) -> Question | None:
     """An ``h``-hop question: start at a uniquely named shape, move ``h`` times to a neighbouring shape, ask the
     last one's colour ("What colour is the shape below the shape to the right of the red triangle?"). Every answer
     needs ``h`` serial look-ups, each a local step; the reasoning writes one short sentence per hop. The anchor and
-    path are drawn uniformly among all valid ones; ``None`` when the scene has none (counted by the caller)."""
+    path are drawn uniformly among all valid ones; with ``anchor_needed`` (the default) only among those where
+    skipping the anchor leaves a doubt (:func:`hop_shortcut` reaches another colour than the answer), so the
+    answer cannot come from the moves alone. ``None`` when the scene has none (counted by the caller)."""
     at = {(o.row, o.col): o for o in objects}
     choices = [
         (o, name, moves)
         for o in objects
         if (name := _anchor_name(o, objects)) is not None
         for moves in _paths(o, at, grid, h)
+        if not anchor_needed or set(hop_shortcut(objects, moves)) != {_end(o, moves, at).colour}
     ]
     if not choices:
         return None
@@ -424,6 +467,7 @@ def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int) -> Questi
         summary=f"I will find the {name}, follow the question from it one shape at a time and answer the question.",
         reasoning=f"The {name} is at {anchor.where()}. {' '.join(steps)} So the colour is {final.colour}.",
         cells=cells,
+        shortcut=shortcut_answer(hop_shortcut(objects, moves)),
     )
 
 
@@ -477,6 +521,7 @@ def make_shapes(
     image_size: int = 96,
     tint: bool = True,
     hops: tuple[int, ...] = (),
+    anchor_needed: bool = True,
 ) -> dict:
     """Generate ``n`` scenes (4 questions each, plus one ``h``-hop question per ``h`` in ``hops``) into ``out``;
     returns the summary (also ``out/summary.json``).
@@ -484,7 +529,11 @@ def make_shapes(
     Deterministic: the same arguments give byte-identical files (one ``random.Random(seed)``, fixed PNG options).
     Hop questions draw from a second generator (``random.Random(f"shapes-hops-{seed}")``), so adding them leaves
     the scenes and today's four questions byte-identical; a scene with no valid h-hop path gets no h-hop question
-    and is counted in ``summary["hops_skipped"]``.
+    and is counted in ``summary["hops_skipped"]``. ``anchor_needed`` (:func:`ask_hop`): only hop questions whose
+    answer needs the anchor; ``False`` writes the hop questions of the data sets made before it (whose recorded
+    arguments have no ``anchor_needed``: read as ``False``, see ``latent_apps.base.base_shapes``).
+    ``summary["hop_shortcut"]``: per split and hop kind, the accuracy of answering without the anchor
+    (:func:`shortcut_answer`), the floor a hop result must be read against, like the majority baseline.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -500,6 +549,7 @@ def make_shapes(
     hop_rng = random.Random(f"shapes-hops-{seed}")
     kinds = [*KINDS, *(hop_kind(h) for h in hops)]
     skipped = {s: {hop_kind(h): 0 for h in hops} for s in ("train", "test")}
+    shortcut_right = {s: {hop_kind(h): 0 for h in hops} for s in ("train", "test")}
     n_test = _split_sizes(n, test_fraction)
     order = list(range(n))
     rng.shuffle(order)
@@ -524,10 +574,11 @@ def make_shapes(
             q.mc = rng.random() < P_MC
             questions.append(q)
         for h in hops:
-            q = ask_hop(hop_rng, objects, grid, h)
+            q = ask_hop(hop_rng, objects, grid, h, anchor_needed)
             if q is None:
                 skipped[split][hop_kind(h)] += 1
                 continue
+            shortcut_right[split][q.kind] += q.shortcut == q.answer
             q.mc = hop_rng.random() < P_MC
             questions.append(q)
         for q in questions:
@@ -597,6 +648,11 @@ def make_shapes(
     if hops:  # without them, today's summary byte for byte
         summary["hops"] = list(hops)
         summary["hops_skipped"] = skipped
+        summary["hop_shortcut"] = {
+            split: {k: round(right / max(counts[split][k], 1), 4) for k, right in by_kind.items()}
+            for split, by_kind in shortcut_right.items()
+        }
+        summary["anchor_needed"] = anchor_needed
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -640,6 +696,7 @@ def main(
     image_size: int = 96,
     tint: bool = True,
     hops: tuple[int, ...] = (),
+    anchor_needed: bool = True,
 ) -> dict:
     """Entry point for the ``make-shapes`` command: same as :func:`make_shapes`, with defaults."""
     return make_shapes(
@@ -651,4 +708,5 @@ def main(
         image_size=image_size,
         tint=tint,
         hops=hops,
+        anchor_needed=anchor_needed,
     )

@@ -117,6 +117,8 @@ class AllRun:
             raise UserError("no seeds: pass --seeds 0,1,2")
         if self.steps < 120:
             raise UserError(f"--steps {self.steps}: at least 120 (LaRe's stage I gets steps // 120)")
+        from latent_apps.base import LEGACY_SHAPES_ARGS
+
         root = checkout() / BASE_ROOT
         args = {}
         for key, default in DEFAULT_BASES.items():
@@ -132,7 +134,7 @@ class AllRun:
                     f"{FAMILY[key]} --mix cot+direct --shapes DIR` on the data of `make-shapes --hops 1,2,3`, or "
                     "leave its methods out of --methods"
                 )  # fmt: skip
-            args[key] = json.loads(info.read_text())["shapes_args"]
+            args[key] = {**LEGACY_SHAPES_ARGS, **json.loads(info.read_text())["shapes_args"]}
         first = args["base"]
         other = {k: v for k, v in args.items() if v != first}
         if other:
