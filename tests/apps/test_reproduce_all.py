@@ -127,6 +127,16 @@ def test_reduced_run_end_to_end(tmp_path):
     assert stage["steps"] == 40
     for name in ("results.md", "accuracy_vs_tokens_hops.png"):
         assert (out / name).stat().st_size > 0
+    # the hop rows' floor: the moves-alone answer on exactly the base's evaluated questions, 2-3 hops by count
+    from latent_apps.shapes import hop_shortcut_accuracy
+
+    ids = [r["id"] for r in samples(out / "base" / "cot" / "llava_cot" / "samples.jsonl")]
+    per_kind = hop_shortcut_accuracy(out / "shapes", ids)
+    hard = [per_kind[k] for k in ("hop2", "hop3") if k in per_kind]
+    want = {k: v["accuracy"] for k, v in per_kind.items()}
+    want["hop23"] = sum(v["accuracy"] * v["n"] for v in hard) / sum(v["n"] for v in hard) if hard else None
+    assert results["hop_shortcut"] == pytest.approx(want) and per_kind
+    assert "Answered from the moves alone" in (out / "results.md").read_text()
     assert reproduce_all(run, command="test")["table"] == table
 
     import dataclasses

@@ -456,6 +456,32 @@ def test_hop_answers_need_the_anchor_and_the_summary_gives_the_shortcut(built_ho
     assert kept["hop_shortcut"]["train"]["hop3"] > summary["hop_shortcut"]["train"]["hop3"] + 0.2
 
 
+def test_hop_shortcut_accuracy_of_chosen_questions_by_hand(built_hops, tmp_path):
+    """``hop_shortcut_accuracy`` on some test questions (what ``reproduce all`` reports next to the majority): per
+    hop kind, the most-reached colour's accuracy recomputed from the scenes by hand, other kinds left out; on the
+    old any-anchor questions too. ``hop_moves`` reads a question's moves in solving order."""
+    from latent_apps.shapes import COLOURS, hop_moves, hop_shortcut_accuracy
+
+    assert hop_moves("What colour is the shape below the shape to the right of the red triangle?") == ["right", "below"]
+    with pytest.raises(ValueError, match="not a hop question"):
+        hop_moves("What colour is the shape at row 1 column 2?")
+    old = tmp_path / "old"
+    make_shapes(N, SEED, old, hops=HOPS, anchor_needed=False)
+    for root in (built_hops, old):
+        ids = [r["id"] for r in _split(root, "test")["visual_cot"]][::2]  # every other question
+        scenes = json.loads((root / "scenes.json").read_text())
+        right: dict[str, list[bool]] = {}
+        for vcot in _split(root, "test")["visual_cot"]:
+            if vcot["id"] in ids and "-hop" in vcot["id"]:
+                question, options = _parse_prompt(vcot["question"])
+                answer = options[vcot["answer"]] if options else vcot["answer"]
+                reached = _reached_without_anchor(question, scenes[vcot["image"]]["objects"])
+                guess = max(COLOURS, key=lambda c: (reached.get(c, 0), -COLOURS.index(c)))
+                right.setdefault(vcot["id"].rsplit("-", 1)[1], []).append(guess == answer)
+        expected = {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(right.items())}
+        assert hop_shortcut_accuracy(root, ids) == expected and expected
+
+
 def test_hop_counts_out_of_range_are_refused(tmp_path):
     with pytest.raises(ValueError, match="hops"):
         make_shapes(4, 0, tmp_path, hops=(0,))

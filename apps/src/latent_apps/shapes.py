@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "KINDS", "make_shapes", "scan_entries", "select_kinds", "main", "draw_scene", "cell_bbox",
+    "hop_shortcut", "hop_moves", "hop_shortcut_accuracy",
 ]  # fmt: skip
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
@@ -424,6 +425,41 @@ def hop_shortcut(objects: list[Obj], moves: list[str]) -> dict[str, int]:
 def shortcut_answer(reached: dict[str, int]) -> str:
     """The shortcut's guess: the colour most start cells reach (ties: the first in :data:`COLOURS`)."""
     return max(COLOURS, key=lambda c: (reached.get(c, 0), -COLOURS.index(c)))
+
+
+def hop_moves(question: str) -> list[str]:
+    """The moves of a hop question's text (:func:`ask_hop`), in solving order (from the anchor outward): "What
+    colour is the shape below the shape to the right of the triangle?" -> ``["right", "below"]``.
+
+    Raises:
+        ValueError: not a hop question."""
+    by_text = {v: k for k, v in MOVE_TEXT.items()}
+    m = re.fullmatch(r"What colour is the shape (.+) the \w+(?: \w+)?\?", question)
+    phrases = m[1].split(" the shape ") if m else []
+    if not phrases or any(p not in by_text for p in phrases):
+        raise ValueError(f"not a hop question: {question!r}")
+    return [by_text[p] for p in reversed(phrases)]
+
+
+def hop_shortcut_accuracy(shapes: Path, ids: list[str]) -> dict[str, dict[str, float | int]]:
+    """Per hop kind, over the questions ``ids`` of a :func:`make_shapes` output's test split: how often the
+    anchor-free answer (:func:`shortcut_answer` of :func:`hop_shortcut`) is right, ``{kind: {"n", "accuracy"}}``.
+    The floor a hop result is read against, as the majority baseline is (other kinds are left out)."""
+    shapes = Path(shapes)
+    scenes = json.loads((shapes / "scenes.json").read_text(encoding="utf-8"))
+    wanted, out = set(ids), {}
+    for line in (shapes / "test" / "llava_cot.jsonl").open(encoding="utf-8"):
+        row = json.loads(line)
+        if row["id"] not in wanted or not str(row.get("category", "")).startswith("hop"):
+            continue
+        question = row["conversations"][0]["value"].removeprefix("<image>\n").split("\n")[0]
+        gold = re.search(r"So the colour is (\w+)\.", row["conversations"][1]["value"])[1]
+        objects = [Obj(**o) for o in scenes[row["image"]]["objects"]]
+        guess = shortcut_answer(hop_shortcut(objects, hop_moves(question)))
+        entry = out.setdefault(row["category"], {"n": 0, "right": 0})
+        entry["n"] += 1
+        entry["right"] += guess == gold
+    return {k: {"n": v["n"], "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
 
 
 def _end(anchor: Obj, moves: list[str], at: dict[tuple[int, int], Obj]) -> Obj:

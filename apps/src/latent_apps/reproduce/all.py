@@ -26,9 +26,10 @@ same budget of ``--steps`` optimizer steps at ``--batch-size`` questions, split 
 Each evaluates on the first ``--eval-samples`` questions of the same test split (each reproduction's own format of
 them, with its training prompt). The table gives, per row, the seed mean ± population spread of the accuracy, of
 today's four kinds (colour, exists, count, compare), of the 2-3 hop questions, and of the controls (blank images,
-latents zeroed / shuffled, over all questions and over the 2-3 hop ones), generated tokens, and the majority
-baseline; ``targets`` checks the issue's targets on those numbers (a latent control against the method's own
-accuracy on the same 2-3 hop questions). Outputs in ``--out``: ``results.json``, ``results.md``,
+latents zeroed / shuffled, over all questions and over the 2-3 hop ones), generated tokens, the majority
+baseline and, for the hop kinds, the accuracy of answering from the question's moves alone (``hop_shortcut``);
+``targets`` checks the issue's targets on those numbers (a latent control against the method's own accuracy on
+the same 2-3 hop questions). Outputs in ``--out``: ``results.json``, ``results.md``,
 ``accuracy_vs_tokens_hops.png``; the last stdout line is one JSON record.
 """
 
@@ -160,6 +161,21 @@ def _base_rows(run: AllRun, shapes: Path) -> dict[str, dict[str, Any]]:
                      run.show_progress, tag="all")  # fmt: skip
 
 
+def _shortcut(run: AllRun, shapes: Path) -> dict[str, float | None]:
+    """The floor of the hop rows: per hop kind (and over 2-3 hops) the accuracy of answering from the question's
+    moves alone, never finding the anchor (:func:`latent_apps.shapes.hop_shortcut_accuracy`), on the questions the
+    base's rows were evaluated on."""
+    from latent_apps.shapes import hop_shortcut_accuracy
+
+    samples = run.out / "base" / "cot" / "llava_cot" / "samples.jsonl"
+    ids = [json.loads(line)["id"] for line in samples.open(encoding="utf-8")]
+    per_kind = hop_shortcut_accuracy(shapes, ids)
+    hard = [per_kind[k] for k in HARD_HOPS if k in per_kind]
+    out: dict[str, float | None] = {k: v["accuracy"] for k, v in per_kind.items()}
+    out["hop23"] = sum(v["accuracy"] * v["n"] for v in hard) / sum(v["n"] for v in hard) if hard else None
+    return out
+
+
 def _run_methods(run: AllRun, shapes: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """Every chosen method's reproduction, once per seed: ``{method: {seed: results}}``."""
     split = run.split()
@@ -276,9 +292,10 @@ def _std(table: dict[str, Any], row: str, key: str) -> float | None:
     return table.get(row, {}).get(key, {}).get("std")
 
 
-def targets(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
     """The issue's targets on the table's numbers: each with its numbers and ``met`` (``None``: its rows did not
-    run). Seed spreads are population standard deviations; "beats by more than the spread" compares the gap of
+    run); the 2-3 hop targets also give ``shortcut_hop23`` (:func:`_shortcut`), the accuracy the moves alone
+    reach. Seed spreads are population standard deviations; "beats by more than the spread" compares the gap of
     the means with the larger of the two spreads."""
     out: list[dict[str, Any]] = []
 
@@ -302,7 +319,7 @@ def targets(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10
         add(f"{method.lower()}_hops", f"{method} beats its direct answer ({control}) on 2-3 hops by >= 10 points, "
             "spread < gap; zeroed / shuffled latents drop it >= 10 points", met, hop23=mean, hop23_std=std,
-            direct_hop23=base, gap=gap, latent_drops=drops)  # fmt: skip
+            direct_hop23=base, gap=gap, latent_drops=drops, shortcut_hop23=(shortcut or {}).get("hop23"))  # fmt: skip
 
     heima, tokens = table.get("Heima, progressive"), _mean(table, "Heima, progressive", "generated_tokens")
     if heima and "CoT (the base)" in table:
@@ -357,8 +374,14 @@ def _markdown(results: dict[str, Any]) -> str:
             f"{'' if tokens is None else f'{tokens:.1f}'} | {e['truncated']} |"
         )  # fmt: skip
     first = next(iter(table.values()))
-    lines += ["", f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions).", "",
-              "| target | met | numbers |", "| --- | --- | --- |"]  # fmt: skip
+    lines += ["", f"Majority baseline: {pct(first['majority_baseline'])} ({first['n']} test questions)."]
+    shortcut = results.get("hop_shortcut") or {}
+    if shortcut:
+        lines += ["", "Answered from the moves alone, never finding the anchor (the hop rows' floor, "
+                  "`latent_apps.shapes.hop_shortcut`): " + ", ".join(
+                      f"{'hop 2-3' if k == 'hop23' else k.replace('hop', 'hop ')} {pct(v)}" for k, v in shortcut.items()
+                      if v is not None) + "."]  # fmt: skip
+    lines += ["", "| target | met | numbers |", "| --- | --- | --- |"]
     for t in results["targets"]:
         numbers = {k: v for k, v in t.items() if k not in ("id", "target", "met")}
         met = {True: "yes", False: "no", None: "not run"}[t["met"]]
@@ -412,13 +435,15 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     check_settings(run.out, {k: v for k, v in settings.items() if k != "methods"}, reuse=True)
     shapes = base_shapes(run.base, run.out / "shapes")
     base = _base_rows(run, shapes)
+    shortcut = _shortcut(run, shapes)
     runs = _run_methods(run, shapes)
     table = combine(base, runs)
-    checks = targets(table)
+    checks = targets(table, shortcut)
     record = {
         **{f"{e['key']}_{k}": e[k]["mean"] for e in table.values() for k in ("accuracy", "hop23_accuracy")},
         **{f"{e['key']}_accuracy_std": e["accuracy"]["std"] for e in table.values()},
         "majority_accuracy": base["cot"]["majority_baseline"],
+        "hop23_shortcut_accuracy": shortcut.get("hop23"),
         "targets_met": sum(t["met"] is True for t in checks),
         "targets_checked": sum(t["met"] is not None for t in checks),
         "seeds": len(run.seeds),
@@ -426,7 +451,7 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     results = {"command": command, "settings": {**settings, "split": run.split()}, "table": table, "targets": checks,
-               "record": record}  # fmt: skip
+               "hop_shortcut": shortcut, "record": record}  # fmt: skip
     (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (run.out / "results.md").write_text(_markdown(results))
     _plot(table, run.out / "accuracy_vs_tokens_hops.png")
