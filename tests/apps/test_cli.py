@@ -96,6 +96,9 @@ def test_demo_runs_every_family_and_the_shipped_models(tmp_path):
     assert any(len(row["seeds"]) == 3 for row in table.values())
     assert "proving ground, shipped" in result.output and "made by: uv run apps/cli reproduce all" in result.output
     assert result.output.count("target ") == len(ground["targets"])
+    # the hop rows' floor is shown with them: the shipped questions' moves alone answer most 2-3 hop questions
+    assert ground["hop_shortcut"]["hop23"] > table["direct (the base)"]["hop23_accuracy"]["mean"]
+    assert "answered from the moves alone" in " ".join(result.output.split())
 
 
 def test_demo_rejects_unknown_family_and_missing_data(tmp_path):

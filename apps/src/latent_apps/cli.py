@@ -199,7 +199,9 @@ def _print_proving_ground(console, g: dict, ground: Path) -> None:
     table = Table(
         title=f"proving ground, shipped ({ground}/results.md): {first['n']} test questions, seed mean ± spread; "
         f"majority {p(first['majority_baseline'])}"
-    )
+        + (f"; hop 2-3 answered from the moves alone {p(g['hop_shortcut']['hop23'])}"
+           if g["hop_shortcut"].get("hop23") is not None else "")
+    )  # fmt: skip
     for column in ("model", "seeds", "accuracy", "today's kinds", "hop 2-3", "blank", "zeroed", "shuffled", "tok"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, e in g["table"].items():

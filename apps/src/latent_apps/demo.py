@@ -201,6 +201,7 @@ def run_proving_ground(work: Path, n: int = 48, batch_size: int = 48) -> dict:
     rows = eval_rows(jobs, shapes / "test" / "llava_cot.jsonl", n, batch_size)
     shipped = json.loads((ground / "results.json").read_text())
     return {"n": n, "rows": rows, "table": shipped["table"], "targets": shipped["targets"],
+            "hop_shortcut": shipped.get("hop_shortcut") or {},
             "command": shipped["command"], "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
