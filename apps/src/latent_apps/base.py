@@ -476,6 +476,13 @@ def shapes_args(shapes: Path) -> dict[str, Any]:
     return {k: summary[k] for k in SHAPES_ARGS if k in summary}
 
 
+def recorded_shapes_args(base: Path) -> dict[str, Any]:
+    """The ``make_shapes`` arguments a base's ``make_base.json`` records, with :data:`LEGACY_SHAPES_ARGS` for the
+    arguments added after it was made."""
+    recorded = json.loads((Path(base) / MAKE_BASE_NAME).read_text(encoding="utf-8"))["shapes_args"]
+    return {**LEGACY_SHAPES_ARGS, **recorded}
+
+
 def base_shapes(base: Path, out: Path) -> Path:
     """The shapes data set a base was trained on, written to ``out`` from the base's ``make_base.json`` (same
     arguments, same bytes) unless ``out`` already holds it: the base's own test split, for its evaluation.
@@ -493,7 +500,7 @@ def base_shapes(base: Path, out: Path) -> Path:
             f"{base} is not a base made by make-base (no {MAKE_BASE_NAME}): pass a make-base output directory, or "
             "train one with `uv run apps/cli make-base --family FAMILY`"
         )
-    args = {**LEGACY_SHAPES_ARGS, **json.loads(info.read_text(encoding="utf-8"))["shapes_args"]}
+    args = recorded_shapes_args(base)
     summary = out / "summary.json"
     if summary.is_file():
         have = {**LEGACY_SHAPES_ARGS, **json.loads(summary.read_text(encoding="utf-8"))}

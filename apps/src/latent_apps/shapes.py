@@ -410,16 +410,18 @@ def hop_shortcut(objects: list[Obj], moves: list[str]) -> dict[str, int]:
     at = {(o.row, o.col): o for o in objects}
     reached: dict[str, int] = {}
     for start in at:
-        cell, seen = start, {start}
-        for move in moves:
-            dr, dc = MOVES[move]
-            cell = (cell[0] + dr, cell[1] + dc)
-            if cell not in at or cell in seen:
-                break
-            seen.add(cell)
-        else:
-            reached[at[cell].colour] = reached.get(at[cell].colour, 0) + 1
+        cells = _walk(start, moves)
+        if all(c in at for c in cells) and len(set(cells)) == len(cells):
+            reached[at[cells[-1]].colour] = reached.get(at[cells[-1]].colour, 0) + 1
     return reached
+
+
+def _walk(start: tuple[int, int], moves: list[str]) -> list[tuple[int, int]]:
+    """The cells visited from ``start`` by ``moves``, ``start`` first (on the grid or not)."""
+    cells = [start]
+    for move in moves:
+        cells.append((cells[-1][0] + MOVES[move][0], cells[-1][1] + MOVES[move][1]))
+    return cells
 
 
 def shortcut_answer(reached: dict[str, int]) -> str:
@@ -462,13 +464,6 @@ def hop_shortcut_accuracy(shapes: Path, ids: list[str]) -> dict[str, dict[str, f
     return {k: {"n": v["n"], "accuracy": v["right"] / v["n"]} for k, v in sorted(out.items())}
 
 
-def _end(anchor: Obj, moves: list[str], at: dict[tuple[int, int], Obj]) -> Obj:
-    cell = (anchor.row, anchor.col)
-    for move in moves:
-        cell = (cell[0] + MOVES[move][0], cell[1] + MOVES[move][1])
-    return at[cell]
-
-
 def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int, anchor_needed: bool = True) -> Question | None:
     """An ``h``-hop question: start at a uniquely named shape, move ``h`` times to a neighbouring shape, ask the
     last one's colour ("What colour is the shape below the shape to the right of the red triangle?"). Every answer
@@ -482,17 +477,15 @@ def ask_hop(rng: random.Random, objects: list[Obj], grid: int, h: int, anchor_ne
         for o in objects
         if (name := _anchor_name(o, objects)) is not None
         for moves in _paths(o, at, grid, h)
-        if not anchor_needed or set(hop_shortcut(objects, moves)) != {_end(o, moves, at).colour}
+        if not anchor_needed or set(hop_shortcut(objects, moves)) != {at[_walk((o.row, o.col), moves)[-1]].colour}
     ]
     if not choices:
         return None
     anchor, name, moves = rng.choice(choices)
-    cells, steps = [(anchor.row, anchor.col)], []
-    for move in moves:
-        dr, dc = MOVES[move]
-        cells.append((cells[-1][0] + dr, cells[-1][1] + dc))
-        o = at[cells[-1]]
-        steps.append(f"{MOVE_STEP[move]}: {o.where()}, {o.colour} {o.shape}.")
+    cells = _walk((anchor.row, anchor.col), moves)
+    steps = [
+        f"{MOVE_STEP[m]}: {at[c].where()}, {at[c].colour} {at[c].shape}." for m, c in zip(moves, cells[1:], strict=True)
+    ]
     final = at[cells[-1]]
     path = " the shape ".join(MOVE_TEXT[m] for m in reversed(moves))
     return Question(

@@ -118,7 +118,7 @@ class AllRun:
             raise UserError("no seeds: pass --seeds 0,1,2")
         if self.steps < 120:
             raise UserError(f"--steps {self.steps}: at least 120 (LaRe's stage I gets steps // 120)")
-        from latent_apps.base import LEGACY_SHAPES_ARGS
+        from latent_apps.base import recorded_shapes_args
 
         root = checkout() / BASE_ROOT
         args = {}
@@ -135,7 +135,7 @@ class AllRun:
                     f"{FAMILY[key]} --mix cot+direct --shapes DIR` on the data of `make-shapes --hops 1,2,3`, or "
                     "leave its methods out of --methods"
                 )  # fmt: skip
-            args[key] = {**LEGACY_SHAPES_ARGS, **json.loads(info.read_text())["shapes_args"]}
+            args[key] = recorded_shapes_args(path)
         first = args["base"]
         other = {k: v for k, v in args.items() if v != first}
         if other:
@@ -170,10 +170,9 @@ def _shortcut(run: AllRun, shapes: Path) -> dict[str, float | None]:
     samples = run.out / "base" / "cot" / "llava_cot" / "samples.jsonl"
     ids = [json.loads(line)["id"] for line in samples.open(encoding="utf-8")]
     per_kind = hop_shortcut_accuracy(shapes, ids)
-    hard = [per_kind[k] for k in HARD_HOPS if k in per_kind]
-    out: dict[str, float | None] = {k: v["accuracy"] for k, v in per_kind.items()}
-    out["hop23"] = sum(v["accuracy"] * v["n"] for v in hard) / sum(v["n"] for v in hard) if hard else None
-    return out
+    row = {"accuracy_per_kind": {k: v["accuracy"] for k, v in per_kind.items()},
+           "count_per_kind": {k: v["n"] for k, v in per_kind.items()}}  # fmt: skip
+    return {**row["accuracy_per_kind"], "hop23": kinds_accuracy(row)}
 
 
 def _run_methods(run: AllRun, shapes: Path) -> dict[str, dict[int, dict[str, Any]]]:
