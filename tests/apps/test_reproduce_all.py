@@ -1,11 +1,13 @@
 """`latent reproduce all`: the table's seed means and spreads, the 2-3 hop accuracy and the targets checked against
 hand computations on made-up evaluation rows; a reduced run end to end (Coconut, 2 seeds) whose rows are those of
-the sample files it wrote; bad settings (missing base, other data, unknown method) refused in one line."""
+the sample files it wrote; bad settings (missing base, other data, unknown method) refused in one line; LaRe's
+seeds sharing one evaluation of their base."""
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from latent_apps.reproduce.all import AllRun, combine, reproduce_all, targets
@@ -153,3 +155,33 @@ def test_reduced_run_end_to_end(tmp_path):
         reproduce_all(dataclasses.replace(run, methods=("cot",)))
     with pytest.raises(UserError, match="other settings"):
         reproduce_all(dataclasses.replace(run, steps=240))
+
+
+def test_lare_seeds_share_the_base_cot_evaluation(tmp_path, monkeypatch):
+    """The LaRe base's CoT row is greedy decoding of one model, the same for every seed: each seed's reproduction
+    keeps its own folder but evaluates the base in one shared folder (so it runs once, then is reused)."""
+    import latent_apps.eval.runner as runner
+    import latent_apps.reproduce.lare as lare
+    from latent_apps.reproduce.all import _run_methods
+
+    seen = []
+    monkeypatch.setattr(lare, "reproduce_lare", lambda sub, command="": seen.append(sub) or {"eval": {}})
+    run = AllRun(out=tmp_path / "all", base=tmp_path / "b", lare_base=tmp_path / "l", methods=("lare",),
+                 seeds=(0, 1, 2), show_progress=False)  # fmt: skip
+    _run_methods(run, tmp_path / "shapes")
+    shared = tmp_path / "all" / "lare" / "base-cot"
+    assert [s.seed for s in seen] == [0, 1, 2] and len({s.out for s in seen}) == 3
+    assert {s.cot_eval for s in seen} == {shared}
+
+    class Evaluated(Exception):
+        pass
+
+    def first_eval(model, method, benches, out, **kwargs):
+        raise Evaluated(method, Path(out))
+
+    monkeypatch.setattr(runner, "run_eval", first_eval)
+    for cot_eval, want in ((shared, shared), (None, tmp_path / "seed-1" / "eval" / "cot")):
+        sub = lare.LareRun(out=tmp_path / "seed-1", base=tmp_path / "l", cot_eval=cot_eval, halting=())
+        with pytest.raises(Evaluated) as caught:
+            lare._evaluate(sub, tmp_path / "shapes", {})
+        assert caught.value.args == ("cot", want)

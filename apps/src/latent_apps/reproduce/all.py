@@ -226,7 +226,7 @@ def _run_methods(run: AllRun, shapes: Path) -> dict[str, dict[int, dict[str, Any
             sub = LareRun(
                 out=run.out / "lare" / f"seed-{seed}", base=run.lare_base, shapes=shapes, stage_steps=split["lare"],
                 batch_size=run.batch_size, ablations=("no-extractor",), halting=(), seed=seed,
-                cot_max_new_tokens=run.cot_max_new_tokens, **common,
+                cot_max_new_tokens=run.cot_max_new_tokens, cot_eval=run.out / "lare" / "base-cot", **common,
             )  # fmt: skip
             done["lare"][seed] = reproduce_lare(sub, command=f"reproduce all (lare, seed {seed})")
     return done

@@ -103,6 +103,9 @@ class LareRun:
     eval_samples: int | None = 400
     eval_batch_size: int = 64
     cot_max_new_tokens: int = 400
+    cot_eval: Path | None = None
+    """Where the base's CoT evaluation is kept (default ``OUT/eval/cot``): greedy decoding of the base is
+    seed-free, so ``reproduce all`` shares one folder across its seeds."""
     halting: tuple[str, ...] = ("cos:0.02", "cos:0.05", "cos:0.1")
     probe_samples: int = 500
     probe_seeds: int = 3
@@ -302,6 +305,7 @@ def _evaluate(run: LareRun, shapes: Path, trained: dict[str, dict[str, Any]]) ->
     results = {}
     for label, model, method, bench, options, blank in jobs:
         out = run.out / "eval" / slug(label.replace(",", "").replace("<", "lt").replace(" (the base)", ""))
+        out = Path(run.cot_eval) if label == COT and run.cot_eval else out
         say("lare", run.show_progress, f"evaluating {label}")
         tokens = run.cot_max_new_tokens if method == "cot" else 8
         summary = run_eval(
