@@ -1,7 +1,7 @@
 """`latent reproduce all`: the table's seed means and spreads, the 2-3 hop accuracy and the targets checked against
 hand computations on made-up evaluation rows; a reduced run end to end (Coconut, 2 seeds) whose rows are those of
-the sample files it wrote; bad settings (missing base, other data, unknown method) refused in one line; LaRe's
-seeds sharing one evaluation of their base."""
+the sample files it wrote; invocations with other methods in the same output filling one table; bad settings
+(missing base, other data, unknown method) refused in one line; LaRe's seeds sharing one evaluation of their base."""
 
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ def test_reduced_run_end_to_end(tmp_path):
     make_base("mllama", shapes, base, steps=2, batch_size=4, threads=1, eval_samples=0, show_progress=False,
               vision_warmup_steps=1, vision_freeze_steps=1, mix="cot+direct")  # fmt: skip
     out = tmp_path / "run"
-    run = AllRun(out=out, base=base, methods=("coconut",), seeds=(0, 1), steps=120, batch_size=4, eval_samples=6,
-                 eval_batch_size=6, cot_max_new_tokens=4, show_progress=False)  # fmt: skip
+    run = AllRun(out=out, base=base, lare_base=base, methods=("coconut",), seeds=(0, 1), steps=120, batch_size=4,
+                 eval_samples=6, eval_batch_size=6, cot_max_new_tokens=4, show_progress=False)  # fmt: skip
     results = reproduce_all(run, command="test")
     table = results["table"]
     assert list(table) == ["CoT (the base)", "direct (the base)", "Coconut"]
@@ -142,6 +142,31 @@ def test_reduced_run_end_to_end(tmp_path):
     assert reproduce_all(run, command="test")["table"] == table
 
     import dataclasses
+
+    # another invocation in the same --out with other --methods adds its rows and keeps Coconut's (one session each)
+    import latent_apps.reproduce.all as all_module
+
+    lare_rows = {s: {"eval": {name: _row(_kinds(a, a, a, a), COUNTS) for name, a in (("LaRe", 0.5 + s / 10),
+                                                                                   ("no-latent SFT", 0.4))}}
+                 for s in (0, 1)}  # fmt: skip
+    real = all_module._run_methods
+    all_module._run_methods = lambda run, shapes: {"lare": lare_rows} if run.methods == ("lare",) else real(run, shapes)
+    try:
+        merged = reproduce_all(dataclasses.replace(run, methods=("lare",)), command="lare only")
+        again = reproduce_all(run, command="test")  # Coconut alone again: LaRe's rows stay
+    finally:
+        all_module._run_methods = real
+    assert list(merged["table"]) == ["CoT (the base)", "direct (the base)", "Coconut", "LaRe", "LaRe: no-latent SFT"]
+    assert merged["table"]["Coconut"] == table["Coconut"] and merged["table"]["LaRe"]["accuracy"][
+        "mean"
+    ] == pytest.approx(0.55)
+    assert merged["commands"] == {"base": "lare only", "coconut": "test", "lare": "lare only"}
+    assert merged["settings"]["methods"] == ["coconut", "lare"] and merged["record"]["lare_accuracy"] == pytest.approx(
+        0.55
+    )
+    assert again["table"]["LaRe"] == merged["table"]["LaRe"] and again["commands"]["lare"] == "lare only"
+    assert "- base, coconut: `test`" in (out / "results.md").read_text()
+    assert "- lare: `lare only`" in (out / "results.md").read_text()
 
     with pytest.raises(UserError, match="lare base .* is missing .needed by lare"):
         reproduce_all(dataclasses.replace(run, methods=("lare",), lare_base=tmp_path / "nowhere"))

@@ -30,7 +30,9 @@ latents zeroed / shuffled, over all questions and over the 2-3 hop ones), genera
 baseline and, for the hop kinds, the accuracy of answering from the question's moves alone (``hop_shortcut``);
 ``targets`` checks the issue's targets on those numbers (a latent control against the method's own accuracy on
 the same 2-3 hop questions). Outputs in ``--out``: ``results.json``, ``results.md``,
-``accuracy_vs_tokens_hops.png``; the last stdout line is one JSON record.
+``accuracy_vs_tokens_hops.png``; the last stdout line is one JSON record. Invocations with other ``--methods`` and
+the same ``--out`` and settings fill one table: each keeps the rows of the methods it does not run, and
+``results.json`` names the command that made each method's rows (so sessions can share the comparison).
 """
 
 from __future__ import annotations
@@ -385,7 +387,13 @@ def _markdown(results: dict[str, Any]) -> str:
         numbers = {k: v for k, v in t.items() if k not in ("id", "target", "met")}
         met = {True: "yes", False: "no", None: "not run"}[t["met"]]
         lines.append(f"| {t['target']} | {met} | `{json.dumps(numbers, default=_round)}` |")
-    lines += ["", f"Command: `{results['command']}`."]
+    commands = results.get("commands") or {"base": results["command"]}
+    if len(set(commands.values())) == 1:
+        lines += ["", f"Command: `{results['command']}`."]
+    else:  # rows filled by invocations with different --methods in the same --out
+        lines += ["", "Commands (one per invocation, same `--out` and settings):", ""]
+        for made in dict.fromkeys(commands.values()):
+            lines.append(f"- {', '.join(m for m in commands if commands[m] == made)}: `{made}`")
     return "\n".join(lines) + "\n"
 
 
@@ -423,6 +431,20 @@ def _plot(table: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _kept_rows(out: Path, methods: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The rows an earlier invocation in the same ``out`` wrote for methods this one does not run, and the commands
+    that made them, so invocations with different ``--methods`` (one session each) fill one table.
+    :func:`check_settings` has already refused an ``out`` made with other settings; the base rows are always
+    evaluated again (they are reused from their own folders)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}, {}
+    old = json.loads(path.read_text())
+    rows = {name: e for name, e in old["table"].items() if e["method"] not in ("base", *methods)}
+    made = old.get("commands") or {e["method"]: old["command"] for e in old["table"].values()}
+    return rows, {m: c for m, c in made.items() if m in {e["method"] for e in rows.values()}}
+
+
 def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     """Run the comparison (module docstring); returns ``results.json``'s content, whose ``record`` is the last
     stdout line of the command."""
@@ -435,8 +457,11 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     shapes = base_shapes(run.base, run.out / "shapes")
     base = _base_rows(run, shapes)
     shortcut = _shortcut(run, shapes)
+    kept, commands = _kept_rows(run.out, run.methods)
     runs = _run_methods(run, shapes)
     table = combine(base, runs)
+    table = {name: table.get(name) or kept[name] for name, *_ in ROWS if name in table or name in kept}
+    commands.update({m: command for m in ("base", *run.methods)})
     checks = targets(table, shortcut)
     record = {
         **{f"{e['key']}_{k}": e[k]["mean"] for e in table.values() for k in ("accuracy", "hop23_accuracy")},
@@ -449,7 +474,9 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
         "eval_n": base["cot"]["n"],
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    results = {"command": command, "settings": {**settings, "split": run.split()}, "table": table, "targets": checks,
+    methods = [m for m in METHODS if m in commands]
+    results = {"command": command, "commands": {m: commands[m] for m in ("base", *methods)},
+               "settings": {**settings, "methods": methods, "split": run.split()}, "table": table, "targets": checks,
                "hop_shortcut": shortcut, "record": record}  # fmt: skip
     (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (run.out / "results.md").write_text(_markdown(results))
