@@ -1,6 +1,6 @@
 """`latent reproduce all`: the table's seed means and spreads, the 2-3 hop accuracy and the targets checked against
 hand computations on made-up evaluation rows; a reduced run end to end (Coconut, 2 seeds) whose rows are those of
-the sample files it wrote; invocations with other methods in the same output filling one table; bad settings
+the sample files it wrote; invocations with other methods or seeds in the same output filling one table; bad settings
 (missing base, other data, unknown method) refused in one line; LaRe's seeds sharing one evaluation of their base."""
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ def test_table_means_spreads_and_targets_by_hand():
     lare_check = checks["lare_controls"]  # LaRe 56% +- 3, the controls 54% +- 4: a 2-point gap inside 4 points
     assert lare_check["gaps"]["LaRe: no-latent SFT"] == pytest.approx(0.02)
     assert lare_check["spreads"]["LaRe: no-latent SFT"] == pytest.approx(0.04) and lare_check["met"] is False
+    # one seed has no spread to judge a gap by: undecided, however large the gap
+    from latent_apps.reproduce.all import verdict
+
+    one = {t["id"]: t for t in targets(combine(base, {"lare": {0: lare[0]}}))}["lare_controls"]
+    assert one["met"] is None and one["seeds"] == 1 and verdict(one, "yes", "no") == "undecided (< 2 seeds)"
 
 
 def test_reduced_run_end_to_end(tmp_path):
@@ -143,30 +148,34 @@ def test_reduced_run_end_to_end(tmp_path):
 
     import dataclasses
 
-    # another invocation in the same --out with other --methods adds its rows and keeps Coconut's (one session each)
+    # invocations in the same --out with other --methods or --seeds (one session each) add their (method, seed)
+    # rows and keep the others: LaRe seed 0 and 1, then seed 2, then Coconut alone again
     import latent_apps.reproduce.all as all_module
 
     lare_rows = {s: {"eval": {name: _row(_kinds(a, a, a, a), COUNTS) for name, a in (("LaRe", 0.5 + s / 10),
                                                                                    ("no-latent SFT", 0.4))}}
-                 for s in (0, 1)}  # fmt: skip
+                 for s in (0, 1, 2)}  # fmt: skip
     real = all_module._run_methods
-    all_module._run_methods = lambda run, shapes: {"lare": lare_rows} if run.methods == ("lare",) else real(run, shapes)
+    all_module._run_methods = lambda run, shapes: (
+        {"lare": {s: lare_rows[s] for s in run.seeds}} if run.methods == ("lare",) else real(run, shapes)
+    )
     try:
-        merged = reproduce_all(dataclasses.replace(run, methods=("lare",)), command="lare only")
-        again = reproduce_all(run, command="test")  # Coconut alone again: LaRe's rows stay
+        merged = reproduce_all(dataclasses.replace(run, methods=("lare",)), command="lare 0 1")
+        seed2 = reproduce_all(dataclasses.replace(run, methods=("lare",), seeds=(2,)), command="lare 2")
+        again = reproduce_all(run, command="test")
     finally:
         all_module._run_methods = real
     assert list(merged["table"]) == ["CoT (the base)", "direct (the base)", "Coconut", "LaRe", "LaRe: no-latent SFT"]
-    assert merged["table"]["Coconut"] == table["Coconut"] and merged["table"]["LaRe"]["accuracy"][
-        "mean"
-    ] == pytest.approx(0.55)
-    assert merged["commands"] == {"base": "lare only", "coconut": "test", "lare": "lare only"}
-    assert merged["settings"]["methods"] == ["coconut", "lare"] and merged["record"]["lare_accuracy"] == pytest.approx(
-        0.55
-    )
-    assert again["table"]["LaRe"] == merged["table"]["LaRe"] and again["commands"]["lare"] == "lare only"
-    assert "- base, coconut: `test`" in (out / "results.md").read_text()
-    assert "- lare: `lare only`" in (out / "results.md").read_text()
+    assert merged["table"]["Coconut"] == table["Coconut"] and merged["table"]["LaRe"]["seeds"] == [0, 1]
+    assert merged["table"]["LaRe"]["accuracy"]["mean"] == pytest.approx(0.55)
+    assert merged["settings"]["methods"] == ["coconut", "lare"] and merged["record"]["lare_accuracy"] == 0.55
+    lare = seed2["table"]["LaRe"]  # seeds 0 and 1 kept, seed 2 added: the mean and spread of 0.5, 0.6, 0.7
+    assert lare["seeds"] == [0, 1, 2] and lare["accuracy"]["mean"] == pytest.approx(0.6)
+    assert lare["accuracy"]["std"] == pytest.approx(statistics.pstdev([0.5, 0.6, 0.7]))
+    assert seed2["made_by"] == {"lare 2": ["base rows", "lare seed 2"], "test": ["coconut seed 0", "coconut seed 1"],
+                                "lare 0 1": ["lare seed 0", "lare seed 1"]}  # fmt: skip
+    assert again["table"]["LaRe"] == lare and again["table"]["Coconut"] == table["Coconut"]
+    assert "- lare seed 0, lare seed 1: `lare 0 1`" in (out / "results.md").read_text()
 
     with pytest.raises(UserError, match="lare base .* is missing .needed by lare"):
         reproduce_all(dataclasses.replace(run, methods=("lare",), lare_base=tmp_path / "nowhere"))

@@ -209,10 +209,12 @@ def _print_proving_ground(console, g: dict, ground: Path) -> None:
                       ms(e["hop23_accuracy"]), ms(e["blank_accuracy"]), ms(e["zero_accuracy"]),
                       ms(e["shuffle_accuracy"]), f"{e['generated_tokens']['mean']:.1f}")  # fmt: skip
     console.print(table)
+    from latent_apps.reproduce.all import verdict
+
     for t in g["targets"]:
-        met = {True: "met", False: "NOT met", None: "not run"}[t["met"]]
-        console.print(f"target {met}: {t['target']}")
-    console.print(f"made by: {g['command']}")
+        console.print(f"target {verdict(t, 'met', 'NOT met')}: {t['target']}")
+    for made, rows in (g.get("made_by") or {g["command"]: ["every row"]}).items():
+        console.print(f"made by: {made} ({', '.join(rows)})")
 
 
 @app.command("make-shapes")

@@ -202,7 +202,8 @@ def run_proving_ground(work: Path, n: int = 48, batch_size: int = 48) -> dict:
     shipped = json.loads((ground / "results.json").read_text())
     return {"n": n, "rows": rows, "table": shipped["table"], "targets": shipped["targets"],
             "hop_shortcut": shipped.get("hop_shortcut") or {},
-            "command": shipped["command"], "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+            "command": shipped["command"], "made_by": shipped.get("made_by"),
+            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
 def run_lavit(work: Path, out: Path, build_questions: int = 32, steps: int = 20, n: int = 4) -> dict:

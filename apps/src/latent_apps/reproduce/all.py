@@ -30,9 +30,12 @@ latents zeroed / shuffled, over all questions and over the 2-3 hop ones), genera
 baseline and, for the hop kinds, the accuracy of answering from the question's moves alone (``hop_shortcut``);
 ``targets`` checks the issue's targets on those numbers (a latent control against the method's own accuracy on
 the same 2-3 hop questions). Outputs in ``--out``: ``results.json``, ``results.md``,
-``accuracy_vs_tokens_hops.png``; the last stdout line is one JSON record. Invocations with other ``--methods`` and
-the same ``--out`` and settings fill one table: each keeps the rows of the methods it does not run, and
-``results.json`` names the command that made each method's rows (so sessions can share the comparison).
+``accuracy_vs_tokens_hops.png``; the last stdout line is one JSON record. Invocations with other ``--methods`` or
+``--seeds`` and the same ``--out`` and settings fill one table (so sessions can share the comparison):
+``results.json`` keeps each (method, seed) reproduction's rows (``runs``), an invocation adds or replaces the ones
+it runs, and ``made_by`` names the command behind each. A target judged on the seed spread needs >= 2 seeds of its
+method (``met`` is ``None`` until then). Coconut's reproduction trains its seeds in one run: give it all of them at
+once.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from latent_apps.reproduce.common import (
     spread,
 )
 
-__all__ = ["METHODS", "ROWS", "AllRun", "combine", "reproduce_all"]
+__all__ = ["METHODS", "ROWS", "AllRun", "combine", "reproduce_all", "targets", "verdict"]
 
 METHODS: tuple[str, ...] = ("heima", "coconut", "lavit", "lare")
 TODAY: tuple[str, ...] = ("colour", "exists", "count", "compare")
@@ -314,13 +317,15 @@ def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] 
         if mean is None or base is None:
             continue
         gap = mean - base
+        seeds = len(table[method]["seeds"])
         # the latents' effect on the same 2-3 hop questions (a control's accuracy over all kinds is not comparable)
         controls = (_mean(table, method, "zero_hop23_accuracy"), _mean(table, method, "shuffle_hop23_accuracy"))
         drops = [mean - v for v in controls if v is not None]
-        met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10
+        met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10 if seeds >= 2 else None
         add(f"{method.lower()}_hops", f"{method} beats its direct answer ({control}) on 2-3 hops by >= 10 points, "
             "spread < gap; zeroed / shuffled latents drop it >= 10 points", met, hop23=mean, hop23_std=std,
-            direct_hop23=base, gap=gap, latent_drops=drops, shortcut_hop23=(shortcut or {}).get("hop23"))  # fmt: skip
+            direct_hop23=base, gap=gap, latent_drops=drops, shortcut_hop23=(shortcut or {}).get("hop23"),
+            seeds=seeds)  # fmt: skip
 
     heima, tokens = table.get("Heima, progressive"), _mean(table, "Heima, progressive", "generated_tokens")
     if heima and "CoT (the base)" in table:
@@ -341,9 +346,18 @@ def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] 
         mean, std = _mean(table, method, "accuracy"), _std(table, method, "accuracy")
         gaps = {c: mean - _mean(table, c, "accuracy") for c in controls}
         noise = {c: max(std, _std(table, c, "accuracy")) for c in controls}
+        seeds = min(len(table[name]["seeds"]) for name in (method, *controls))
         add(f"{method.lower()}_controls", f"{method} > {', '.join(controls)} by more than the seed spread",
-            all(gaps[c] > noise[c] for c in controls), gaps=gaps, spreads=noise)  # fmt: skip
+            all(gaps[c] > noise[c] for c in controls) if seeds >= 2 else None, gaps=gaps, spreads=noise,
+            seeds=seeds)  # fmt: skip
     return out
+
+
+def verdict(target: dict[str, Any], met: str, missed: str) -> str:
+    """A target's verdict in words: ``met`` / ``missed``, "undecided (< 2 seeds)" or "not run"."""
+    if target["met"] is None:
+        return "undecided (< 2 seeds)" if target.get("seeds", 2) < 2 else "not run"
+    return met if target["met"] else missed
 
 
 def _ms(entry: dict[str, Any] | None) -> str:
@@ -385,15 +399,14 @@ def _markdown(results: dict[str, Any]) -> str:
     lines += ["", "| target | met | numbers |", "| --- | --- | --- |"]
     for t in results["targets"]:
         numbers = {k: v for k, v in t.items() if k not in ("id", "target", "met")}
-        met = {True: "yes", False: "no", None: "not run"}[t["met"]]
+        met = verdict(t, "yes", "no")
         lines.append(f"| {t['target']} | {met} | `{json.dumps(numbers, default=_round)}` |")
-    commands = results.get("commands") or {"base": results["command"]}
-    if len(set(commands.values())) == 1:
+    made_by = results.get("made_by") or {results["command"]: ["every row"]}
+    if len(made_by) == 1:
         lines += ["", f"Command: `{results['command']}`."]
-    else:  # rows filled by invocations with different --methods in the same --out
+    else:  # rows filled by invocations with other --methods / --seeds in the same --out
         lines += ["", "Commands (one per invocation, same `--out` and settings):", ""]
-        for made in dict.fromkeys(commands.values()):
-            lines.append(f"- {', '.join(m for m in commands if commands[m] == made)}: `{made}`")
+        lines += [f"- {', '.join(rows)}: `{made}`" for made, rows in made_by.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -431,18 +444,55 @@ def _plot(table: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _kept_rows(out: Path, methods: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The rows an earlier invocation in the same ``out`` wrote for methods this one does not run, and the commands
-    that made them, so invocations with different ``--methods`` (one session each) fill one table.
-    :func:`check_settings` has already refused an ``out`` made with other settings; the base rows are always
-    evaluated again (they are reused from their own folders)."""
+def _per_seed(runs: dict[str, dict[int, dict[str, Any]]], command: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """What ``results.json`` keeps of each (method, seed) reproduction: the eval rows of its table rows, the record
+    entries the table reads, and the command that made it (the methods' full results stay in their folders)."""
+    labels = {m: [label for _, method, label, _ in ROWS if method == m] for m in METHODS}
+    return {
+        method: {seed: {"eval": {label.format(seed=seed): results["eval"][label.format(seed=seed)]
+                                 for label in labels[method] if label.format(seed=seed) in results.get("eval", {})},
+                        "record": {k: v for k, v in (results.get("record") or {}).items() if k in RECORD_KEYS},
+                        "command": command}
+                 for seed, results in seeds.items()}
+        for method, seeds in runs.items()
+    }  # fmt: skip
+
+
+RECORD_KEYS = ("caption_rougeL_gap_shuffled",)
+"""The entries of a reproduction's record the table reads (:func:`combine`)."""
+
+
+def _made_by(command: str, runs: dict[str, dict[int, dict[str, Any]]], old_rows: dict[str, dict[str, Any]]):
+    """``{command: ["base rows", "lare seed 0", ...]}``: which invocation made which rows."""
+    made: dict[str, list[str]] = {command: ["base rows"]}
+    for method, seeds in runs.items():
+        for seed, r in seeds.items():
+            made.setdefault(r["command"], []).append(f"{method} seed {seed}")
+    for name, e in old_rows.items():
+        made.setdefault(e["command"], []).append(name)
+    return made
+
+
+def _kept(out: Path, run: AllRun) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """What an earlier invocation in the same ``out`` holds and this one does not run again: its (method, seed)
+    reproductions outside this invocation's ``--methods`` x ``--seeds`` (:func:`_per_seed`), and the table rows
+    of a ``results.json`` written before the per-seed record (their methods only, whole). So invocations with
+    other ``--methods`` or ``--seeds`` (one session each) fill one table; :func:`check_settings` has already
+    refused an ``out`` made with other settings, and the base rows are always evaluated again (from their own
+    folders)."""
     path = out / "results.json"
     if not path.is_file():
         return {}, {}
     old = json.loads(path.read_text())
-    rows = {name: e for name, e in old["table"].items() if e["method"] not in ("base", *methods)}
-    made = old.get("commands") or {e["method"]: old["command"] for e in old["table"].values()}
-    return rows, {m: c for m, c in made.items() if m in {e["method"] for e in rows.values()}}
+    runs = {
+        method: {int(seed): r for seed, r in seeds.items() if method not in run.methods or int(seed) not in run.seeds}
+        for method, seeds in (old.get("runs") or {}).items()
+    }  # fmt: skip
+    rows = {} if "runs" in old else {
+        name: {**e, "command": old["command"]} for name, e in old["table"].items()
+        if e["method"] not in ("base", *run.methods)
+    }  # fmt: skip
+    return {m: seeds for m, seeds in runs.items() if seeds}, rows
 
 
 def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
@@ -453,15 +503,18 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     start = time.perf_counter()
     run.resolve()
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items() if k != "show_progress"}
-    check_settings(run.out, {k: v for k, v in settings.items() if k != "methods"}, reuse=True)
+    check_settings(run.out, {k: v for k, v in settings.items() if k not in ("methods", "seeds")}, reuse=True)
     shapes = base_shapes(run.base, run.out / "shapes")
     base = _base_rows(run, shapes)
     shortcut = _shortcut(run, shapes)
-    kept, commands = _kept_rows(run.out, run.methods)
-    runs = _run_methods(run, shapes)
+    kept, old_rows = _kept(run.out, run)
+    runs = _per_seed(_run_methods(run, shapes), command)
+    for method, seeds in kept.items():
+        runs[method] = {**seeds, **runs.get(method, {})}
+    runs = {m: dict(sorted(runs[m].items())) for m in METHODS if m in runs}
     table = combine(base, runs)
-    table = {name: table.get(name) or kept[name] for name, *_ in ROWS if name in table or name in kept}
-    commands.update({m: command for m in ("base", *run.methods)})
+    table.update({name: {k: v for k, v in e.items() if k != "command"} for name, e in old_rows.items()})
+    table = {name: table[name] for name, *_ in ROWS if name in table}
     checks = targets(table, shortcut)
     record = {
         **{f"{e['key']}_{k}": e[k]["mean"] for e in table.values() for k in ("accuracy", "hop23_accuracy")},
@@ -470,14 +523,15 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
         "hop23_shortcut_accuracy": shortcut.get("hop23"),
         "targets_met": sum(t["met"] is True for t in checks),
         "targets_checked": sum(t["met"] is not None for t in checks),
-        "seeds": len(run.seeds),
+        "seeds": max(len(e["seeds"]) for e in table.values()),
         "eval_n": base["cot"]["n"],
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    methods = [m for m in METHODS if m in commands]
-    results = {"command": command, "commands": {m: commands[m] for m in ("base", *methods)},
-               "settings": {**settings, "methods": methods, "split": run.split()}, "table": table, "targets": checks,
-               "hop_shortcut": shortcut, "record": record}  # fmt: skip
+    methods = [m for m in METHODS if m in runs or any(e["method"] == m for e in old_rows.values())]
+    seeds = sorted({s for seeds in runs.values() for s in seeds} | set(run.seeds))
+    results = {"command": command, "settings": {**settings, "methods": methods, "seeds": seeds, "split": run.split()},
+               "table": table, "targets": checks, "hop_shortcut": shortcut, "record": record, "runs": runs,
+               "made_by": _made_by(command, runs, old_rows)}  # fmt: skip
     (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (run.out / "results.md").write_text(_markdown(results))
     _plot(table, run.out / "accuracy_vs_tokens_hops.png")
