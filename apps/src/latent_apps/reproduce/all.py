@@ -288,6 +288,10 @@ def combine(base: dict[str, dict[str, Any]], runs: dict[str, dict[int, dict[str,
     return table
 
 
+MIN_SEEDS = 2
+"""The seeds a target judged on the seed spread needs before it is met or missed (``met`` is ``None`` below)."""
+
+
 def _mean(table: dict[str, Any], row: str, key: str) -> float | None:
     return table.get(row, {}).get(key, {}).get("mean")
 
@@ -321,7 +325,7 @@ def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] 
         # the latents' effect on the same 2-3 hop questions (a control's accuracy over all kinds is not comparable)
         controls = (_mean(table, method, "zero_hop23_accuracy"), _mean(table, method, "shuffle_hop23_accuracy"))
         drops = [mean - v for v in controls if v is not None]
-        met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10 if seeds >= 2 else None
+        met = gap >= 0.10 and (std or 0) < gap and bool(drops) and min(drops) >= 0.10 if seeds >= MIN_SEEDS else None
         add(f"{method.lower()}_hops", f"{method} beats its direct answer ({control}) on 2-3 hops by >= 10 points, "
             "spread < gap; zeroed / shuffled latents drop it >= 10 points", met, hop23=mean, hop23_std=std,
             direct_hop23=base, gap=gap, latent_drops=drops, shortcut_hop23=(shortcut or {}).get("hop23"),
@@ -348,7 +352,7 @@ def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] 
         noise = {c: max(std, _std(table, c, "accuracy")) for c in controls}
         seeds = min(len(table[name]["seeds"]) for name in (method, *controls))
         add(f"{method.lower()}_controls", f"{method} > {', '.join(controls)} by more than the seed spread",
-            all(gaps[c] > noise[c] for c in controls) if seeds >= 2 else None, gaps=gaps, spreads=noise,
+            all(gaps[c] > noise[c] for c in controls) if seeds >= MIN_SEEDS else None, gaps=gaps, spreads=noise,
             seeds=seeds)  # fmt: skip
     return out
 
@@ -356,7 +360,7 @@ def targets(table: dict[str, dict[str, Any]], shortcut: dict[str, float | None] 
 def verdict(target: dict[str, Any], met: str, missed: str) -> str:
     """A target's verdict in words: ``met`` / ``missed``, "undecided (< 2 seeds)" or "not run"."""
     if target["met"] is None:
-        return "undecided (< 2 seeds)" if target.get("seeds", 2) < 2 else "not run"
+        return f"undecided (< {MIN_SEEDS} seeds)" if target.get("seeds", MIN_SEEDS) < MIN_SEEDS else "not run"
     return met if target["met"] else missed
 
 
@@ -447,52 +451,51 @@ def _plot(table: dict[str, dict[str, Any]], path: Path) -> None:
 def _per_seed(runs: dict[str, dict[int, dict[str, Any]]], command: str) -> dict[str, dict[int, dict[str, Any]]]:
     """What ``results.json`` keeps of each (method, seed) reproduction: the eval rows of its table rows, the record
     entries the table reads, and the command that made it (the methods' full results stay in their folders)."""
-    labels = {m: [label for _, method, label, _ in ROWS if method == m] for m in METHODS}
-    return {
-        method: {seed: {"eval": {label.format(seed=seed): results["eval"][label.format(seed=seed)]
-                                 for label in labels[method] if label.format(seed=seed) in results.get("eval", {})},
-                        "record": {k: v for k, v in (results.get("record") or {}).items() if k in RECORD_KEYS},
-                        "command": command}
-                 for seed, results in seeds.items()}
-        for method, seeds in runs.items()
-    }  # fmt: skip
+
+    def keep(method: str, seed: int, results: dict[str, Any]) -> dict[str, Any]:
+        labels = [label.format(seed=seed) for _, m, label, _ in ROWS if m == method]
+        return {"eval": {label: results["eval"][label] for label in labels if label in results.get("eval", {})},
+                "record": {k: v for k, v in (results.get("record") or {}).items() if k in RECORD_KEYS},
+                "command": command}  # fmt: skip
+
+    return {method: {seed: keep(method, seed, r) for seed, r in seeds.items()} for method, seeds in runs.items()}
 
 
 RECORD_KEYS = ("caption_rougeL_gap_shuffled",)
 """The entries of a reproduction's record the table reads (:func:`combine`)."""
 
 
-def _made_by(command: str, runs: dict[str, dict[int, dict[str, Any]]], old_rows: dict[str, dict[str, Any]]):
-    """``{command: ["base rows", "lare seed 0", ...]}``: which invocation made which rows."""
+def _made_by(command: str, runs: dict[str, dict[int, dict[str, Any]]], old_rows: dict[str, str]):
+    """``{command: ["base rows", "lare seed 0", ...]}``: which invocation made which rows (``old_rows``: the
+    command of each row kept whole, :func:`_kept`)."""
     made: dict[str, list[str]] = {command: ["base rows"]}
     for method, seeds in runs.items():
         for seed, r in seeds.items():
             made.setdefault(r["command"], []).append(f"{method} seed {seed}")
-    for name, e in old_rows.items():
-        made.setdefault(e["command"], []).append(name)
+    for name, made_it in old_rows.items():
+        made.setdefault(made_it, []).append(name)
     return made
 
 
-def _kept(out: Path, run: AllRun) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, Any]]]:
-    """What an earlier invocation in the same ``out`` holds and this one does not run again: its (method, seed)
-    reproductions outside this invocation's ``--methods`` x ``--seeds`` (:func:`_per_seed`), and the table rows
-    of a ``results.json`` written before the per-seed record (their methods only, whole). So invocations with
-    other ``--methods`` or ``--seeds`` (one session each) fill one table; :func:`check_settings` has already
-    refused an ``out`` made with other settings, and the base rows are always evaluated again (from their own
-    folders)."""
+def _kept(out: Path, run: AllRun) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, Any]], dict]:
+    """What an earlier invocation in the same ``out`` holds and this one does not run again, so invocations with
+    other ``--methods`` or ``--seeds`` (one session each) fill one table: its (method, seed) reproductions outside
+    this invocation's ``--methods`` x ``--seeds`` (:func:`_per_seed`); the table rows of methods it holds no
+    per-seed rows of (written before ``runs`` was kept) and this invocation does not run, whole; and those rows'
+    commands. :func:`check_settings` has already refused an ``out`` made with other settings; the base rows are
+    always evaluated again (from their own folders)."""
     path = out / "results.json"
     if not path.is_file():
-        return {}, {}
+        return {}, {}, {}
     old = json.loads(path.read_text())
+    held = old.get("runs") or {}
     runs = {
         method: {int(seed): r for seed, r in seeds.items() if method not in run.methods or int(seed) not in run.seeds}
-        for method, seeds in (old.get("runs") or {}).items()
+        for method, seeds in held.items()
     }  # fmt: skip
-    rows = {} if "runs" in old else {
-        name: {**e, "command": old["command"]} for name, e in old["table"].items()
-        if e["method"] not in ("base", *run.methods)
-    }  # fmt: skip
-    return {m: seeds for m, seeds in runs.items() if seeds}, rows
+    rows = {name: e for name, e in old["table"].items() if e["method"] not in ("base", *run.methods, *held)}
+    by_row = {row: made for made, names in (old.get("made_by") or {}).items() for row in names}
+    return {m: seeds for m, seeds in runs.items() if seeds}, rows, {r: by_row.get(r, old["command"]) for r in rows}
 
 
 def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
@@ -507,14 +510,13 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     shapes = base_shapes(run.base, run.out / "shapes")
     base = _base_rows(run, shapes)
     shortcut = _shortcut(run, shapes)
-    kept, old_rows = _kept(run.out, run)
+    kept, old_rows, old_commands = _kept(run.out, run)
     runs = _per_seed(_run_methods(run, shapes), command)
     for method, seeds in kept.items():
         runs[method] = {**seeds, **runs.get(method, {})}
     runs = {m: dict(sorted(runs[m].items())) for m in METHODS if m in runs}
     table = combine(base, runs)
-    table.update({name: {k: v for k, v in e.items() if k != "command"} for name, e in old_rows.items()})
-    table = {name: table[name] for name, *_ in ROWS if name in table}
+    table = {name: table.get(name) or old_rows[name] for name, *_ in ROWS if name in table or name in old_rows}
     checks = targets(table, shortcut)
     record = {
         **{f"{e['key']}_{k}": e[k]["mean"] for e in table.values() for k in ("accuracy", "hop23_accuracy")},
@@ -531,7 +533,7 @@ def reproduce_all(run: AllRun, command: str = "") -> dict[str, Any]:
     seeds = sorted({s for seeds in runs.values() for s in seeds} | set(run.seeds))
     results = {"command": command, "settings": {**settings, "methods": methods, "seeds": seeds, "split": run.split()},
                "table": table, "targets": checks, "hop_shortcut": shortcut, "record": record, "runs": runs,
-               "made_by": _made_by(command, runs, old_rows)}  # fmt: skip
+               "made_by": _made_by(command, runs, old_commands)}  # fmt: skip
     (run.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (run.out / "results.md").write_text(_markdown(results))
     _plot(table, run.out / "accuracy_vs_tokens_hops.png")
